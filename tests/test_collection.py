@@ -1,0 +1,161 @@
+import pytest
+import torch
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_dimgrow.config import DimGrowConfig
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.table_store import LocalTableStore
+from torchrec_dimgrow.policy import DimChange
+
+
+def tables(n: int = 3, dim: int = 16, rows: int = 50) -> list[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=rows, feature_names=[f"f{i}"]) for i in range(n)]
+
+
+def kjt(n_features: int = 3, batch: int = 8, rows: int = 50) -> KeyedJaggedTensor:
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f"f{i}" for i in range(n_features)],
+        values=torch.randint(0, rows, (n_features * batch,)),
+        lengths=torch.ones(n_features * batch, dtype=torch.int64),
+    )
+
+
+def grow(m: DimGrowEmbeddingBagCollection, t: int, **kw) -> object:
+    d = m.post.dims_list()[t]
+    return m.apply_changes([DimChange(t, "grow", d, d, d + 1)], **kw)
+
+
+def test_is_an_ebc_with_kjt_in_keyed_tensor_out() -> None:
+    torch.manual_seed(0)
+    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    assert isinstance(m, EmbeddingBagCollection)
+    out = m(kjt())
+    assert out.keys() == ["f0", "f1", "f2"] and out.length_per_key() == [1, 1, 1]
+    assert [c.embedding_dim for c in m.embedding_bag_configs()] == [1, 1, 1]
+    grow(m, 1)
+    assert [c.embedding_dim for c in m.embedding_bag_configs()] == [1, 2, 1]
+    assert m(kjt()).length_per_key() == [1, 2, 1]
+
+
+@pytest.mark.parametrize("align", ["pad", "project"])
+def test_aligned_modes_present_the_configured_width(align: str) -> None:
+    m = DimGrowEmbeddingBagCollection(tables(dim=16), align=align)
+    grow(m, 0)
+    out = m(kjt())
+    assert out.length_per_key() == [16, 16, 16]
+    assert [c.embedding_dim for c in m.embedding_bag_configs()] == [16, 16, 16]
+    if align == "pad":
+        m.eval()
+        m.config.eval_mixing = "off"
+        values = m(kjt()).to_dict()
+        assert torch.all(values["f0"][:, 2:] == 0) and torch.all(values["f1"][:, 1:] == 0)
+
+
+def test_pad_rejects_width_below_d_max() -> None:
+    with pytest.raises(ValueError, match="t0"):
+        DimGrowEmbeddingBagCollection(tables(dim=8), DimGrowConfig(d_max=16), align="pad")
+
+
+def test_logical_growth_inside_capacity_does_not_reallocate() -> None:
+    m = DimGrowEmbeddingBagCollection(tables())
+    w = m.embedding_bags["t0"].weight
+    for _ in range(3):
+        report = grow(m, 0)
+        assert not report.replanned
+    assert m.dims()["t0"] == 4 and m.capacities()["t0"] == 4
+    assert m.embedding_bags["t0"].weight is w
+
+
+def test_capacity_growth_keeps_old_columns_and_optimizer_state_bit_exact() -> None:
+    torch.manual_seed(0)
+    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    params = list(m.ebc.parameters())
+    opt = torch.optim.Adam(params, lr=0.1)
+    for _ in range(3):
+        grow(m, 0)
+    for _ in range(3):  # give Adam some state
+        opt.zero_grad()
+        m(kjt()).values().pow(2).sum().backward()
+        opt.step()
+    old_w = m.embedding_bags["t0"].weight.detach().clone()
+    old_state = {k: v.clone() for k, v in opt.state[m.embedding_bags["t0"].weight].items()}
+    other = m.embedding_bags["t1"].weight
+    store = LocalTableStore(m.ebc, [opt])
+    report = grow(m, 0, store=store)
+    assert report.replanned and report.capacity_changes == {"t0": (4, 8)}
+    assert m.capacities() == {"t0": 8, "t1": 4, "t2": 4}
+    new_w = m.embedding_bags["t0"].weight
+    assert new_w.shape == (50, 8)
+    assert torch.equal(new_w[:, :4], old_w)
+    assert new_w[:, 4:].abs().max() < 0.1  # N(0, 0.01)
+    state = opt.state[new_w]
+    assert torch.equal(state["exp_avg"][:, :4], old_state["exp_avg"][:, :4])
+    assert torch.equal(state["exp_avg_sq"][:, :4], old_state["exp_avg_sq"][:, :4])
+    assert torch.all(state["exp_avg"][:, 4:] == 0)
+    assert torch.equal(state["step"], old_state["step"])
+    assert m.embedding_bags["t1"].weight is other, "only the changed table is reallocated"
+    assert any(p is new_w for p in opt.param_groups[0]["params"])
+    assert [c.embedding_dim for c in m.ebc.embedding_bag_configs()] == [8, 4, 4]
+    opt.zero_grad()
+    m(kjt()).values().sum().backward()
+    opt.step()  # training continues on the new parameter
+
+
+def test_shrink_of_a_middle_slot_moves_the_last_column_into_it() -> None:
+    torch.manual_seed(0)
+    m = DimGrowEmbeddingBagCollection(tables(dim=16), align="project")
+    for _ in range(2):
+        grow(m, 0)
+    with torch.no_grad():
+        m.post.gate.theta[0, :3] = torch.tensor([1.0, -2.0, 0.7])
+    m.eval()
+    m.config.eval_mixing = "off"
+    features = kjt()
+    w = m.embedding_bags["t0"].weight.detach().clone()
+    proj = m.post.projections[0].detach().clone()
+    m.apply_changes([DimChange(0, "shrink", 1, 3, 2)])
+    assert m.dims()["t0"] == 2
+    w2 = m.embedding_bags["t0"].weight
+    assert torch.equal(w2[:, 1], w[:, 2]) and torch.equal(w2[:, 0], w[:, 0])
+    assert torch.equal(m.post.projections[0][1], proj[2])
+    assert float(m.post.gate.theta[0, 1]) == pytest.approx(0.7)
+    assert m.post.gate.theta[0, 2] == 0.0, "the freed slot restarts at theta_init"
+    # the kept columns produce exactly what they produced before, minus the dropped one
+    out = m(features).to_dict()["f0"]
+    ids = features["f0"].values()
+    expected = w[ids][:, [0, 2]] @ proj[[0, 2]]
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_export_dims_and_configs_drop_zero_fields() -> None:
+    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    grow(m, 0)
+    with torch.no_grad():
+        m.post.gate.theta[0, :2] = torch.tensor([1.0, 0.5])
+        m.post.gate.theta[1, 0] = -1.0
+        m.post.gate.theta[2, 0] = 0.2
+        m.post.gate.theta[2, 1] = 5.0  # inactive slot: never counts
+    assert m.export_dims() == {"t0": 2, "t1": 0, "t2": 1}
+    configs = m.export_configs()
+    assert [(c.name, c.embedding_dim) for c in configs] == [("t0", 2), ("t2", 1)]
+
+
+def test_gate_step_detaches_the_lookup() -> None:
+    m = DimGrowEmbeddingBagCollection(tables(), align="project")
+    with m.gate_step():
+        m(kjt()).values().sum().backward()
+    assert all(p.grad is None for p in m.ebc.parameters())
+    assert m.post.gate.theta.grad is not None
+    m(kjt()).values().sum().backward()
+    assert all(p.grad is not None for p in m.ebc.parameters())
+
+
+def test_auto_penalty_scale_tracks_task_gradient() -> None:
+    m = DimGrowEmbeddingBagCollection(tables(), DimGrowConfig(alpha=0.5, auto_ema=0.0), align="raw")
+    grad = torch.zeros_like(m.post.gate.theta)
+    grad[:, 0] = 0.2
+    m.post.observe_task_gradient(grad)
+    # with g = 0.5: dL/dg = 0.2 / (5 * 0.25) per gate (penalty share was 0.5 * 1.25 / 3 per gate)
+    g_space = (0.2 - 0.5 * 1.25 / 3) / 1.25
+    assert float(m.post.penalty_scale) == pytest.approx(0.5 * 3 * abs(g_space), rel=1e-5)

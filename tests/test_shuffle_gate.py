@@ -1,0 +1,58 @@
+import torch
+
+from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, column_shuffle, shuffle_mix
+
+
+def test_column_shuffle_is_a_true_permutation_per_column() -> None:
+    torch.manual_seed(0)
+    x = torch.arange(64 * 5, dtype=torch.float32).view(64, 5)
+    y = column_shuffle(x)
+    for c in range(5):
+        assert torch.equal(torch.sort(y[:, c]).values, x[:, c])
+    # independent permutations: the columns are not all permuted the same way
+    orders = {tuple(torch.argsort(y[:, c]).tolist()) for c in range(5)}
+    assert len(orders) == 5
+
+
+def test_gradient_does_not_flow_into_the_shuffled_copy() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, requires_grad=True)
+    g = torch.tensor([0.25, 0.5, 0.75])
+    shuffle_mix(x, g, "shuffle").sum().backward()
+    # d/dx of g*x + (1-g)*stopgrad(P x) is exactly g for every element
+    assert torch.allclose(x.grad, g.expand(32, 3))
+
+
+def test_gate_one_is_identity_and_gate_zero_is_pure_noise() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(50, 4)
+    assert torch.equal(shuffle_mix(x, torch.ones(4), "shuffle"), x)
+    noise = shuffle_mix(x, torch.zeros(4), "shuffle")
+    for c in range(4):
+        assert torch.equal(noise[:, c].sort().values, x[:, c].sort().values)
+    assert not torch.equal(noise, x)
+
+
+def test_eval_modes() -> None:
+    x = torch.randn(10, 2)
+    g = torch.tensor([0.8, 0.2])
+    assert torch.equal(shuffle_mix(x, g, "off"), x)
+    mean = shuffle_mix(x, g, "mean")
+    assert torch.allclose(mean, g * x + (1 - g) * x.mean(0, keepdim=True))
+
+
+def test_gate_values_and_penalty_weights_one_over_k() -> None:
+    gate = ShuffleGate(num_tables=2, d_max=4, tau=5.0, theta_init=0.0)
+    assert torch.allclose(gate.gates(), torch.full((2, 4), 0.5))
+    with torch.no_grad():
+        gate.theta.fill_(0.3)
+    g = torch.sigmoid(torch.tensor(1.5))
+    # table 0 has 3 active slots, table 1 has 1
+    tables = torch.tensor([0, 0, 0, 1])
+    slots = torch.tensor([0, 1, 2, 0])
+    expected = g * (1 + 1 / 2 + 1 / 3 + 1) / 4
+    assert torch.allclose(gate.penalty(tables, slots), expected)
+    # inactive slots get no gradient from the penalty
+    gate.penalty(tables, slots).backward()
+    assert gate.theta.grad[0, 3] == 0 and gate.theta.grad[1, 1:].abs().sum() == 0
+    assert gate.theta.grad[0, 0] > gate.theta.grad[0, 1] > gate.theta.grad[0, 2] > 0

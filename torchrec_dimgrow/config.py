@@ -1,0 +1,150 @@
+"""Configuration dataclasses.
+
+Every default below comes from the DimGrow authors' public research code (see
+``docs``/README "Method" section) unless a docstring says why it differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+AlignMode = Literal["raw", "pad", "project"]
+ShrinkSlot = Literal["lowest", "last"]
+PenaltyMode = Literal["auto", "fixed"]
+
+
+@dataclass
+class DimGrowConfig:
+    """Knobs of the DimGrow search (one instance per collection).
+
+    Attributes:
+        d_max: most dimensions any field may reach (slots 1..d_max carry a gate each).
+        initial_dim: logical dim every field starts with (the paper: 1).
+        tau: gate temperature, ``g = sigmoid(tau * theta)``.
+        theta_init: initial gate logit (0 -> g = 0.5, the authors' value).
+        grow_threshold: a field grows when *all* its active gates exceed this ...
+        grow_patience: ... at this many consecutive checks. 1 reproduces the reference code,
+            whose "consistency" comes implicitly from the ~80 Adam steps a fresh gate needs
+            to climb from 0.5 to 0.6.
+        shrink_threshold: a field shrinks when its lowest active gate falls below this ...
+        shrink_patience: ... at this many consecutive checks.
+        shrink_slot: ``"lowest"`` drops the slot whose gate is lowest (its column is
+            replaced by the last active column, so storage stays a prefix); ``"last"``
+            drops the highest slot as the reference does. ``lowest`` is the default: with
+            ``last`` a dead middle slot keeps the field shrinking, removing live slots
+            one after another, and blocks any later growth.
+        check_interval: training steps between two grow/shrink checks.
+        final_threshold: a slot counts in the exported dim when its gate exceeds this.
+        capacity_block: physical widths move in blocks of this many columns (FBGEMM's
+            fused TBE kernel needs every local shard width to be a multiple of 4).
+        capacity_slack_blocks: a table gives back storage only when it holds more than
+            this many spare blocks, so a field oscillating around a block edge does not
+            reallocate at every check.
+        init_std: std of the N(0, std) init of new embedding columns and projection rows.
+        penalty_mode: ``"fixed"`` uses ``alpha`` as the coefficient of
+            ``mean_active(g / k)`` (the authors' form). ``"auto"`` scales the coefficient
+            every gate step so that the penalty's pull on a slot-k gate equals
+            ``alpha / k`` times the average consistent task pull on the active gates: the
+            same ``alpha`` then means the same relative bar on any dataset.
+        alpha: the penalty knob (see ``penalty_mode``). The authors' fixed values, in
+            this package's units (their 0.1 * alpha_dataset): ML-1M 0.01, Criteo 0.002,
+            Avazu 0.0005, Ali-CCP 0.000125.
+        auto_ema: EMA factor of the per-gate task gradient used by ``penalty_mode="auto"``.
+        gate_lr: Adam learning rate of the gate logits (updated on validation batches).
+        max_total_dim: global budget on the sum of logical dims (the reference: 1000).
+        eval_mixing: what the gates do in ``eval()``: ``"mean"`` mixes with the batch mean
+            (the expectation of the shuffled copy: deterministic), ``"shuffle"`` keeps the
+            training-time shuffle (the reference evaluates this way), ``"off"`` passes the
+            raw columns.
+    """
+
+    d_max: int = 16
+    initial_dim: int = 1
+    tau: float = 5.0
+    theta_init: float = 0.0
+    grow_threshold: float = 0.6
+    grow_patience: int = 1
+    shrink_threshold: float = 0.01
+    shrink_patience: int = 1
+    shrink_slot: ShrinkSlot = "lowest"
+    check_interval: int = 1
+    final_threshold: float = 0.5
+    capacity_block: int = 4
+    capacity_slack_blocks: int = 1
+    init_std: float = 0.01
+    penalty_mode: PenaltyMode = "auto"
+    alpha: float = 0.5
+    auto_ema: float = 0.99
+    gate_lr: float = 1e-3
+    max_total_dim: int = 1_000_000
+    eval_mixing: Literal["mean", "shuffle", "off"] = "mean"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject inconsistent settings early, with the field name in the message."""
+        checks: list[tuple[bool, str]] = [
+            (self.d_max >= 1, f"d_max must be >= 1, got {self.d_max}"),
+            (
+                1 <= self.initial_dim <= self.d_max,
+                f"initial_dim must be in [1, d_max={self.d_max}], got {self.initial_dim}",
+            ),
+            (self.tau > 0, f"tau must be > 0, got {self.tau}"),
+            (
+                0.0 <= self.shrink_threshold < self.grow_threshold <= 1.0,
+                "need 0 <= shrink_threshold < grow_threshold <= 1, got "
+                f"{self.shrink_threshold} and {self.grow_threshold}",
+            ),
+            (self.grow_patience >= 1, f"grow_patience must be >= 1, got {self.grow_patience}"),
+            (
+                self.shrink_patience >= 1,
+                f"shrink_patience must be >= 1, got {self.shrink_patience}",
+            ),
+            (self.check_interval >= 1, f"check_interval must be >= 1, got {self.check_interval}"),
+            (
+                self.capacity_block >= 1,
+                f"capacity_block must be >= 1, got {self.capacity_block}",
+            ),
+            (self.capacity_slack_blocks >= 0, "capacity_slack_blocks must be >= 0"),
+            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.penalty_mode in ("auto", "fixed"), f"unknown penalty_mode {self.penalty_mode}"),
+            (self.shrink_slot in ("lowest", "last"), f"unknown shrink_slot {self.shrink_slot}"),
+            (
+                self.eval_mixing in ("mean", "shuffle", "off"),
+                f"unknown eval_mixing {self.eval_mixing}",
+            ),
+            (0.0 <= self.auto_ema < 1.0, f"auto_ema must be in [0, 1), got {self.auto_ema}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"DimGrowConfig: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DimGrowConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"DimGrowConfig: unknown keys {unknown}")
+        return cls(**values)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of the search and retrain recipes."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-3
+    embedding_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
+    embedding_lr: float = 0.05
+    early_stop_patience: int = 2
+    seed: int = 0
+    hidden: list[int] = field(default_factory=lambda: [64, 32, 16])
+    adapter_dim: int = 64
+    dropout: float = 0.2
+    max_steps: int | None = None

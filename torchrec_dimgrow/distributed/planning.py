@@ -1,0 +1,131 @@
+"""Sharding plans for DimGrow tables with TorchRec's own planner and sharder.
+
+The collection keeps its tables in a stock ``EmbeddingBagCollection`` child, so the stock
+``EmbeddingBagCollectionSharder`` shards it and no custom sharder is needed. What this
+module adds is the DimGrow-specific policy: every table is constrained to the fused
+(FBGEMM TBE) kernel with sharding types whose shard widths stay multiples of 4, and
+row-wise plans (which TorchRec's planner does not offer on CPU) are built by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.sharding_plan import (
+    column_wise,
+    construct_module_sharding_plan,
+    row_wise,
+    table_wise,
+)
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+ShardingChoice = Literal["auto", "table_wise", "column_wise", "table_column_wise", "row_wise"]
+
+#: Types the planner may pick under "auto": all keep fused-kernel widths a multiple of 4
+#: when the table width is, and all carry a fused optimizer state we can copy.
+AUTO_TYPES = ["table_wise", "column_wise", "table_column_wise"]
+
+
+@dataclass
+class PlanningConfig:
+    sharding: ShardingChoice = "auto"
+    batch_size: int = 256
+    min_partition: int = 4
+
+
+def validate_configs(configs: list[EmbeddingBagConfig], block: int = 4) -> None:
+    """Fail before planning (``collective_plan`` hangs the other ranks if rank 0 raises)."""
+    for c in configs:
+        if c.embedding_dim % block:
+            raise ValueError(
+                f"table {c.name!r}: physical width {c.embedding_dim} is not a multiple of {block} "
+                "(FBGEMM's fused kernel rejects it)"
+            )
+        if c.num_embeddings <= 0:
+            raise ValueError(f"table {c.name!r}: num_embeddings must be > 0")
+
+
+def constraints_for(configs: list[EmbeddingBagConfig], cfg: PlanningConfig) -> dict[str, ParameterConstraints]:
+    types = AUTO_TYPES if cfg.sharding == "auto" else [cfg.sharding]
+    return {
+        c.name: ParameterConstraints(
+            sharding_types=list(types), compute_kernels=["fused"], min_partition=cfg.min_partition
+        )
+        for c in configs
+    }
+
+
+def make_planner(
+    world_size: int, device: torch.device, configs: list[EmbeddingBagConfig], cfg: PlanningConfig
+) -> EmbeddingShardingPlanner:
+    return EmbeddingShardingPlanner(
+        topology=Topology(world_size=world_size, compute_device=device.type),
+        batch_size=cfg.batch_size,
+        constraints=constraints_for(configs, cfg),
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
+    )
+
+
+def _hand_built(ebc: EmbeddingBagCollection, kind: str, world_size: int, device: torch.device) -> EmbeddingModuleShardingPlan:
+    """Deterministic plans for types the CPU planner refuses (row-wise) or when asked to."""
+    gens = {}
+    for i, c in enumerate(ebc.embedding_bag_configs()):
+        if kind == "row_wise":
+            gens[c.name] = row_wise(compute_kernel="fused")
+        elif kind == "table_wise":
+            gens[c.name] = table_wise(rank=i % world_size, compute_kernel="fused")
+        else:
+            gens[c.name] = column_wise(ranks=list(range(world_size)), compute_kernel="fused")
+    return construct_module_sharding_plan(
+        ebc,
+        gens,
+        sharder=EmbeddingBagCollectionSharder(),
+        local_size=world_size,
+        world_size=world_size,
+        device_type=device.type,
+    )
+
+
+def plan_collection(
+    ebc: EmbeddingBagCollection,
+    fqn: str,
+    world_size: int,
+    device: torch.device,
+    cfg: PlanningConfig,
+    group: dist.ProcessGroup | None = None,
+) -> EmbeddingModuleShardingPlan:
+    """Plan one EBC (at its current physical widths) and return its module plan.
+
+    ``auto``/``table_wise``/``column_wise``/``table_column_wise`` go through TorchRec's
+    ``EmbeddingShardingPlanner.collective_plan`` (rank 0 plans, all ranks receive);
+    ``row_wise`` is built by hand because the CPU planner does not offer it.
+    """
+    configs = ebc.embedding_bag_configs()
+    validate_configs(configs)
+    if cfg.sharding == "row_wise":
+        return _hand_built(ebc, cfg.sharding, world_size, device)
+    holder = nn.Module()
+    holder.add_module("ebc", ebc)
+    planner = make_planner(world_size, device, configs, cfg)
+    sharders = [EmbeddingBagCollectionSharder()]
+    if group is not None and dist.is_initialized():
+        plan: ShardingPlan = planner.collective_plan(holder, sharders, group)  # type: ignore[arg-type]
+    else:
+        plan = planner.plan(holder, sharders)  # type: ignore[arg-type]
+    module_plan = plan.get_plan_for_module("ebc")
+    if module_plan is None:
+        raise RuntimeError(f"planner returned no plan for {fqn!r}")
+    return module_plan  # type: ignore[return-value]
+
+
+def full_plan(fqn: str, module_plan: EmbeddingModuleShardingPlan) -> ShardingPlan:
+    return ShardingPlan({fqn: module_plan})

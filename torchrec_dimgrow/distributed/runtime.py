@@ -1,0 +1,89 @@
+"""Shard any model that contains DimGrow collections, and keep handles to re-plan them.
+
+``shard_model`` is what a user calls instead of building ``DistributedModelParallel``
+themselves: it attaches the fused embedding optimizer, plans every DimGrow collection's
+tables with TorchRec's planner, builds the DMP with TorchRec's stock sharder, and returns
+one :class:`ShardedTableStore` per collection for later re-plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
+from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
+from torchrec_dimgrow.distributed.shard_io import fill_columns
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+
+
+def find_collections(model: nn.Module) -> list[tuple[str, DimGrowEmbeddingBagCollection]]:
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, DimGrowEmbeddingBagCollection)]
+    if not found:
+        raise ValueError("model contains no DimGrowEmbeddingBagCollection")
+    return found
+
+
+@dataclass
+class ShardedSearch:
+    """The DMP plus one re-plan store per DimGrow collection (keyed by module path)."""
+
+    dmp: DistributedModelParallel
+    stores: dict[str, ShardedTableStore]
+
+    def store_for(self, collection: DimGrowEmbeddingBagCollection) -> ShardedTableStore:
+        for store in self.stores.values():
+            if store.collection is collection:
+                return store
+        raise KeyError("collection is not part of this sharded model")
+
+
+def shard_model(
+    model: nn.Module,
+    device: torch.device,
+    planning: PlanningConfig | None = None,
+    optimizer: EmbeddingOptimizer | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> ShardedSearch:
+    """Build the DMP for ``model``; DimGrow tables must still be on the meta device."""
+    planning = planning or PlanningConfig()
+    optimizer = optimizer or EmbeddingOptimizer()
+    group = group if group is not None else dist.GroupMember.WORLD
+    world = dist.get_world_size(group)
+    collections = find_collections(model)
+    plan = ShardingPlan({})
+    for path, coll in collections:
+        optimizer.apply(coll.ebc.parameters())
+        fqn = f"{path}.ebc" if path else "ebc"
+        plan.plan[fqn] = plan_collection(coll.ebc, fqn, world, device, planning, group)  # type: ignore[arg-type]
+    dmp = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(group),
+        device=device,
+        plan=plan,
+        sharders=[EmbeddingBagCollectionSharder()],  # type: ignore[list-item]
+    )
+    stores = {}
+    for path, coll in collections:
+        store = ShardedTableStore(dmp, coll, optimizer, planning, device, group)
+        _init_tables(store, coll.config.init_std)
+        stores[path] = store
+    return ShardedSearch(dmp, stores)
+
+
+@torch.no_grad()
+def _init_tables(store: ShardedTableStore, std: float) -> None:
+    """N(0, std) weights and zero optimizer state, as the DimGrow reference initialises."""
+    ebc = store.sharded
+    for table, w in store._weights(ebc).items():
+        fill_columns(w, list(range(w.size()[1])), std)
+    for states in store._states(ebc).values():
+        for s in states.values():
+            width = s.size()[1] if s.dim() == 2 else 1
+            fill_columns(s, list(range(width)), None)

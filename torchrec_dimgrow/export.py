@@ -1,0 +1,100 @@
+"""Found dims in and out: ``dims.json`` and plain TorchRec ``EmbeddingBagConfig``s.
+
+``dims.json`` is one flat object ``{"field": dim, ...}`` with every input field present
+and dropped fields at 0: the DimGrow search and every baseline write the same format so
+the retrain recipe is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+
+
+def gate_table(collection: DimGrowEmbeddingBagCollection) -> dict[str, list[float]]:
+    """Gate importance as ``{table: [g_1, ..., g_dmax]}`` (inactive slots are NaN)."""
+    gates = collection.gate_values()
+    dims = collection.dims()
+    out = {}
+    for t, name in enumerate(collection.table_names):
+        row = gates[t].tolist()
+        out[name] = [v if k < dims[name] else float("nan") for k, v in enumerate(row)]
+    return out
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_dims_json(path: str | Path, dims: Mapping[str, int]) -> None:
+    for name, d in dims.items():
+        if not isinstance(d, int) or d < 0:
+            raise ValueError(f"dims.json: field {name!r} has invalid dim {d!r}")
+    write_json_atomic(path, dict(dims))
+
+
+def read_dims_json(path: str | Path, fields: Sequence[str] | None = None) -> dict[str, int]:
+    """Read and validate a dims file; with ``fields``, every field must be present."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dims file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object {{field: dim}}")
+    dims: dict[str, int] = {}
+    for name, d in raw.items():
+        if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+            raise ValueError(f"{path}: field {name!r} has invalid dim {d!r} (need an int >= 0)")
+        dims[name] = d
+    if fields is not None:
+        missing = [f for f in fields if f not in dims]
+        extra = [f for f in dims if f not in set(fields)]
+        if missing or extra:
+            raise ValueError(f"{path}: fields do not match the data (missing {missing}, unknown {extra})")
+    return dims
+
+
+def configs_for_dims(tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int]) -> list[EmbeddingBagConfig]:
+    """Plain TorchRec configs at the found dims; tables with dim 0 are dropped."""
+    from dataclasses import replace
+
+    out = []
+    for t in tables:
+        if t.name not in dims:
+            raise KeyError(f"no dim for table {t.name!r}")
+        if dims[t.name] > 0:
+            out.append(replace(t, embedding_dim=int(dims[t.name])))
+    return out
+
+
+def to_plain_collection(
+    collection: DimGrowEmbeddingBagCollection, dims: Mapping[str, int] | None = None
+) -> EmbeddingBagCollection:
+    """A fresh, plain ``EmbeddingBagCollection`` with the found dims (to retrain)."""
+    configs = collection.export_configs(dict(dims) if dims is not None else None)
+    if not configs:
+        raise ValueError("every table was dropped (all dims are 0): nothing to retrain")
+    return EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+
+
+def embedding_params(vocab_sizes: Mapping[str, int], dims: Mapping[str, int]) -> int:
+    return int(sum(vocab_sizes[f] * dims.get(f, 0) for f in vocab_sizes))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

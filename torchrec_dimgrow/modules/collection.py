@@ -1,0 +1,476 @@
+"""``DimGrowEmbeddingBagCollection``: an EmbeddingBagCollection whose tables grow.
+
+Layout (composition, after TorchRec's ``FeatureProcessedEmbeddingBagCollection``):
+
+* ``self.ebc``: a plain :class:`torchrec.EmbeddingBagCollection` holding every table at its
+  current **capacity** (a multiple of ``capacity_block`` columns). Because it is a stock
+  EBC, ``DistributedModelParallel`` shards it with TorchRec's own sharder and planner, the
+  planner sees the real widths, and nothing about TorchRec's kernels is re-implemented.
+* ``self.post``: a dense module (gates, optional projections, the logical dims). It takes
+  the KeyedTensor of ``self.ebc``, keeps the first ``dim`` columns of each table, applies
+  the ShuffleGate mixing and aligns the widths. It holds no sharded module, so
+  ``TrainPipelineSparseDist``'s tracer treats it as a leaf and the wrapper's ``forward``
+  (``post(ebc(features))``) stays fx-traceable.
+
+The logical dim of a table moves one slot at a time; its capacity only moves when the dim
+crosses a block edge. The two are separate events (:class:`ChangeReport`): logical changes
+never touch storage, capacity changes reallocate (single process) or re-plan (sharded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix
+from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
+from torchrec_dimgrow.policy import DimChange, capacity_for
+
+
+@dataclass
+class ChangeReport:
+    """What one call to :meth:`DimGrowEmbeddingBagCollection.apply_changes` did."""
+
+    dim_changes: list[DimChange] = field(default_factory=list)
+    capacity_changes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    replan_seconds: float = 0.0
+    bytes_moved: int = 0
+
+    @property
+    def replanned(self) -> bool:
+        return bool(self.capacity_changes)
+
+
+def _normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def init(weight: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return weight.normal_(0.0, std)
+
+    return init
+
+
+class DimGrowPostProcess(nn.Module):
+    """Dense half of the collection: logical dims, gates, alignment.
+
+    Kept separate from the sharded lookup so that it survives sharding untouched (DDP
+    replicates it) and so pipelines may run it as an opaque leaf.
+    """
+
+    def __init__(
+        self,
+        table_names: list[str],
+        feature_tables: list[int],
+        feature_names: list[str],
+        out_dims: list[int],
+        d_max: list[int],
+        config: DimGrowConfig,
+        align: AlignMode,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.align: AlignMode = align
+        self.table_names = list(table_names)
+        self.feature_names = list(feature_names)
+        self.feature_tables = list(feature_tables)
+        self.out_dims = list(out_dims)
+        self.d_max = list(d_max)
+        n = len(table_names)
+        self.gate = ShuffleGate(n, max(d_max), config.tau, config.theta_init)
+        initial = [min(config.initial_dim, m) for m in d_max]
+        self.register_buffer("dims", torch.tensor(initial, dtype=torch.int64))
+        self.register_buffer(
+            "capacity", torch.tensor([capacity_for(d, 0, config) for d in initial], dtype=torch.int64)
+        )
+        # ``penalty_scale`` is the coefficient of mean(g/k); "auto" mode rewrites it.
+        self.register_buffer("penalty_scale", torch.tensor(float(config.alpha)))
+        self.register_buffer("task_grad_ema", torch.zeros(n, max(d_max)))
+        self.projections = nn.ParameterList()
+        if align == "project":
+            for t in feature_tables:
+                w = torch.empty(d_max[t], out_dims[len(self.projections)])
+                self.projections.append(nn.Parameter(w.normal_(0.0, config.init_std)))
+        # Set by DimGrowEmbeddingBagCollection.gate_step(): the lookup output is detached so
+        # the gate (validation) step never reaches the tables or their fused optimizer.
+        self.freeze_lookup = False
+        self._cache_key: tuple[int, ...] = ()
+        self._cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- state access
+    def dims_list(self) -> list[int]:
+        return [int(v) for v in self.dims.tolist()]
+
+    def capacity_list(self) -> list[int]:
+        return [int(v) for v in self.capacity.tolist()]
+
+    def _index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(table, slot) of every active output column and every active table slot."""
+        dims = tuple(self.dims_list())
+        if self._cols is None or self._cache_key != dims or self._cols[0].device != self.dims.device:
+            dev = self.dims.device
+            col_t = [t for t in self.feature_tables for _ in range(dims[t])]
+            col_s = [k for t in self.feature_tables for k in range(dims[t])]
+            tab_t = [t for t in range(len(dims)) for _ in range(dims[t])]
+            tab_s = [k for t in range(len(dims)) for k in range(dims[t])]
+            self._cols = tuple(torch.tensor(v, dtype=torch.int64, device=dev) for v in (col_t, col_s, tab_t, tab_s))  # type: ignore[assignment]
+            self._cache_key = dims
+        assert self._cols is not None
+        return self._cols
+
+    def output_dims(self) -> list[int]:
+        """Width of each output feature (logical dim in raw mode, configured width else)."""
+        if self.align == "raw":
+            dims = self.dims_list()
+            return [dims[t] for t in self.feature_tables]
+        return list(self.out_dims)
+
+    # ----------------------------------------------------------------- forward
+    def mixing_mode(self) -> str:
+        return "shuffle" if self.training else self.config.eval_mixing
+
+    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+        dims = self.dims_list()
+        by_name = pooled.to_dict()
+        cols = [by_name[name][:, : dims[t]] for name, t in zip(self.feature_names, self.feature_tables)]
+        x = torch.cat(cols, dim=1)
+        if self.freeze_lookup:
+            x = x.detach()
+        col_t, col_s, _, _ = self._index()
+        g = self.gate.column_gates(col_t, col_s)
+        y = shuffle_mix(x, g, self.mixing_mode())
+        parts = list(y.split([dims[t] for t in self.feature_tables], dim=1))
+        if self.align == "pad":
+            parts = [nn.functional.pad(p, (0, w - p.shape[1])) for p, w in zip(parts, self.out_dims)]
+        elif self.align == "project":
+            parts = [p @ self.projections[i][: p.shape[1]] for i, p in enumerate(parts)]
+        return KeyedTensor(
+            keys=self.feature_names,
+            length_per_key=self.output_dims(),
+            values=torch.cat(parts, dim=1),
+        )
+
+    def penalty(self) -> torch.Tensor:
+        """Scaled decaying-L1 gate penalty, ``penalty_scale * mean_active(g / k)``."""
+        _, _, tab_t, tab_s = self._index()
+        return self.penalty_scale * self.gate.penalty(tab_t, tab_s)
+
+    # ----------------------------------------------------------------- auto penalty
+    @torch.no_grad()
+    def observe_task_gradient(self, theta_grad_with_penalty: torch.Tensor) -> None:
+        """Update the "auto" penalty scale from the gate gradient of the last gate step.
+
+        The penalty's own share of ``theta.grad`` is known in closed form, so the task
+        share is recovered without a second backward. Per gate we track an EMA of the
+        task gradient with respect to g (``dL/dtheta / (tau g (1-g))``); the scale is
+        set so that the penalty's pull on a slot-k gate is ``alpha / k`` times the mean
+        absolute EMA over active gates.
+        """
+        cfg = self.config
+        _, _, tab_t, tab_s = self._index()
+        if tab_t.numel() == 0:
+            return
+        g = self.gate.column_gates(tab_t, tab_s)
+        dg_dtheta = cfg.tau * g * (1.0 - g)
+        k = tab_s.to(g.dtype) + 1.0
+        n = float(tab_t.numel())
+        penalty_grad = self.penalty_scale * dg_dtheta / (k * n)
+        task = theta_grad_with_penalty[tab_t, tab_s] - penalty_grad
+        task_g = task / dg_dtheta.clamp_min(1e-4)
+        ema = self.task_grad_ema
+        ema[tab_t, tab_s] = cfg.auto_ema * ema[tab_t, tab_s] + (1 - cfg.auto_ema) * task_g
+        if cfg.penalty_mode == "auto":
+            self.penalty_scale.fill_(cfg.alpha * n * float(ema[tab_t, tab_s].abs().mean()))
+
+    # ----------------------------------------------------------------- slot moves
+    @torch.no_grad()
+    def move_slot(self, table: int, src: int, dst: int) -> None:
+        self.gate.move_slot(table, src, dst)
+        self.task_grad_ema[table, dst] = self.task_grad_ema[table, src]
+        if self.align == "project":
+            for i, t in enumerate(self.feature_tables):
+                if t == table:
+                    self.projections[i][dst] = self.projections[i][src]
+
+    @torch.no_grad()
+    def reset_slot(self, table: int, slot: int) -> None:
+        self.gate.reset_slots(table, [slot])
+        self.task_grad_ema[table, slot] = 0.0
+        if self.align == "project":
+            for i, t in enumerate(self.feature_tables):
+                if t == table:
+                    self.projections[i][slot].normal_(0.0, self.config.init_std)
+
+    def dense_slot_params(self, table: int) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, axis-0 row offset layout) pairs whose rows follow the table's slots.
+
+        Returns ``(param, 0)`` for the projections (rows are slots) and ``(theta, table)``
+        meaning row ``table`` of theta, column = slot.
+        """
+        out: list[tuple[nn.Parameter, int]] = [(self.gate.theta, table)]
+        if self.align == "project":
+            out += [(self.projections[i], -1) for i, t in enumerate(self.feature_tables) if t == table]
+        return out
+
+
+class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
+    """An :class:`~torchrec.EmbeddingBagCollection` that searches each table's dimension.
+
+    Takes a ``KeyedJaggedTensor`` and returns a ``KeyedTensor`` like any EBC. Each table
+    starts at ``config.initial_dim`` (1) logical dims and grows/shrinks one slot at a time
+    under the DimGrow rule (see :mod:`torchrec_dimgrow.policy`).
+
+    Args:
+        tables: the tables, exactly as for an EBC. In ``"pad"``/``"project"`` mode each
+            table's ``embedding_dim`` is the width its features are presented at (so a
+            DLRM with one common ``embedding_dim`` keeps working); in ``"raw"`` mode the
+            output width is the current logical dim and ``embedding_dim`` only caps it.
+        config: the search knobs; ``config.d_max`` caps every table.
+        align: ``"raw"`` (concatenated variable widths), ``"pad"`` (zero-pad to the
+            table's ``embedding_dim``) or ``"project"`` (learned per-feature projection to
+            it, no bias: the reference's adapter).
+        is_weighted: as for EBC.
+        device: where to allocate (``"meta"`` for DMP's lazy init).
+
+    ``embedding_bag_configs()`` describes what ``forward`` returns: in raw mode the
+    ``embedding_dim`` of each config follows the logical dim. :meth:`physical_configs`
+    describes storage (the capacities), :meth:`export_configs` the found dims.
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        config: DimGrowConfig | None = None,
+        align: AlignMode = "raw",
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        if not tables:
+            raise ValueError("DimGrowEmbeddingBagCollection: tables must not be empty")
+        if align not in ("raw", "pad", "project"):
+            raise ValueError(f"DimGrowEmbeddingBagCollection: unknown align mode {align!r}")
+        self.config = config or DimGrowConfig()
+        cfg = self.config
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"DimGrowEmbeddingBagCollection: duplicate table names in {names}")
+        self._user_configs = [copy.copy(t) for t in tables]
+        for t in self._user_configs:
+            if not t.feature_names:
+                t.feature_names = [t.name]
+        d_max = [cfg.d_max if align == "raw" else min(cfg.d_max, t.embedding_dim) for t in self._user_configs]
+        if align == "pad":
+            for t in self._user_configs:
+                if t.embedding_dim < cfg.d_max:
+                    raise ValueError(
+                        f"table {t.name!r}: align='pad' needs embedding_dim >= d_max "
+                        f"({t.embedding_dim} < {cfg.d_max}); use align='project' or lower d_max"
+                    )
+        feature_tables = [i for i, t in enumerate(self._user_configs) for _ in t.feature_names]
+        feature_names = [f for t in self._user_configs for f in t.feature_names]
+        out_dims = [self._user_configs[i].embedding_dim for i in feature_tables]
+        self._is_weighted = is_weighted
+        self._feature_names = [list(t.feature_names) for t in self._user_configs]
+        self._embedding_names = feature_names
+        self.post = DimGrowPostProcess(names, feature_tables, feature_names, out_dims, d_max, cfg, align)
+        dev = torch.device(device) if device is not None else None
+        self.ebc: nn.Module = EmbeddingBagCollection(
+            tables=self.physical_configs(), is_weighted=is_weighted, device=dev
+        )
+        self._device = dev or torch.device("cpu")
+        if dev is not None and dev.type != "meta":
+            self.post.to(dev)
+
+    # ------------------------------------------------------------------ EBC API
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:  # noqa: D102
+        return self.post(self.ebc(features))
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        """Configs describing the output: one per table, ``embedding_dim`` = output width."""
+        if self.post.align != "raw":
+            return self._user_configs
+        dims = self.post.dims_list()
+        return [replace(t, embedding_dim=d) for t, d in zip(self._user_configs, dims)]
+
+    @property
+    def _lengths_per_embedding(self) -> list[int]:  # type: ignore[override]
+        return self.post.output_dims()
+
+    @property
+    def embedding_bags(self) -> nn.ModuleDict:  # type: ignore[override]
+        """The physical tables (only while unsharded, as for a plain EBC)."""
+        return self.ebc.embedding_bags  # type: ignore[return-value]
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def reset_parameters(self) -> None:
+        if isinstance(self.ebc, EmbeddingBagCollection):
+            self.ebc.reset_parameters()
+
+    # ------------------------------------------------------------------ DimGrow API
+    @property
+    def table_names(self) -> list[str]:
+        return list(self.post.table_names)
+
+    def dims(self) -> dict[str, int]:
+        """Current logical dim per table."""
+        return dict(zip(self.table_names, self.post.dims_list()))
+
+    def capacities(self) -> dict[str, int]:
+        """Current physical width per table."""
+        return dict(zip(self.table_names, self.post.capacity_list()))
+
+    def physical_configs(self) -> list[EmbeddingBagConfig]:
+        """Configs of the tables as stored (capacity widths, N(0, init_std) init)."""
+        caps = self.post.capacity_list()
+        init = _normal_init(self.config.init_std)
+        return [replace(t, embedding_dim=c, init_fn=init) for t, c in zip(self._user_configs, caps)]
+
+    def gate_values(self) -> torch.Tensor:
+        """All gate values (tables x d_max), inactive slots included."""
+        return self.post.gate.gates().detach()
+
+    def penalty(self) -> torch.Tensor:
+        """The gate regulariser to add to the loss of the gate (validation) step."""
+        return self.post.penalty()
+
+    @contextlib.contextmanager
+    def gate_step(self) -> Iterator[None]:
+        """Context for the DARTS-style gate update on a validation batch.
+
+        Inside it the pooled lookups are detached: the backward reaches the gates (and
+        dense layers, whose gradients the caller discards) but never the tables, so a
+        fused in-backward optimizer does not train embeddings on validation data.
+        """
+        previous = self.post.freeze_lookup
+        self.post.freeze_lookup = True
+        try:
+            yield
+        finally:
+            self.post.freeze_lookup = previous
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained on validation batches (the DARTS-style gate step)."""
+        return [self.post.gate.theta]
+
+    def model_parameters(self) -> list[nn.Parameter]:
+        """Dense parameters of the collection trained on training batches (projections)."""
+        return list(self.post.projections)
+
+    def embedding_bytes(self, physical: bool = True) -> int:
+        """fp32 bytes of the tables: at capacity (``physical``) or at the logical dims."""
+        widths = self.post.capacity_list() if physical else self.post.dims_list()
+        return sum(4 * t.num_embeddings * w for t, w in zip(self._user_configs, widths))
+
+    def apply_changes(
+        self,
+        changes: Sequence[DimChange],
+        store: TableStore | None = None,
+        dense_optimizers: Sequence[torch.optim.Optimizer] = (),
+    ) -> ChangeReport:
+        """Apply grow/shrink decisions to gates, weights and optimizer state.
+
+        A shrink of slot ``s`` < last moves the last active slot into ``s`` (weights,
+        embedding optimizer state, gate logit, projection row, dense optimizer state), so
+        storage stays a prefix; the vacated slot is re-initialised so that a later growth
+        starts fresh. Capacity changes are batched into one ``store.resize`` call.
+        """
+        store = store or LocalTableStore(self.ebc, [])
+        report = ChangeReport(dim_changes=list(changes))
+        dims = self.post.dims_list()
+        std = self.config.init_std
+        for ch in changes:
+            name = self.table_names[ch.table]
+            if dims[ch.table] != ch.old_dim:
+                raise RuntimeError(
+                    f"table {name!r}: change expects dim {ch.old_dim}, collection has {dims[ch.table]}"
+                )
+            if ch.kind == "shrink":
+                last = ch.old_dim - 1
+                if ch.slot != last:
+                    store.move_column(name, last, ch.slot)
+                    self.post.move_slot(ch.table, last, ch.slot)
+                    _move_dense_state(dense_optimizers, self.post, ch.table, last, ch.slot)
+                store.reset_column(name, last, std)
+                self.post.reset_slot(ch.table, last)
+                _reset_dense_state(dense_optimizers, self.post, ch.table, last)
+            dims[ch.table] = ch.new_dim
+        self.post.dims.copy_(torch.tensor(dims, dtype=torch.int64))
+        caps = self.post.capacity_list()
+        new_caps = {
+            name: capacity_for(d, c, self.config)
+            for name, d, c in zip(self.table_names, dims, caps)
+            if capacity_for(d, c, self.config) != c
+        }
+        if new_caps:
+            old = self.capacities()
+            result = store.resize(new_caps, std)
+            report.replan_seconds = result.seconds
+            report.bytes_moved = result.bytes_moved
+            report.capacity_changes = {n: (old[n], c) for n, c in new_caps.items()}
+            full = [new_caps.get(n, c) for n, c in zip(self.table_names, caps)]
+            self.post.capacity.copy_(torch.tensor(full, dtype=torch.int64))
+            if isinstance(self.ebc, EmbeddingBagCollection):
+                _sync_unsharded_configs(self.ebc, self.physical_configs())
+        return report
+
+    def export_dims(self, threshold: float | None = None) -> dict[str, int]:
+        """Found dim per table: active slots whose gate exceeds the final threshold."""
+        thr = self.config.final_threshold if threshold is None else threshold
+        gates = self.gate_values()
+        dims = self.post.dims_list()
+        return {n: int((gates[t, : dims[t]] > thr).sum()) for t, n in enumerate(self.table_names)}
+
+    def export_configs(self, dims: dict[str, int] | None = None) -> list[EmbeddingBagConfig]:
+        """Plain TorchRec configs at the found dims; tables with dim 0 are dropped."""
+        found = dims if dims is not None else self.export_dims()
+        return [replace(t, embedding_dim=found[t.name], init_fn=None) for t in self._user_configs if found[t.name] > 0]
+
+
+def _sync_unsharded_configs(ebc: EmbeddingBagCollection, configs: list[EmbeddingBagConfig]) -> None:
+    """Keep a plain EBC's bookkeeping truthful after a table was reallocated."""
+    ebc._embedding_bag_configs = configs
+    ebc._lengths_per_embedding = [c.embedding_dim for c in configs for _ in c.feature_names]
+
+
+def _optimizer_tensor_states(optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for opt in optimizers:
+        state = opt.state.get(param, {})
+        out += [v for v in state.values() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+    return out
+
+
+@torch.no_grad()
+def _move_dense_state(
+    optimizers: Sequence[torch.optim.Optimizer], post: DimGrowPostProcess, table: int, src: int, dst: int
+) -> None:
+    for param, row in post.dense_slot_params(table):
+        for s in _optimizer_tensor_states(optimizers, param):
+            if row >= 0:
+                s[row, dst] = s[row, src]
+            else:
+                s[dst] = s[src]
+
+
+@torch.no_grad()
+def _reset_dense_state(optimizers: Sequence[torch.optim.Optimizer], post: DimGrowPostProcess, table: int, slot: int) -> None:
+    for param, row in post.dense_slot_params(table):
+        for s in _optimizer_tensor_states(optimizers, param):
+            if row >= 0:
+                s[row, slot] = 0
+            else:
+                s[slot] = 0

@@ -1,0 +1,116 @@
+"""Checkpoint and resume of a (sharded) DimGrow search.
+
+Layout of ``DIR/checkpoint/``:
+* ``search_state.json`` (rank 0): step/epoch/data position, policy counters, dims and
+  capacities, best-epoch snapshot, trajectory so far;
+* ``dcp/``: ``torch.distributed.checkpoint`` of the DMP state (sharded tables, gates,
+  dense layers) and of the fused embedding optimizer state; DCP re-shards on load, so a
+  resumed run may use a different plan than the one that saved;
+* ``rank{r}.pt``: each rank's dense/gate Adam state, RNG state and importance window.
+
+A checkpoint is written to ``checkpoint.tmp`` and swapped in only when every rank has
+finished, so killing the job mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from torchrec_dimgrow.policy import PolicyState
+
+if TYPE_CHECKING:
+    from torchrec_dimgrow.recipes.search import DimGrowSearch
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _tensor_state(search: DimGrowSearch) -> dict[str, Any]:
+    return {"model": search.dmp.state_dict(), "emb_optim": search.dmp.fused_optimizer.state_dict()}
+
+
+def save_checkpoint(search: DimGrowSearch, path: Path) -> None:
+    """Write a complete checkpoint of ``search`` to ``path`` (collective: all ranks call)."""
+    tmp = path.with_name(path.name + ".tmp")
+    rank = search.env.rank
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_tensor_state(search), checkpoint_id=str(tmp / "dcp"))
+    torch.save(
+        {
+            "dense_opt": search.dense_opt.state_dict(),
+            "gate_opt": search.gate_opt.state_dict(),
+            "rng": torch.get_rng_state(),
+            "importance_total": search.importance.total,
+            "importance_count": search.importance.count,
+        },
+        tmp / f"rank{rank}.pt",
+    )
+    if rank == 0:
+        meta = {
+            "state": asdict(search.state),
+            "policy": asdict(search.policy),
+            "dims": search.coll.post.dims_list(),
+            "capacity": search.coll.post.capacity_list(),
+            "trajectory": search.trajectory,
+            "world_size": search.env.world_size,
+        }
+        (tmp / "search_state.json").write_text(json.dumps(meta))
+    _barrier()
+    if rank == 0:
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def resolve(path: Path) -> Path:
+    """Accept a run directory or the checkpoint directory itself."""
+    for candidate in (path, path / "checkpoint", path / "checkpoint.old"):
+        if (candidate / "search_state.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no DimGrow checkpoint under {path} (expected search_state.json)")
+
+
+def load_checkpoint(search: DimGrowSearch, path: Path) -> None:
+    """Restore tensors and state into a search whose model was built at the saved capacities."""
+    from torchrec_dimgrow.recipes.search import SearchState
+
+    path = resolve(path)
+    meta = json.loads((path / "search_state.json").read_text())
+    world = search.env.world_size
+    if meta["world_size"] != world:
+        raise ValueError(
+            f"{path}: checkpoint was written by {meta['world_size']} ranks, this run has {world}; "
+            "resume with the same world size (the data order depends on it)"
+        )
+    state = _tensor_state(search)
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    search.dmp.load_state_dict(state["model"])
+    search.dmp.fused_optimizer.load_state_dict(state["emb_optim"])
+    local = torch.load(path / f"rank{search.env.rank}.pt", weights_only=False)
+    search.dense_opt.load_state_dict(local["dense_opt"])
+    search.gate_opt.load_state_dict(local["gate_opt"])
+    search.importance.total.copy_(local["importance_total"])
+    search.importance.count = int(local["importance_count"])
+    raw = meta["state"]
+    search.state = SearchState(**raw)
+    search.policy = PolicyState(**meta["policy"])
+    search.trajectory = list(meta["trajectory"])
+    torch.set_rng_state(local["rng"])
+    search.restored_rng = True

@@ -1,0 +1,392 @@
+"""The DimGrow search recipe: train, gate-step, check, grow/shrink/re-plan, early-stop.
+
+One code path for 1 or N ranks: the model always goes through TorchRec's
+``DistributedModelParallel`` (a plain ``python -m torchrec_dimgrow search`` is a 1-rank
+world), so the single-process search is exactly the sharded one with world size 1.
+
+Per training step (the reference schedule, DARTS-style):
+1. a training batch updates the tables (fused in-backward optimizer), the projections and
+   the backbone;
+2. a validation batch updates only the gates (BCE + gate penalty), with the lookups
+   detached so the tables never see validation data;
+3. every ``check_interval`` steps the gate table is all-gathered, the pure policy decides
+   grow/shrink, every rank applies the same changes, and tables whose capacity changed
+   are re-planned together.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+from torchrec_dimgrow.data import PreparedData, Split
+from torchrec_dimgrow.distributed.env import DistEnv
+from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, check_agreement, gather_importance
+from torchrec_dimgrow.distributed.planning import PlanningConfig
+from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
+from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
+from torchrec_dimgrow.distributed.shard_io import local_pieces
+from torchrec_dimgrow.export import gate_table, write_dims_json, write_json_atomic
+from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.policy import PolicyState, decide, final_dims
+from torchrec_dimgrow.training import bce, evaluate, is_better
+
+log = logging.getLogger(__name__)
+
+TRAJECTORY_COLUMNS = ["step", "field", "logical_dim", "capacity", "min_gate", "max_gate"]
+
+
+@dataclass
+class SearchOptions:
+    out_dir: Path
+    log_every: int = 50
+    checkpoint_every: int = 0
+    resume: Path | None = None
+    quiet: bool = False
+
+
+@dataclass
+class SearchState:
+    """Everything besides tensors that a resumed search needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    val_epoch: int = 0
+    val_batch: int = 0
+    policy: dict[str, list[int]] = field(default_factory=dict)
+    best_auc: float = float("nan")
+    best_epoch: int = -1
+    best_gates: list[list[float]] = field(default_factory=list)
+    best_dims: list[int] = field(default_factory=list)
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    peak_embedding_bytes: int = 0
+    peak_rank_bytes: int = 0
+    replans: int = 0
+    replan_seconds: float = 0.0
+    bytes_moved: int = 0
+    done: bool = False
+
+
+class ValStream:
+    """Endless, resumable stream of this rank's validation batches (gate steps)."""
+
+    def __init__(self, split: Split, batch_size: int, seed: int, env: DistEnv, state: SearchState) -> None:
+        self.split, self.batch_size, self.seed, self.env, self.state = split, batch_size, seed, env, state
+        self._it = self._open()
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        return self.split.batches(
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed + 7919,
+            epoch=self.state.val_epoch,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            start_batch=self.state.val_batch,
+        )
+
+    def next(self):  # type: ignore[no-untyped-def]
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.state.val_epoch += 1
+            self.state.val_batch = 0
+            self._it = self._open()
+            batch = next(self._it)
+        self.state.val_batch += 1
+        return batch
+
+
+def build_search_model(data: PreparedData, dg: DimGrowConfig, tc: TrainConfig) -> tuple[CTRModel, DimGrowEmbeddingBagCollection]:
+    """Reference search network: DimGrow tables -> per-field adapter (sum) -> WideDeep."""
+    tables = data.table_configs(tc.adapter_dim)
+    coll = DimGrowEmbeddingBagCollection(tables, dg, align="project", device="meta")
+    model = CTRModel(coll, "sum", tc.adapter_dim, hidden=tc.hidden, dropout=tc.dropout)
+    return model, coll
+
+
+def local_table_bytes(store: ShardedTableStore) -> int:
+    """Bytes of this rank's table shards plus their fused optimizer state."""
+    ebc = store.sharded
+    total = 0
+    for w in store._weights(ebc).values():
+        total += sum(p.tensor.numel() * p.tensor.element_size() for p in local_pieces(w))
+    for states in store._states(ebc).values():
+        for s in states.values():
+            total += sum(p.tensor.numel() * p.tensor.element_size() for p in local_pieces(s))
+    return total
+
+
+def _max_over_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+class DimGrowSearch:
+    """Owns the sharded model, optimizers and state of one search run."""
+
+    def __init__(
+        self,
+        data: PreparedData,
+        dg: DimGrowConfig,
+        tc: TrainConfig,
+        planning: PlanningConfig,
+        env: DistEnv,
+        opts: SearchOptions,
+    ) -> None:
+        self.data, self.dg, self.tc, self.planning, self.env, self.opts = data, dg, tc, planning, env, opts
+        self.state = SearchState()
+        self.restored_rng = False
+        torch.manual_seed(tc.seed)
+        self.model, self.coll = build_search_model(data, dg, tc)
+        if opts.resume is not None:
+            self._restore_capacities(opts.resume)
+        self.sharded: ShardedSearch = shard_model(
+            self.model,
+            env.device,
+            planning,
+            EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr),
+        )
+        self.dmp = self.sharded.dmp
+        self.store = self.sharded.store_for(self.coll)
+        theta = self.coll.post.gate.theta
+        dense = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if p is not theta]
+        self.dense_opt = torch.optim.Adam(dense, lr=tc.lr)
+        self.gate_opt = torch.optim.Adam([theta], lr=dg.gate_lr)
+        self.policy = PolicyState(self.coll.post.dims_list())
+        self.importance = ImportanceAccumulator(tuple(self.coll.post.gate.theta.shape))  # type: ignore[arg-type]
+        self.trajectory: list[dict[str, Any]] = []
+        if opts.resume is not None:
+            from torchrec_dimgrow.recipes.checkpoint import load_checkpoint
+
+            load_checkpoint(self, opts.resume)
+        if not getattr(self, "restored_rng", False):
+            torch.manual_seed(tc.seed * 1000 + env.rank)
+        self.val_stream = ValStream(data.val, tc.batch_size, tc.seed, env, self.state)
+        self._note_memory()
+
+    # ------------------------------------------------------------------ pieces
+    def _restore_capacities(self, ckpt: Path) -> None:
+        from torchrec_dimgrow.recipes.checkpoint import resolve
+
+        meta = json.loads((resolve(ckpt) / "search_state.json").read_text())
+        caps = meta["capacity"]
+        self.coll.post.capacity.copy_(torch.tensor(caps, dtype=torch.int64))
+        self.coll.post.dims.copy_(torch.tensor(meta["dims"], dtype=torch.int64))
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+        self.coll.ebc = EmbeddingBagCollection(self.coll.physical_configs(), device=torch.device("meta"))
+
+    def _note_memory(self) -> None:
+        st = self.state
+        st.peak_embedding_bytes = max(st.peak_embedding_bytes, self.coll.embedding_bytes(physical=True))
+        st.peak_rank_bytes = max(st.peak_rank_bytes, _max_over_ranks(local_table_bytes(self.store)))
+
+    def train_step(self, batch, vbatch) -> float:  # type: ignore[no-untyped-def]
+        dev = self.env.device
+        batch, vbatch = batch.to(dev), vbatch.to(dev)
+        self.dmp.train()
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss = bce(self.dmp(batch.sparse_features), batch.labels)
+        loss.backward()
+        self.dense_opt.step()
+        self.gate_opt.zero_grad(set_to_none=True)
+        with self.coll.gate_step():
+            vloss = bce(self.dmp(vbatch.sparse_features), vbatch.labels) + self.coll.penalty()
+            vloss.backward()
+        theta = self.coll.post.gate.theta
+        if theta.grad is not None:
+            self.coll.post.observe_task_gradient(theta.grad)
+        self.gate_opt.step()
+        self.dense_opt.zero_grad(set_to_none=True)  # the gate step's dense grads are discarded
+        self.importance.add(self.coll.gate_values())
+        return float(loss.detach())
+
+    def check(self) -> None:
+        """All-gather importance, decide, apply to every rank identically, verify."""
+        table = gather_importance(self.importance.mean())
+        self.importance.reset()
+        dims = self.policy.dims
+        rows = [table[t, : self.dg.d_max].tolist() for t in range(len(dims))]
+        self.policy, changes = decide(rows, self.policy, self.dg, self.coll.post.d_max)
+        if not changes:
+            return
+        report = self.coll.apply_changes(changes, self.store, [self.dense_opt, self.gate_opt])
+        check_agreement(self.coll.post.dims_list(), what="dims")
+        check_agreement(self.coll.post.capacity_list(), what="capacities")
+        if report.replanned:
+            self.state.replans += 1
+            self.state.replan_seconds += report.replan_seconds
+            self.state.bytes_moved += report.bytes_moved
+            self._note_memory()
+        self._log_trajectory(sorted({c.table for c in changes}))
+
+    def _log_trajectory(self, tables: list[int] | None = None) -> None:
+        gates = self.coll.gate_values()
+        dims = self.coll.post.dims_list()
+        caps = self.coll.post.capacity_list()
+        for t in tables if tables is not None else range(len(dims)):
+            active = gates[t, : dims[t]]
+            self.trajectory.append(
+                {
+                    "step": self.state.step,
+                    "field": self.coll.table_names[t],
+                    "logical_dim": dims[t],
+                    "capacity": caps[t],
+                    "min_gate": round(float(active.min()), 6),
+                    "max_gate": round(float(active.max()), 6),
+                }
+            )
+
+    def evaluate(self, split: Split) -> dict[str, float]:
+        return evaluate(self.dmp, split, self.tc.batch_size, self.env.device, self.env.rank, self.env.world_size)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        st, tc = self.state, self.tc
+        if st.step == 0:
+            self._log_trajectory()
+        per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
+        total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
+        bar = tqdm(total=total, initial=st.step, disable=self.opts.quiet or not self.env.is_main, desc="search")
+        while not st.done and st.epoch < tc.epochs:
+            batches = self.data.train.batches(
+                tc.batch_size,
+                shuffle=True,
+                seed=tc.seed,
+                epoch=st.epoch,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                drop_last=True,
+                start_batch=st.batch_in_epoch,
+            )
+            for batch in batches:
+                loss = self.train_step(batch, self.val_stream.next())
+                st.step += 1
+                st.batch_in_epoch += 1
+                bar.update(1)
+                if st.step % self.dg.check_interval == 0:
+                    self.check()
+                if self.opts.log_every and st.step % self.opts.log_every == 0:
+                    self._log_trajectory()
+                    bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.post.dims_list()))
+                if tc.max_steps is not None and st.step >= tc.max_steps:
+                    break
+                if self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0:
+                    self.save_checkpoint()
+            self._end_epoch()
+            if tc.max_steps is not None and st.step >= tc.max_steps:
+                st.done = True
+        bar.close()
+        if not st.done:
+            st.done = True
+        wall = time.perf_counter() - start
+        return self._finish(wall)
+
+    def _end_epoch(self) -> None:
+        st = self.state
+        metrics = self.evaluate(self.data.val)
+        st.history.append({"epoch": st.epoch, "step": st.step, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"], "total_dim": sum(self.coll.post.dims_list())})
+        if is_better(metrics["auc"], st.best_auc) or st.best_epoch < 0:
+            st.best_auc = metrics["auc"]
+            st.best_epoch = st.epoch
+            st.best_gates = self.coll.gate_values().tolist()
+            st.best_dims = self.coll.post.dims_list()
+            st.bad_epochs = 0
+        else:
+            st.bad_epochs += 1
+        if self.env.is_main:
+            log.info("epoch %d step %d val_auc %.4f dims %s", st.epoch, st.step, metrics["auc"], sum(self.coll.post.dims_list()))
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        if st.bad_epochs >= self.tc.early_stop_patience:
+            st.done = True
+        self.save_checkpoint()
+
+    def save_checkpoint(self) -> None:
+        from torchrec_dimgrow.recipes.checkpoint import save_checkpoint
+
+        save_checkpoint(self, self.opts.out_dir / "checkpoint")
+
+    def found_dims(self) -> dict[str, int]:
+        """Dims of the best-validation checkpoint: active slots with gate > final_threshold."""
+        st = self.state
+        gates = st.best_gates or self.coll.gate_values().tolist()
+        dims = st.best_dims or self.coll.post.dims_list()
+        rows = [g[:d] for g, d in zip(gates, dims)]
+        return dict(zip(self.coll.table_names, final_dims(rows, self.dg)))
+
+    def _finish(self, wall: float) -> dict[str, Any]:
+        st = self.state
+        found = self.found_dims()
+        test = self.evaluate(self.data.test)
+        vocab = dict(zip(self.data.fields, self.data.vocab_sizes))
+        metrics = {
+            "val_auc": st.best_auc,
+            "best_epoch": st.best_epoch,
+            "search_test_auc": test["auc"],
+            "search_test_logloss": test["logloss"],
+            "steps": st.step,
+            "epochs": st.epoch,
+            "wall_seconds": round(wall, 3),
+            "world_size": self.env.world_size,
+            "replans": st.replans,
+            "replan_seconds_total": round(st.replan_seconds, 4),
+            "replan_bytes_moved": st.bytes_moved,
+            "peak_embedding_bytes": st.peak_embedding_bytes,
+            "peak_rank_embedding_bytes": st.peak_rank_bytes,
+            "found_total_dim": sum(found.values()),
+            "found_embedding_bytes": int(sum(4 * vocab[f] * d for f, d in found.items())),
+            "dropped_fields": sorted(f for f, d in found.items() if d == 0),
+            "history": st.history,
+        }
+        if self.env.is_main:
+            out = self.opts.out_dir
+            out.mkdir(parents=True, exist_ok=True)
+            write_dims_json(out / "dims.json", found)
+            write_json_atomic(out / "metrics.json", metrics)
+            write_json_atomic(out / "gates.json", gate_table(self.coll))
+            write_json_atomic(
+                out / "config.json",
+                {"dimgrow": self.dg.to_dict(), "train": asdict(self.tc), "planning": asdict(self.planning), "data": self.data.source},
+            )
+            tmp = out / "trajectory.csv.tmp"
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.trajectory)
+            os.replace(tmp, out / "trajectory.csv")
+        return {"dims": found, "metrics": metrics}
+
+
+def run_search(
+    data: PreparedData,
+    dg: DimGrowConfig,
+    tc: TrainConfig,
+    planning: PlanningConfig,
+    env: DistEnv,
+    opts: SearchOptions,
+) -> dict[str, Any]:
+    """Run one DimGrow search and write dims.json / trajectory.csv / metrics.json (rank 0)."""
+    if math.isnan(dg.alpha):
+        raise ValueError("alpha must be a number")
+    return DimGrowSearch(data, dg, tc, planning, env, opts).run()

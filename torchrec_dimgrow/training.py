@@ -1,0 +1,104 @@
+"""Training and evaluation helpers shared by the search, the baselines and the retrain.
+
+Evaluation works for 1 or N ranks: each rank scores its own slice of every batch, the
+scores are all-gathered, and every rank computes the same AUC (so early-stopping
+decisions agree without another broadcast).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchmetrics.functional.classification import binary_auroc
+from torchrec.datasets.utils import Batch
+
+from torchrec_dimgrow.data import Split
+
+
+def bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def auc_logloss(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """ROC AUC and log loss of logits ``scores`` against 0/1 ``labels``."""
+    if scores.numel() == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    labels = labels.to(torch.float32)
+    if labels.min() == labels.max():
+        auc = float("nan")
+    else:
+        auc = float(binary_auroc(torch.sigmoid(scores), labels.to(torch.int64)))
+    logloss = float(bce(scores, labels))
+    return {"auc": auc, "logloss": logloss}
+
+
+def _gather_1d(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D tensor of rank-dependent length over all ranks (in rank order)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    world = dist.get_world_size()
+    n = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
+    sizes = torch.empty(world, dtype=torch.int64, device=local.device)
+    dist.all_gather_into_tensor(sizes, n)
+    longest = int(sizes.max())
+    padded = torch.zeros(longest, dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    out = torch.empty(world * longest, dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(out, padded)
+    return torch.cat([out[r * longest : r * longest + int(sizes[r])] for r in range(world)])
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    batches: Iterator[Batch],
+    device: torch.device,
+    forward: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over ``batches`` (this rank's part), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    run = forward or (lambda m, b: m(b.sparse_features))
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            scores.append(run(model, batch).float().reshape(-1))
+            labels.append(batch.labels.float().reshape(-1))
+    finally:
+        model.train(was_training)
+    return torch.cat(scores), torch.cat(labels)
+
+
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    batch_size: int,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    forward: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """AUC / log loss over a whole split, identical on every rank."""
+    device = device or torch.device("cpu")
+    it = split.batches(batch_size, rank=rank, world_size=world_size)
+    scores, labels = predict(model, it, device, forward)
+    return auc_logloss(_gather_1d(scores).cpu(), _gather_1d(labels).cpu())
+
+
+def cycle_batches(split: Split, batch_size: int, seed: int, rank: int, world_size: int) -> Iterator[Batch]:
+    """Endless shuffled pass over ``split`` (the validation stream of the gate steps)."""
+    epoch = 0
+    while True:
+        yield from split.batches(
+            batch_size, shuffle=True, seed=seed + 7919, epoch=epoch, rank=rank, world_size=world_size
+        )
+        epoch += 1
+
+
+def is_better(value: float, best: float) -> bool:
+    return not math.isnan(value) and (math.isnan(best) or value > best)
