@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--penalty-mode", choices=["auto", "fixed"], default="auto")
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
+    s.add_argument("--grow-threshold", type=float, default=0.6)
+    s.add_argument("--shrink-threshold", type=float, default=0.01)
     s.add_argument("--grow-patience", type=int, default=1)
     s.add_argument("--shrink-patience", type=int, default=1)
     s.add_argument("--shrink-slot", choices=["lowest", "last"], default="lowest")
@@ -116,6 +118,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         penalty_mode=args.penalty_mode,
         gate_lr=args.gate_lr,
         check_interval=args.check_interval,
+        grow_threshold=args.grow_threshold,
+        shrink_threshold=args.shrink_threshold,
         grow_patience=args.grow_patience,
         shrink_patience=args.shrink_patience,
         shrink_slot=args.shrink_slot,

@@ -54,8 +54,15 @@ def validate_configs(configs: list[EmbeddingBagConfig], block: int = 4) -> None:
             raise ValueError(f"table {c.name!r}: num_embeddings must be > 0")
 
 
-def constraints_for(configs: list[EmbeddingBagConfig], cfg: PlanningConfig) -> dict[str, ParameterConstraints]:
+def constraints_for(
+    configs: list[EmbeddingBagConfig], cfg: PlanningConfig, rowwise_state: bool = False
+) -> dict[str, ParameterConstraints]:
+    """Fused kernel only; no column split when the optimizer keeps one state per row."""
     types = AUTO_TYPES if cfg.sharding == "auto" else [cfg.sharding]
+    if rowwise_state:
+        if cfg.sharding in ("column_wise", "table_column_wise"):
+            raise ValueError(f"sharding {cfg.sharding!r} is not supported with a row-wise optimizer state")
+        types = [t for t in types if t not in ("column_wise", "table_column_wise")]
     return {
         c.name: ParameterConstraints(
             sharding_types=list(types), compute_kernels=["fused"], min_partition=cfg.min_partition
@@ -65,12 +72,16 @@ def constraints_for(configs: list[EmbeddingBagConfig], cfg: PlanningConfig) -> d
 
 
 def make_planner(
-    world_size: int, device: torch.device, configs: list[EmbeddingBagConfig], cfg: PlanningConfig
+    world_size: int,
+    device: torch.device,
+    configs: list[EmbeddingBagConfig],
+    cfg: PlanningConfig,
+    rowwise_state: bool = False,
 ) -> EmbeddingShardingPlanner:
     return EmbeddingShardingPlanner(
         topology=Topology(world_size=world_size, compute_device=device.type),
         batch_size=cfg.batch_size,
-        constraints=constraints_for(configs, cfg),
+        constraints=constraints_for(configs, cfg, rowwise_state),
         storage_reservation=FixedPercentageStorageReservation(percentage=0.15),
     )
 
@@ -102,6 +113,7 @@ def plan_collection(
     device: torch.device,
     cfg: PlanningConfig,
     group: dist.ProcessGroup | None = None,
+    rowwise_state: bool = False,
 ) -> EmbeddingModuleShardingPlan:
     """Plan one EBC (at its current physical widths) and return its module plan.
 
@@ -115,7 +127,7 @@ def plan_collection(
         return _hand_built(ebc, cfg.sharding, world_size, device)
     holder = nn.Module()
     holder.add_module("ebc", ebc)
-    planner = make_planner(world_size, device, configs, cfg)
+    planner = make_planner(world_size, device, configs, cfg, rowwise_state)
     sharders = [EmbeddingBagCollectionSharder()]
     if group is not None and dist.is_initialized():
         plan: ShardingPlan = planner.collective_plan(holder, sharders, group)  # type: ignore[arg-type]

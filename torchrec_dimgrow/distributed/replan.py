@@ -34,7 +34,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
-from torchrec_dimgrow.distributed.shard_io import copy_block, fill_columns, global_shape
+from torchrec_dimgrow.distributed.shard_io import TableView, copy_block, fill_columns, state_view, view_of
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.table_store import ResizeResult
 
@@ -66,6 +66,21 @@ class EmbeddingOptimizer:
             return OPTIMIZERS[self.name]
         except KeyError as exc:
             raise ValueError(f"unknown embedding optimizer {self.name!r}") from exc
+
+    def rowwise(self) -> bool:
+        return any(self.optimizer_kinds_rowwise())
+
+    def optimizer_kinds_rowwise(self) -> list[bool]:
+        return list(self.state_kinds().values())
+
+    def state_kinds(self) -> dict[str, bool]:
+        """Fused optimizer states per table: name -> True if one value per row (row-wise)."""
+        return {
+            "adagrad": {"momentum1": False},
+            "rowwise_adagrad": {"momentum1": True},
+            "sgd": {},
+            "adam": {"momentum1": False, "momentum2": False},
+        }[self.name]
 
     def apply(self, params: Any) -> None:
         apply_optimizer_in_backward(self.cls(), params, {"lr": self.lr, **self.extra})
@@ -112,26 +127,40 @@ class ShardedTableStore:
         return ebc
 
     @staticmethod
-    def _weights(ebc: ShardedEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    def _weights(ebc: ShardedEmbeddingBagCollection) -> dict[str, TableView]:
+        """Every table's weight layout (global) and local shards, on every rank."""
         sd = ebc.state_dict()
-        return {k.split(".")[1]: v for k, v in sd.items() if k.startswith("embedding_bags.") and k.endswith(".weight")}
+        return {
+            k.split(".")[1]: view_of(v)
+            for k, v in sd.items()
+            if k.startswith("embedding_bags.") and k.endswith(".weight")
+        }
 
-    @staticmethod
-    def _states(ebc: ShardedEmbeddingBagCollection) -> dict[str, dict[str, torch.Tensor]]:
-        """table -> {state name without table prefix: ShardedTensor} of the fused optimizer."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for key, states in ebc.fused_optimizer.state_dict()["state"].items():
-            table = key.split(".")[1]
-            out[table] = {name.split(".", 1)[1]: st for name, st in states.items() if isinstance(st, torch.Tensor)}
+    def _states(self, ebc: ShardedEmbeddingBagCollection, weights: dict[str, TableView]) -> dict[str, dict[str, TableView]]:
+        """table -> {state name: layout}, for every table on every rank (see state_view)."""
+        local = ebc.fused_optimizer.state_dict()["state"]
+        kinds = self.optimizer.state_kinds()
+        out: dict[str, dict[str, TableView]] = {}
+        for table, w in weights.items():
+            mine = local.get(f"embedding_bags.{table}.weight", {})
+            out[table] = {name: state_view(w, mine.get(f"{table}.{name}"), rowwise) for name, rowwise in kinds.items()}
         return out
 
-    def _column_tensors(self, table: str) -> list[torch.Tensor]:
-        """Weight plus every optimizer state laid out per column (2-D, same width)."""
-        ebc = self.sharded
-        w = self._weights(ebc)[table]
-        width = global_shape(w)[1]
-        states = [s for s in self._states(ebc).get(table, {}).values() if global_shape(s)[1] == width and width > 1]
-        return [w, *states]
+    def views(self) -> tuple[dict[str, TableView], dict[str, dict[str, TableView]]]:
+        weights = self._weights(self.sharded)
+        return weights, self._states(self.sharded, weights)
+
+    def _column_tensors(self, table: str) -> list[TableView]:
+        """Weight plus every optimizer state laid out per column (not the row-wise ones)."""
+        weights, states = self.views()
+        rowwise = self.optimizer.state_kinds()
+        return [weights[table], *(v for n, v in states[table].items() if not rowwise[n])]
+
+    def local_bytes(self) -> int:
+        """Bytes of this rank's table shards plus their fused optimizer state."""
+        weights, states = self.views()
+        total = sum(w.local_bytes() for w in weights.values())
+        return total + sum(v.local_bytes() for d in states.values() for v in d.values())
 
     # ------------------------------------------------------------------ TableStore API
     def move_column(self, table: str, src: int, dst: int) -> None:
@@ -154,7 +183,9 @@ class ShardedTableStore:
         new_ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.collection.is_weighted(), device=torch.device("meta"))
         self.optimizer.apply(new_ebc.parameters())
         world = dist.get_world_size(self.group)
-        module_plan = plan_collection(new_ebc, self.fqn, world, self.device, self.planning, self.group)
+        module_plan = plan_collection(
+            new_ebc, self.fqn, world, self.device, self.planning, self.group, self.optimizer.rowwise()
+        )
         old_plan = self.dmp.plan.plan.get(self.fqn, {})
         for name in module_plan:
             if name not in capacities and name in old_plan:  # keep untouched tables in place
@@ -178,20 +209,25 @@ class ShardedTableStore:
     @torch.no_grad()
     def _copy_tables(self, old: ShardedEmbeddingBagCollection, new: ShardedEmbeddingBagCollection, std: float) -> int:
         old_w, new_w = self._weights(old), self._weights(new)
-        old_s, new_s = self._states(old), self._states(new)
+        old_s, new_s = self._states(old, old_w), self._states(new, new_w)
         moved = 0
         for table in sorted(new_w):  # same order on every rank
             src, dst = old_w[table], new_w[table]
-            keep = min(global_shape(src)[1], global_shape(dst)[1])
-            fill_columns(dst, list(range(global_shape(dst)[1])), std)
+            keep = min(src.cols, dst.cols)
+            fill_columns(dst, list(range(dst.cols)), std)
             moved += copy_block(src, dst, list(range(keep)), list(range(keep)), self.group, self.device)
-            for name in sorted(new_s.get(table, {})):
-                s_new = new_s[table][name]
-                s_old = old_s.get(table, {}).get(name)
-                width = global_shape(s_new)[1]
-                fill_columns(s_new, list(range(width)), None)
-                if s_old is None:
-                    continue
-                k = min(global_shape(s_old)[1], width)
+            for name in sorted(new_s[table]):
+                s_old, s_new = old_s[table][name], new_s[table][name]
+                fill_columns(s_new, list(range(s_new.cols)), None)
+                k = min(s_old.cols, s_new.cols)
                 moved += copy_block(s_old, s_new, list(range(k)), list(range(k)), self.group, self.device)
         return moved
+
+    @torch.no_grad()
+    def init_tables(self, std: float) -> None:
+        """N(0, std) weights and zero optimizer state (the DimGrow reference init)."""
+        weights, states = self.views()
+        for table, w in weights.items():
+            fill_columns(w, list(range(w.cols)), std)
+            for v in states[table].values():
+                fill_columns(v, list(range(v.cols)), None)

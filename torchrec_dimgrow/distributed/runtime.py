@@ -19,7 +19,6 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
-from torchrec_dimgrow.distributed.shard_io import fill_columns
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
 
@@ -61,7 +60,9 @@ def shard_model(
     for path, coll in collections:
         optimizer.apply(coll.ebc.parameters())
         fqn = f"{path}.ebc" if path else "ebc"
-        plan.plan[fqn] = plan_collection(coll.ebc, fqn, world, device, planning, group)  # type: ignore[arg-type]
+        plan.plan[fqn] = plan_collection(  # type: ignore[assignment]
+            coll.ebc, fqn, world, device, planning, group, optimizer.rowwise()  # type: ignore[arg-type]
+        )
     dmp = DistributedModelParallel(
         model,
         env=ShardingEnv.from_process_group(group),
@@ -72,18 +73,6 @@ def shard_model(
     stores = {}
     for path, coll in collections:
         store = ShardedTableStore(dmp, coll, optimizer, planning, device, group)
-        _init_tables(store, coll.config.init_std)
+        store.init_tables(coll.config.init_std)
         stores[path] = store
     return ShardedSearch(dmp, stores)
-
-
-@torch.no_grad()
-def _init_tables(store: ShardedTableStore, std: float) -> None:
-    """N(0, std) weights and zero optimizer state, as the DimGrow reference initialises."""
-    ebc = store.sharded
-    for table, w in store._weights(ebc).items():
-        fill_columns(w, list(range(w.size()[1])), std)
-    for states in store._states(ebc).values():
-        for s in states.values():
-            width = s.size()[1] if s.dim() == 2 else 1
-            fill_columns(s, list(range(width)), None)

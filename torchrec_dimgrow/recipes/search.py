@@ -36,9 +36,8 @@ from torchrec_dimgrow.data import PreparedData, Split
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, check_agreement, gather_importance
 from torchrec_dimgrow.distributed.planning import PlanningConfig
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
+from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
-from torchrec_dimgrow.distributed.shard_io import local_pieces
 from torchrec_dimgrow.export import gate_table, write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
@@ -121,18 +120,6 @@ def build_search_model(data: PreparedData, dg: DimGrowConfig, tc: TrainConfig) -
     return model, coll
 
 
-def local_table_bytes(store: ShardedTableStore) -> int:
-    """Bytes of this rank's table shards plus their fused optimizer state."""
-    ebc = store.sharded
-    total = 0
-    for w in store._weights(ebc).values():
-        total += sum(p.tensor.numel() * p.tensor.element_size() for p in local_pieces(w))
-    for states in store._states(ebc).values():
-        for s in states.values():
-            total += sum(p.tensor.numel() * p.tensor.element_size() for p in local_pieces(s))
-    return total
-
-
 def _max_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -198,7 +185,7 @@ class DimGrowSearch:
     def _note_memory(self) -> None:
         st = self.state
         st.peak_embedding_bytes = max(st.peak_embedding_bytes, self.coll.embedding_bytes(physical=True))
-        st.peak_rank_bytes = max(st.peak_rank_bytes, _max_over_ranks(local_table_bytes(self.store)))
+        st.peak_rank_bytes = max(st.peak_rank_bytes, _max_over_ranks(self.store.local_bytes()))
 
     def train_step(self, batch, vbatch) -> float:  # type: ignore[no-untyped-def]
         dev = self.env.device

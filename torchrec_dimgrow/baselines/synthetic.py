@@ -1,0 +1,159 @@
+"""In-memory datasets for the baselines' tests and the benchmarks.
+
+Two generators, both returning a real :class:`torchrec_dimgrow.data.PreparedData` whose
+splits hold their arrays in memory, so the baselines, the DimGrow search, the shared
+``retrain`` and the benchmarks take them exactly like a prepared real dataset:
+
+* :func:`criteo_like` keeps the *shape* of real Criteo (its 39 cardinalities, scaled down, with
+  Zipf-distributed ids) and a weak random label: what the memory benchmark needs, where only
+  the table sizes and the batch shapes matter.
+* :func:`planted` plants a known answer: pairs of fields interact through a dot product of a
+  known rank, one field carries a per-id bias (needs one dim) and the rest is noise (needs
+  none). A dimension search that works should give the higher-rank pairs more dims than the
+  noise fields.
+
+Nothing here reads a file: the memory benchmark must not measure a loader, and the tests must
+not depend on the real-data loaders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from torchrec_dimgrow.data import PreparedData, Split
+
+# The 39 ERASE/DimGrow Criteo cardinalities (13 discretised numeric + 26 categorical fields).
+CRITEO_CARDINALITIES: tuple[int, ...] = (
+    63, 113, 126, 51, 224, 148, 100, 79, 104, 9, 32, 57, 82, 1460, 583, 10131227, 2202608, 305, 24,
+    12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15,
+    286181, 105, 142572,
+)  # fmt: skip
+
+
+def _split(
+    fields: list[str], ids: np.ndarray, labels: np.ndarray, fractions: tuple[float, float]
+) -> list[Split]:
+    """Sequential train/val/test cut (the DimGrow reference's split order)."""
+    n = ids.shape[0]
+    n_train, n_val = int(n * fractions[0]), int(n * fractions[1])
+    cut = [0, n_train, n_train + n_val, n]
+    return [
+        Split(np.ascontiguousarray(ids[a:b]), labels[a:b].astype(np.float32), None, list(fields))
+        for a, b in zip(cut, cut[1:])
+    ]
+
+
+def from_arrays(
+    fields: list[str],
+    vocab: list[int],
+    ids: np.ndarray,
+    labels: np.ndarray,
+    split: tuple[float, float],
+    **info: Any,
+) -> PreparedData:
+    """A ``PreparedData`` over in-memory (rows x fields) ids and 0/1 labels, cut sequentially."""
+    train, val, test = _split(fields, ids, labels, split)
+    return PreparedData(
+        fields=fields,
+        vocab_sizes=vocab,
+        num_dense=0,
+        train=train,
+        val=val,
+        test=test,
+        source={"format": "synthetic", **info},
+    )
+
+
+def zipf_ids(vocab: int, rows: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` ids in [0, vocab) with P(id k) proportional to 1/(k+1)^exponent (bounded Zipf)."""
+    if vocab == 1:
+        return np.zeros(rows, dtype=np.int64)
+    cdf = np.cumsum(1.0 / np.arange(1, vocab + 1, dtype=np.float64) ** exponent)
+    cdf /= cdf[-1]
+    ids = np.searchsorted(cdf, rng.random(rows), side="right")
+    return np.minimum(ids, vocab - 1).astype(np.int64)
+
+
+@dataclass
+class CriteoLikeConfig:
+    """Shape of the memory benchmark's table set.
+
+    ``scale`` divides every real Criteo cardinality (min 1 row). Ids are Zipf(``exponent``)
+    per field, so a few rows are hot as in click logs; the label is a noisy function of
+    three small fields, enough for the losses to be meaningful but not a quality test.
+    """
+
+    scale: float = 20.0
+    rows: int = 200_000
+    exponent: float = 1.1
+    seed: int = 0
+    split: tuple[float, float] = (0.8, 0.1)
+
+
+def criteo_like(cfg: CriteoLikeConfig | None = None) -> PreparedData:
+    """Synthetic data with Criteo's 39 cardinalities divided by ``cfg.scale``."""
+    cfg = cfg or CriteoLikeConfig()
+    rng = np.random.default_rng(cfg.seed)
+    vocab = [max(1, int(round(v / cfg.scale))) for v in CRITEO_CARDINALITIES]
+    fields = [f"f{i:02d}" for i in range(len(vocab))]
+    ids = np.stack([zipf_ids(v, cfg.rows, cfg.exponent, rng) for v in vocab], axis=1)
+    score = sum(rng.normal(size=vocab[i])[ids[:, i]] for i in (0, 9, 21))
+    labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-score))).astype(np.float32)
+    return from_arrays(
+        fields, vocab, ids, labels, cfg.split, kind="criteo_like", scale=cfg.scale, rows=cfg.rows
+    )
+
+
+@dataclass
+class PlantedConfig:
+    """A dataset whose ideal dims are known.
+
+    ``ranks``: one interacting field pair per entry, ``logit += <u_a[id_a], v_b[id_b]>`` with
+    vectors of that rank (a pair of rank r is best served by about r dims per side).
+    ``bias_fields``: fields with a scalar per-id effect (one dim suffices). ``noise_fields``:
+    fields independent of the label (zero dims is right).
+    """
+
+    rows: int = 20_000
+    vocab: int = 50
+    ranks: tuple[int, ...] = (1, 4)
+    bias_fields: int = 1
+    noise_fields: int = 2
+    signal: float = 1.5
+    seed: int = 0
+    split: tuple[float, float] = (0.8, 0.1)
+
+
+def planted(cfg: PlantedConfig | None = None) -> PreparedData:
+    """Synthetic CTR data with a planted dimension need per field (see :class:`PlantedConfig`)."""
+    cfg = cfg or PlantedConfig()
+    rng = np.random.default_rng(cfg.seed)
+    fields: list[str] = []
+    columns: list[np.ndarray] = []
+    logit = np.zeros(cfg.rows)
+    need: dict[str, int] = {}
+    for p, r in enumerate(cfg.ranks):
+        a, b = rng.integers(0, cfg.vocab, cfg.rows), rng.integers(0, cfg.vocab, cfg.rows)
+        u = rng.normal(size=(cfg.vocab, r)) / np.sqrt(r)
+        v = rng.normal(size=(cfg.vocab, r))
+        logit += cfg.signal * (u[a] * v[b]).sum(axis=1)
+        for side, col in (("a", a), ("b", b)):
+            fields.append(f"pair{p}_{side}_r{r}")
+            columns.append(col)
+            need[fields[-1]] = r
+    for i in range(cfg.bias_fields):
+        col = rng.integers(0, cfg.vocab, cfg.rows)
+        logit += cfg.signal * rng.normal(size=cfg.vocab)[col]
+        fields.append(f"bias{i}")
+        columns.append(col)
+        need[fields[-1]] = 1
+    for i in range(cfg.noise_fields):
+        fields.append(f"noise{i}")
+        columns.append(rng.integers(0, cfg.vocab, cfg.rows))
+        need[fields[-1]] = 0
+    labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    ids = np.stack(columns, axis=1).astype(np.int64)
+    return from_arrays(fields, [cfg.vocab] * len(fields), ids, labels, cfg.split, kind="planted", need=need)
