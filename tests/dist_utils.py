@@ -31,7 +31,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
     dist.init_process_group("gloo")
     try:
         queue.put((rank, "ok", fn(rank, world, *args)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
         raise
     finally:

@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torchrec import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -34,7 +33,9 @@ def batch(seed: int, size: int) -> tuple[KeyedJaggedTensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     values = torch.cat([torch.randint(0, r, (size,), generator=g) for r in ROWS])
     kjt = KeyedJaggedTensor.from_lengths_sync(
-        keys=[f"f{i}" for i in range(len(ROWS))], values=values, lengths=torch.ones(len(ROWS) * size, dtype=torch.int64)
+        keys=[f"f{i}" for i in range(len(ROWS))],
+        values=values,
+        lengths=torch.ones(len(ROWS) * size, dtype=torch.int64),
     )
     labels = torch.randint(0, 2, (size,), generator=g).float()
     return kjt, labels
@@ -44,13 +45,20 @@ def kjt_rows(kjt: KeyedJaggedTensor, lo: int, hi: int) -> KeyedJaggedTensor:
     d = kjt.to_dict()
     keys = kjt.keys()
     values = torch.cat([d[k].values()[lo:hi] for k in keys])
-    return KeyedJaggedTensor.from_lengths_sync(keys=keys, values=values, lengths=torch.ones(len(keys) * (hi - lo), dtype=torch.int64))
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=values, lengths=torch.ones(len(keys) * (hi - lo), dtype=torch.int64)
+    )
 
 
 def full_table(st: TableView) -> torch.Tensor:
     """Materialise a whole (possibly sharded) table on every rank, via the all-reduce gather."""
     out = torch.zeros(st.rows, st.cols)
-    copy_block(st, TableView(st.rows, st.cols, ((0, 0, st.rows, st.cols, -2),), [LocalPiece(0, 0, out)]), list(range(st.cols)), list(range(st.cols)))
+    copy_block(
+        st,
+        TableView(st.rows, st.cols, ((0, 0, st.rows, st.cols, -2),), [LocalPiece(0, 0, out)]),
+        list(range(st.cols)),
+        list(range(st.cols)),
+    )
     return out
 
 
@@ -79,7 +87,9 @@ def sharded_matches_single(rank: int, world: int, sharding: str) -> dict[str, fl
     model = CTRModel(coll, "sum", adapter_dim=8, hidden=(8,), dropout=0.0)
     model.load_state_dict({k: v for k, v in ref.state_dict().items() if ".ebc." not in k}, strict=False)
     lr = 0.1
-    sharded = shard_model(model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer("sgd", lr))
+    sharded = shard_model(
+        model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer("sgd", lr)
+    )
     store = sharded.stores["sparse"]
     weights, _ = store.views()
     for name, st in weights.items():
@@ -125,7 +135,9 @@ def replan_is_bit_exact(rank: int, world: int, sharding: str) -> dict[str, Any]:
     cfg = DimGrowConfig(d_max=16)
     coll = _grown(cfg, [4, 3, 4], device="meta")
     model = CTRModel(coll, "sum", adapter_dim=8, hidden=(8,), dropout=0.0)
-    sharded = shard_model(model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer("adagrad", 0.1))
+    sharded = shard_model(
+        model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer("adagrad", 0.1)
+    )
     store = sharded.stores["sparse"]
     dmp = sharded.dmp
     for step in range(3):
@@ -135,9 +147,7 @@ def replan_is_bit_exact(rank: int, world: int, sharding: str) -> dict[str, Any]:
     before_w = {n: full_table(st) for n, st in weights.items()}
     before_s = {n: {k: full_table(s) for k, s in d.items()} for n, d in states.items()}
     old_module = store.sharded
-    report = coll.apply_changes(
-        [DimChange(0, "grow", 4, 4, 5), DimChange(1, "grow", 3, 3, 4)], store
-    )
+    report = coll.apply_changes([DimChange(0, "grow", 4, 4, 5), DimChange(1, "grow", 3, 3, 4)], store)
     assert report.capacity_changes == {"t0": (4, 8)}, report.capacity_changes
     assert store.sharded is not old_module
     weights, states = store.views()
@@ -145,7 +155,9 @@ def replan_is_bit_exact(rank: int, world: int, sharding: str) -> dict[str, Any]:
     after_s = {n: {k: full_table(s) for k, s in d.items()} for n, d in states.items()}
     exact = all(torch.equal(after_w[n][:, : before_w[n].shape[1]], before_w[n]) for n in before_w)
     state_exact = all(
-        torch.equal(after_s[n][k][:, : before_s[n][k].shape[1]], before_s[n][k]) for n in before_s for k in before_s[n]
+        torch.equal(after_s[n][k][:, : before_s[n][k].shape[1]], before_s[n][k])
+        for n in before_s
+        for k in before_s[n]
     )
     new_cols_zero_state = all(torch.all(after_s["t0"][k][:, 4:] == 0) for k in after_s["t0"])
     shapes = {n: tuple(w.shape) for n, w in after_w.items()}
@@ -206,7 +218,6 @@ def different_data_same_dims(rank: int, world: int) -> list[int]:
         acc.add(coll.gate_values())
         table = gather_importance(acc.mean())
         acc.reset()
-        dims = policy.dims
         policy, changes = decide([table[t].tolist() for t in range(3)], policy, cfg)
         coll.apply_changes(changes, store, [gate_opt])
         check_agreement(coll.post.dims_list())

@@ -10,7 +10,10 @@ from torchrec_dimgrow.policy import DimChange
 
 
 def tables(n: int = 3, dim: int = 16, rows: int = 50) -> list[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=rows, feature_names=[f"f{i}"]) for i in range(n)]
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=rows, feature_names=[f"f{i}"])
+        for i in range(n)
+    ]
 
 
 def kjt(n_features: int = 3, batch: int = 8, rows: int = 50) -> KeyedJaggedTensor:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
@@ -44,6 +45,13 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+        help="intra-op CPU threads (default: $OMP_NUM_THREADS or 1; CTR-sized matmuls gain nothing "
+        "from more, and on a busy machine spinning OpenMP threads cost 10-30x)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grow-patience", type=int, default=1)
     s.add_argument("--shrink-patience", type=int, default=1)
     s.add_argument("--shrink-slot", choices=["lowest", "last"], default="lowest")
-    s.add_argument("--embedding-optimizer", choices=["adagrad", "rowwise_adagrad", "sgd", "adam"], default="adagrad")
+    s.add_argument(
+        "--embedding-optimizer", choices=["adagrad", "rowwise_adagrad", "sgd", "adam"], default="adagrad"
+    )
     s.add_argument("--embedding-lr", type=float, default=0.05)
-    s.add_argument("--sharding", choices=["auto", "table_wise", "column_wise", "table_column_wise", "row_wise"], default="auto")
+    s.add_argument(
+        "--sharding",
+        choices=["auto", "table_wise", "column_wise", "table_column_wise", "row_wise"],
+        default="auto",
+    )
     s.add_argument("--backend", choices=["gloo", "nccl"], default=None)
     s.add_argument("--resume", type=Path, default=None, help="run dir (or its checkpoint/) to continue")
     s.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
@@ -88,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare_on_rank0(args: argparse.Namespace, cache: Path, env: DistEnv) -> PreparedData:
     """Rank 0 prepares the data; every rank learns of a failure (no rank left waiting)."""
-    error = [None]
+    error: list[str | None] = [None]
     if env.is_main:
         try:
             prepare(
@@ -140,7 +154,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     try:
         data = _prepare_on_rank0(args, args.cache_dir or out / "data", env)
         planning = PlanningConfig(sharding=args.sharding, batch_size=args.batch_size)
-        opts = SearchOptions(out, log_every=args.log_every, checkpoint_every=args.checkpoint_every, resume=args.resume, quiet=args.quiet)
+        opts = SearchOptions(
+            out,
+            log_every=args.log_every,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            quiet=args.quiet,
+        )
         result = run_search(data, dg, tc, planning, env, opts)
     except DataError:
         if created and env.is_main:
@@ -168,9 +188,13 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         cache = args.dims.parent / "data"  # reuse the search's vocab
     created = not out.exists()
     try:
-        env = DistEnv(0, 1, 0, __import__("torch").device("cpu"), "none")
+        env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
         data = _prepare_on_rank0(args, cache or out / "data", env)
-        dims = read_dims_json(args.dims, data.fields) if args.dims else {f: args.uniform_dim for f in data.fields}
+        dims = (
+            read_dims_json(args.dims, data.fields)
+            if args.dims
+            else {f: args.uniform_dim for f in data.fields}
+        )
         tc = TrainConfig(
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -184,7 +208,9 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    print(f"test_auc {metrics['test_auc']:.4f}  test_logloss {metrics['test_logloss']:.4f}  embedding_bytes {metrics['embedding_bytes']}")
+    print(
+        f"test_auc {metrics['test_auc']:.4f}  test_logloss {metrics['test_logloss']:.4f}  embedding_bytes {metrics['embedding_bytes']}"
+    )
     return 0
 
 
@@ -201,6 +227,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DIMGROW_LOG", "WARNING"))
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "search":
             return _cmd_search(args)

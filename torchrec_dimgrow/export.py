@@ -69,7 +69,9 @@ def read_dims_json(path: str | Path, fields: Sequence[str] | None = None) -> dic
     return dims
 
 
-def configs_for_dims(tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int]) -> list[EmbeddingBagConfig]:
+def configs_for_dims(
+    tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int]
+) -> list[EmbeddingBagConfig]:
     """Plain TorchRec configs at the found dims; tables with dim 0 are dropped."""
     from dataclasses import replace
 

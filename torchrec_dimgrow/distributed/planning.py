@@ -86,7 +86,9 @@ def make_planner(
     )
 
 
-def _hand_built(ebc: EmbeddingBagCollection, kind: str, world_size: int, device: torch.device) -> EmbeddingModuleShardingPlan:
+def _hand_built(
+    ebc: EmbeddingBagCollection, kind: str, world_size: int, device: torch.device
+) -> EmbeddingModuleShardingPlan:
     """Deterministic plans for types the CPU planner refuses (row-wise) or when asked to."""
     gens = {}
     for i, c in enumerate(ebc.embedding_bag_configs()):

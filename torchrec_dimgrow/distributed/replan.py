@@ -136,14 +136,18 @@ class ShardedTableStore:
             if k.startswith("embedding_bags.") and k.endswith(".weight")
         }
 
-    def _states(self, ebc: ShardedEmbeddingBagCollection, weights: dict[str, TableView]) -> dict[str, dict[str, TableView]]:
+    def _states(
+        self, ebc: ShardedEmbeddingBagCollection, weights: dict[str, TableView]
+    ) -> dict[str, dict[str, TableView]]:
         """table -> {state name: layout}, for every table on every rank (see state_view)."""
         local = ebc.fused_optimizer.state_dict()["state"]
         kinds = self.optimizer.state_kinds()
         out: dict[str, dict[str, TableView]] = {}
         for table, w in weights.items():
             mine = local.get(f"embedding_bags.{table}.weight", {})
-            out[table] = {name: state_view(w, mine.get(f"{table}.{name}"), rowwise) for name, rowwise in kinds.items()}
+            out[table] = {
+                name: state_view(w, mine.get(f"{table}.{name}"), rowwise) for name, rowwise in kinds.items()
+            }
         return out
 
     def views(self) -> tuple[dict[str, TableView], dict[str, dict[str, TableView]]]:
@@ -180,7 +184,9 @@ class ShardedTableStore:
             replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim))
             for c in self.collection.physical_configs()
         ]
-        new_ebc = EmbeddingBagCollection(tables=configs, is_weighted=self.collection.is_weighted(), device=torch.device("meta"))
+        new_ebc = EmbeddingBagCollection(
+            tables=configs, is_weighted=self.collection.is_weighted(), device=torch.device("meta")
+        )
         self.optimizer.apply(new_ebc.parameters())
         world = dist.get_world_size(self.group)
         module_plan = plan_collection(
@@ -207,7 +213,9 @@ class ShardedTableStore:
         return ResizeResult(seconds, moved)
 
     @torch.no_grad()
-    def _copy_tables(self, old: ShardedEmbeddingBagCollection, new: ShardedEmbeddingBagCollection, std: float) -> int:
+    def _copy_tables(
+        self, old: ShardedEmbeddingBagCollection, new: ShardedEmbeddingBagCollection, std: float
+    ) -> int:
         old_w, new_w = self._weights(old), self._weights(new)
         old_s, new_s = self._states(old, old_w), self._states(new, new_w)
         moved = 0

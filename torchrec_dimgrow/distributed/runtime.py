@@ -61,7 +61,13 @@ def shard_model(
         optimizer.apply(coll.ebc.parameters())
         fqn = f"{path}.ebc" if path else "ebc"
         plan.plan[fqn] = plan_collection(  # type: ignore[assignment]
-            coll.ebc, fqn, world, device, planning, group, optimizer.rowwise()  # type: ignore[arg-type]
+            coll.ebc,
+            fqn,
+            world,
+            device,
+            planning,
+            group,
+            optimizer.rowwise(),  # type: ignore[arg-type]
         )
     dmp = DistributedModelParallel(
         model,

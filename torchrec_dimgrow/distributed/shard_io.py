@@ -54,19 +54,19 @@ def view_of(t: torch.Tensor | TableView) -> TableView:
     """A :class:`TableView` of a ShardedTensor, or of a plain (replicated) tensor."""
     if isinstance(t, TableView):
         return t
-    size = list(t.size()) + [1]
+    size = [*list(t.size()), 1]
     rows, cols = int(size[0]), int(size[1])
     if not hasattr(t, "local_shards"):
         return TableView(rows, cols, ((0, 0, rows, cols, -1),), [LocalPiece(0, 0, as_2d(t))], replicated=True)
     sig = []
     for m in t.metadata().shards_metadata:  # type: ignore[attr-defined]
-        offs = list(m.shard_offsets) + [0]
-        sizes = list(m.shard_sizes) + [1]
+        offs = [*list(m.shard_offsets), 0]
+        sizes = [*list(m.shard_sizes), 1]
         rank = m.placement.rank() if m.placement is not None else -1
         sig.append((int(offs[0]), int(offs[1]), int(sizes[0]), int(sizes[1]), int(rank)))
     pieces = []
     for shard in t.local_shards():  # type: ignore[attr-defined]
-        offs = list(shard.metadata.shard_offsets) + [0]
+        offs = [*list(shard.metadata.shard_offsets), 0]
         pieces.append(LocalPiece(int(offs[0]), int(offs[1]), as_2d(shard.tensor)))
     return TableView(rows, cols, tuple(sorted(sig)), pieces)
 
@@ -139,7 +139,9 @@ def copy_block(
     if s.replicated or (s.signature == d.signature and (src_cols == dst_cols or columns_are_local(s))):
         _copy_local(s, d, src_cols, dst_cols)  # every element's source is on the same rank
         return 0
-    dtype = s.pieces[0].tensor.dtype if s.pieces else (d.pieces[0].tensor.dtype if d.pieces else torch.float32)
+    dtype = (
+        s.pieces[0].tensor.dtype if s.pieces else (d.pieces[0].tensor.dtype if d.pieces else torch.float32)
+    )
     moved = 0
     for r0, r1 in _row_chunks(s.rows, len(src_cols), torch.finfo(dtype).bits // 8):
         buf = torch.zeros(r1 - r0, len(src_cols), dtype=dtype, device=device or torch.device("cpu"))

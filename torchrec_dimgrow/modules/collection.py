@@ -65,6 +65,11 @@ class DimGrowPostProcess(nn.Module):
     replicates it) and so pipelines may run it as an opaque leaf.
     """
 
+    dims: torch.Tensor
+    capacity: torch.Tensor
+    penalty_scale: torch.Tensor
+    task_grad_ema: torch.Tensor
+
     def __init__(
         self,
         table_names: list[str],
@@ -120,7 +125,9 @@ class DimGrowPostProcess(nn.Module):
             col_s = [k for t in self.feature_tables for k in range(dims[t])]
             tab_t = [t for t in range(len(dims)) for _ in range(dims[t])]
             tab_s = [k for t in range(len(dims)) for k in range(dims[t])]
-            self._cols = tuple(torch.tensor(v, dtype=torch.int64, device=dev) for v in (col_t, col_s, tab_t, tab_s))  # type: ignore[assignment]
+            self._cols = tuple(
+                torch.tensor(v, dtype=torch.int64, device=dev) for v in (col_t, col_s, tab_t, tab_s)
+            )  # type: ignore[assignment]
             self._cache_key = dims
         assert self._cols is not None
         return self._cols
@@ -290,7 +297,7 @@ class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
             self.post.to(dev)
 
     # ------------------------------------------------------------------ EBC API
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:  # noqa: D102
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.post(self.ebc(features))
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
@@ -437,7 +444,11 @@ class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
     def export_configs(self, dims: dict[str, int] | None = None) -> list[EmbeddingBagConfig]:
         """Plain TorchRec configs at the found dims; tables with dim 0 are dropped."""
         found = dims if dims is not None else self.export_dims()
-        return [replace(t, embedding_dim=found[t.name], init_fn=None) for t in self._user_configs if found[t.name] > 0]
+        return [
+            replace(t, embedding_dim=found[t.name], init_fn=None)
+            for t in self._user_configs
+            if found[t.name] > 0
+        ]
 
 
 def _sync_unsharded_configs(ebc: EmbeddingBagCollection, configs: list[EmbeddingBagConfig]) -> None:
@@ -446,7 +457,9 @@ def _sync_unsharded_configs(ebc: EmbeddingBagCollection, configs: list[Embedding
     ebc._lengths_per_embedding = [c.embedding_dim for c in configs for _ in c.feature_names]
 
 
-def _optimizer_tensor_states(optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor) -> list[torch.Tensor]:
+def _optimizer_tensor_states(
+    optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor
+) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for opt in optimizers:
         state = opt.state.get(param, {})
@@ -467,7 +480,9 @@ def _move_dense_state(
 
 
 @torch.no_grad()
-def _reset_dense_state(optimizers: Sequence[torch.optim.Optimizer], post: DimGrowPostProcess, table: int, slot: int) -> None:
+def _reset_dense_state(
+    optimizers: Sequence[torch.optim.Optimizer], post: DimGrowPostProcess, table: int, slot: int
+) -> None:
     for param, row in post.dense_slot_params(table):
         for s in _optimizer_tensor_states(optimizers, param):
             if row >= 0:

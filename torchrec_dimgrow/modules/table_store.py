@@ -97,7 +97,7 @@ class LocalTableStore:
         return ResizeResult(time.perf_counter() - start, moved)
 
 
-def _swap_param(opt: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter, keep: int) -> None:
+def _swap_param(opt: torch.optim.Optimizer, old: torch.Tensor, new: nn.Parameter, keep: int) -> None:
     """Replace ``old`` by ``new`` in ``opt``, slicing/padding its column-shaped state."""
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):

@@ -26,7 +26,9 @@ from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.training import bce, evaluate, is_better
 
 
-def build_retrain_model(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, init_std: float = 0.01) -> CTRModel:
+def build_retrain_model(
+    data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, init_std: float = 0.01
+) -> CTRModel:
     missing = [f for f in data.fields if f not in dims]
     if missing:
         raise ValueError(f"dims has no entry for fields {missing}")

@@ -112,7 +112,9 @@ class ValStream:
         return batch
 
 
-def build_search_model(data: PreparedData, dg: DimGrowConfig, tc: TrainConfig) -> tuple[CTRModel, DimGrowEmbeddingBagCollection]:
+def build_search_model(
+    data: PreparedData, dg: DimGrowConfig, tc: TrainConfig
+) -> tuple[CTRModel, DimGrowEmbeddingBagCollection]:
     """Reference search network: DimGrow tables -> per-field adapter (sum) -> WideDeep."""
     tables = data.table_configs(tc.adapter_dim)
     coll = DimGrowEmbeddingBagCollection(tables, dg, align="project", device="meta")
@@ -244,7 +246,9 @@ class DimGrowSearch:
             )
 
     def evaluate(self, split: Split) -> dict[str, float]:
-        return evaluate(self.dmp, split, self.tc.batch_size, self.env.device, self.env.rank, self.env.world_size)
+        return evaluate(
+            self.dmp, split, self.tc.batch_size, self.env.device, self.env.rank, self.env.world_size
+        )
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
@@ -254,7 +258,9 @@ class DimGrowSearch:
             self._log_trajectory()
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
         total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
-        bar = tqdm(total=total, initial=st.step, disable=self.opts.quiet or not self.env.is_main, desc="search")
+        bar = tqdm(
+            total=total, initial=st.step, disable=self.opts.quiet or not self.env.is_main, desc="search"
+        )
         while not st.done and st.epoch < tc.epochs:
             batches = self.data.train.batches(
                 tc.batch_size,
@@ -292,7 +298,15 @@ class DimGrowSearch:
     def _end_epoch(self) -> None:
         st = self.state
         metrics = self.evaluate(self.data.val)
-        st.history.append({"epoch": st.epoch, "step": st.step, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"], "total_dim": sum(self.coll.post.dims_list())})
+        st.history.append(
+            {
+                "epoch": st.epoch,
+                "step": st.step,
+                "val_auc": metrics["auc"],
+                "val_logloss": metrics["logloss"],
+                "total_dim": sum(self.coll.post.dims_list()),
+            }
+        )
         if is_better(metrics["auc"], st.best_auc) or st.best_epoch < 0:
             st.best_auc = metrics["auc"]
             st.best_epoch = st.epoch
@@ -302,7 +316,13 @@ class DimGrowSearch:
         else:
             st.bad_epochs += 1
         if self.env.is_main:
-            log.info("epoch %d step %d val_auc %.4f dims %s", st.epoch, st.step, metrics["auc"], sum(self.coll.post.dims_list()))
+            log.info(
+                "epoch %d step %d val_auc %.4f dims %s",
+                st.epoch,
+                st.step,
+                metrics["auc"],
+                sum(self.coll.post.dims_list()),
+            )
         st.epoch += 1
         st.batch_in_epoch = 0
         if st.bad_epochs >= self.tc.early_stop_patience:
@@ -354,7 +374,12 @@ class DimGrowSearch:
             write_json_atomic(out / "gates.json", gate_table(self.coll))
             write_json_atomic(
                 out / "config.json",
-                {"dimgrow": self.dg.to_dict(), "train": asdict(self.tc), "planning": asdict(self.planning), "data": self.data.source},
+                {
+                    "dimgrow": self.dg.to_dict(),
+                    "train": asdict(self.tc),
+                    "planning": asdict(self.planning),
+                    "data": self.data.source,
+                },
             )
             tmp = out / "trajectory.csv.tmp"
             with tmp.open("w", newline="") as fh:

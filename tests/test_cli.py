@@ -1,0 +1,170 @@
+"""End-to-end command-line runs on the real samples in ../shared/data (1 and 2 ranks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CRITEO = str(DATA / "criteo" / "criteo_head8k")
+MOVIELENS = str(DATA / "movielens-100k")
+PY = sys.executable
+TORCHRUN = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+ENV = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+
+
+def cli(*args: str, ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    launcher = TORCHRUN if ranks == 2 else [PY]
+    return subprocess.run(
+        [*launcher, "-m", "torchrec_dimgrow", *args],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_single_process_search_and_retrain_on_movielens(tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    r = cli(
+        "search",
+        "--data",
+        MOVIELENS,
+        "--format",
+        "movielens",
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "120",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    dims = json.loads((out / "dims.json").read_text())
+    assert list(dims) == [
+        "user_id",
+        "item_id",
+        "age",
+        "gender",
+        "occupation",
+        "zip",
+        "release_year",
+        "first_genre",
+    ]
+    assert all(isinstance(d, int) and 0 <= d <= 16 for d in dims.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 120 and metrics["world_size"] == 1 and 0.5 < metrics["val_auc"] <= 1
+    rows = list(csv.DictReader((out / "trajectory.csv").open()))
+    assert set(rows[0]) == {"step", "field", "logical_dim", "capacity", "min_gate", "max_gate"}
+    assert {r["field"] for r in rows} == set(dims)
+    if sum(dims.values()) == 0:
+        pytest.skip("search dropped every field in 120 steps")
+    rt = tmp_path / "retrain"
+    r = cli(
+        "retrain",
+        "--dims",
+        str(out / "dims.json"),
+        "--data",
+        MOVIELENS,
+        "--format",
+        "movielens",
+        "--out",
+        str(rt),
+        "--epochs",
+        "1",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((rt / "metrics.json").read_text())
+    assert m["embedding_params"] == sum(m["dims"][f] * n for f, n in zip(m["dims"], _vocab(out)))
+    assert 0.5 < m["test_auc"] <= 1 and m["test_logloss"] > 0
+
+
+def _vocab(run: Path) -> list[int]:
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    return list(meta["vocab_sizes"])
+
+
+SEARCH_2R = [
+    "--data", CRITEO, "--format", "criteo", "--epochs", "2", "--batch-size", "64", "--max-steps", "60",
+    "--grow-threshold", "0.5005", "--checkpoint-every", "10", "--quiet", "--seed", "3",
+]  # fmt: skip
+
+
+def test_two_rank_torchrun_search_replans_and_writes_outputs_on_rank0(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = cli("search", *SEARCH_2R, "--out", str(out), ranks=2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 60
+    assert m["replans"] >= 1 and m["replan_seconds_total"] > 0 and m["replan_bytes_moved"] > 0
+    assert m["peak_rank_embedding_bytes"] > 0
+    caps = {row["capacity"] for row in csv.DictReader((out / "trajectory.csv").open())}
+    assert "8" in caps, "a capacity change must appear in the trajectory"
+
+
+def test_killed_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = cli("search", *SEARCH_2R, "--out", str(ref), ranks=2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    proc = subprocess.Popen(
+        [*TORCHRUN, "-m", "torchrec_dimgrow", "search", *SEARCH_2R, "--out", str(killed)],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    state = killed / "checkpoint" / "search_state.json"
+    deadline = time.time() + 300
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            step = json.loads(state.read_text())["state"]["step"]
+        except (OSError, ValueError, KeyError):
+            step = 0
+        if step >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun and both ranks
+    proc.wait()
+    assert not (killed / "dims.json").exists()
+    r = cli("search", *SEARCH_2R, "--out", str(killed), "--resume", str(killed), ranks=2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert json.loads((killed / "dims.json").read_text()) == json.loads((ref / "dims.json").read_text())
+    assert (killed / "trajectory.csv").read_text() == (ref / "trajectory.csv").read_text()
+    m_ref = json.loads((ref / "metrics.json").read_text())
+    m_res = json.loads((killed / "metrics.json").read_text())
+    assert m_res["val_auc"] == m_ref["val_auc"] and m_res["replans"] == m_ref["replans"]
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [("missing", "criteo_nothere"), ("badlabel", "line 3"), ("columns", "line 2"), ("empty", "no data rows")],
+)
+def test_bad_input_gives_a_clear_error_and_no_output(tmp_path: Path, case: str, expect: str) -> None:
+    good = "\t".join(["0", *map(str, range(1, 14)), *["a1b2c3d4"] * 26])
+    prefix = tmp_path / "criteo_bad"
+    rows = {
+        "badlabel": [good, good, "2" + good[1:]],
+        "columns": [good, "1\t2\t3"],
+        "empty": [],
+    }
+    if case != "missing":
+        for split in ("train", "val", "test"):
+            lines = rows[case] if split == "train" else [good, "1" + good[1:]]
+            (tmp_path / f"criteo_bad_{split}.tsv").write_text("".join(line + "\n" for line in lines))
+    data = str(tmp_path / "criteo_nothere") if case == "missing" else str(prefix)
+    out = tmp_path / "out"
+    r = cli("search", "--data", data, "--format", "criteo", "--out", str(out), "--quiet")
+    assert r.returncode == 2
+    assert expect in r.stderr, r.stderr[-2000:]
+    assert not out.exists(), "no partial output"
