@@ -139,6 +139,10 @@ def copy_block(
     if s.replicated or (s.signature == d.signature and (src_cols == dst_cols or columns_are_local(s))):
         _copy_local(s, d, src_cols, dst_cols)  # every element's source is on the same rank
         return 0
+    contiguous = src_cols == list(range(src_cols[0], src_cols[0] + len(src_cols)))
+    if src_cols == dst_cols and contiguous and _same_owners(s, d, src_cols):
+        _copy_overlaps(s, d, src_cols)  # e.g. a table-wise table that widened on its rank
+        return 0
     dtype = (
         s.pieces[0].tensor.dtype if s.pieces else (d.pieces[0].tensor.dtype if d.pieces else torch.float32)
     )
@@ -158,6 +162,35 @@ def copy_block(
                 if hit is not None:
                     p.tensor[hit[1], hit[2]] = buf[hit[0], j]
     return moved
+
+
+def _same_owners(s: TableView, d: TableView, cols: list[int]) -> bool:
+    """True when each copied element lives on the same rank in ``s`` and in ``d``."""
+    lo, hi = min(cols), max(cols) + 1
+    for sr, sc, sn, sw, srank in s.signature:
+        a0, a1 = max(sc, lo), min(sc + sw, hi)
+        if a0 >= a1:
+            continue
+        for dr, dc, dn, dw, drank in d.signature:
+            rows_meet = max(sr, dr) < min(sr + sn, dr + dn)
+            cols_meet = max(a0, dc) < min(a1, dc + dw)
+            if rows_meet and cols_meet and drank != srank:
+                return False
+    return True
+
+
+def _copy_overlaps(s: TableView, d: TableView, cols: list[int]) -> None:
+    """Copy every overlap between a local source piece and a local destination piece."""
+    lo, hi = min(cols), max(cols) + 1
+    for ps in s.pieces:
+        for pd in d.pieces:
+            r0, r1 = max(ps.row, pd.row), min(ps.row + ps.tensor.shape[0], pd.row + pd.tensor.shape[0])
+            c0 = max(ps.col, pd.col, lo)
+            c1 = min(ps.col + ps.tensor.shape[1], pd.col + pd.tensor.shape[1], hi)
+            if r0 < r1 and c0 < c1:
+                pd.tensor[r0 - pd.row : r1 - pd.row, c0 - pd.col : c1 - pd.col] = ps.tensor[
+                    r0 - ps.row : r1 - ps.row, c0 - ps.col : c1 - ps.col
+                ]
 
 
 def _copy_local(s: TableView, d: TableView, src_cols: list[int], dst_cols: list[int]) -> None:
