@@ -26,18 +26,18 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import markdown_table, quiet_logs, write_rows  # noqa: E402
-from torchrec_dimgrow.baselines.synthetic import CRITEO_CARDINALITIES, zipf_ids  # noqa: E402
-from torchrec_dimgrow.config import DimGrowConfig  # noqa: E402
-from torchrec_dimgrow.data.split import make_kjt  # noqa: E402
-from torchrec_dimgrow.distributed.env import init_distributed  # noqa: E402
-from torchrec_dimgrow.distributed.planning import PlanningConfig  # noqa: E402
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer  # noqa: E402
-from torchrec_dimgrow.distributed.runtime import shard_model  # noqa: E402
-from torchrec_dimgrow.modules.backbone import CTRModel  # noqa: E402
-from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection  # noqa: E402
-from torchrec_dimgrow.policy import DimChange  # noqa: E402
-from torchrec_dimgrow.training import bce  # noqa: E402
+from benchmarks._common import markdown_table, quiet_logs, write_rows
+from torchrec_dimgrow.baselines.synthetic import CRITEO_CARDINALITIES, zipf_ids
+from torchrec_dimgrow.config import DimGrowConfig
+from torchrec_dimgrow.data.split import make_kjt
+from torchrec_dimgrow.distributed.env import init_distributed
+from torchrec_dimgrow.distributed.planning import PlanningConfig
+from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
+from torchrec_dimgrow.distributed.runtime import shard_model
+from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.policy import DimChange
+from torchrec_dimgrow.training import bce
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +62,9 @@ def build(scale: float, sharding: str) -> tuple[CTRModel, DimGrowEmbeddingBagCol
     torch.manual_seed(0)
     coll = DimGrowEmbeddingBagCollection(tables, DimGrowConfig(d_max=16), align="project", device="meta")
     model = CTRModel(coll, "sum", 64)
-    sharded = shard_model(model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer("adagrad", 0.05))
+    sharded = shard_model(
+        model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer("adagrad", 0.05)
+    )
     return model, coll, sharded, vocab
 
 
@@ -84,7 +86,9 @@ def step_time(sharded, coll, vocab: list[int], batch: int, steps: int, rank: int
     return statistics.median(times[2:])
 
 
-def grow_to(coll: DimGrowEmbeddingBagCollection, fields: list[int], target: int, store) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
+def grow_to(
+    coll: DimGrowEmbeddingBagCollection, fields: list[int], target: int, store
+) -> tuple[float, int, int]:  # type: ignore[no-untyped-def]
     """Grow ``fields`` one slot at a time up to ``target``; return re-plan seconds/bytes/count."""
     seconds, moved, replans = 0.0, 0, 0
     while True:
@@ -104,11 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     env = init_distributed("gloo")
     torch.set_num_threads(1)
-    model, coll, sharded, vocab = build(args.scale, args.sharding)
+    _model, coll, sharded, vocab = build(args.scale, args.sharding)
     store = sharded.stores["sparse"]
     rows = []
     big = sorted(range(len(vocab)), key=lambda i: -vocab[i])
-    scenarios = [("1 largest field 4->8", big[:1]), ("5 largest fields 4->8", big[:5]), ("all 39 fields 4->8", list(range(len(vocab))))]
+    scenarios = [
+        ("1 largest field 4->8", big[:1]),
+        ("5 largest fields 4->8", big[:5]),
+        ("all 39 fields 4->8", list(range(len(vocab)))),
+    ]
     base_step = step_time(sharded, coll, vocab, args.batch_size, args.steps, env.rank)
     done: set[int] = set()
     for name, fields in scenarios:
@@ -145,10 +153,25 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     if env.is_main:
-        cols = ["scenario", "fields_changed", "replans", "replan_s", "bytes_moved_MiB", "step_ms_before", "step_ms_after", "replan_in_steps", "table_MiB_total", "steps"]
-        print(f"Criteo cardinalities / {args.scale:g} ({sum(vocab):,} rows), {env.world_size} ranks, batch {args.batch_size}/rank, Adagrad")
+        cols = [
+            "scenario",
+            "fields_changed",
+            "replans",
+            "replan_s",
+            "bytes_moved_MiB",
+            "step_ms_before",
+            "step_ms_after",
+            "replan_in_steps",
+            "table_MiB_total",
+            "steps",
+        ]
+        print(
+            f"Criteo cardinalities / {args.scale:g} ({sum(vocab):,} rows), {env.world_size} ranks, batch {args.batch_size}/rank, Adagrad"
+        )
         print(markdown_table(rows, cols))
-        write_rows(rows, args.out, "replan", {"argv": sys.argv, "world_size": env.world_size, "scale": args.scale})
+        write_rows(
+            rows, args.out, "replan", {"argv": sys.argv, "world_size": env.world_size, "scale": args.scale}
+        )
     dist.destroy_process_group()
 
 

@@ -125,7 +125,7 @@ def _prepare_on_rank0(args: argparse.Namespace, cache: Path, env: DistEnv) -> Pr
 def _cmd_search(args: argparse.Namespace) -> int:
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
-    alpha = args.alpha if args.alpha is not None else (0.5 if args.penalty_mode == "auto" else 0.01)
+    alpha = args.alpha if args.alpha is not None else (0.1 if args.penalty_mode == "auto" else 0.01)
     dg = DimGrowConfig(
         d_max=args.d_max,
         alpha=alpha,

@@ -74,7 +74,7 @@ class DimGrowConfig:
     capacity_slack_blocks: int = 1
     init_std: float = 0.01
     penalty_mode: PenaltyMode = "auto"
-    alpha: float = 0.5
+    alpha: float = 0.1
     auto_ema: float = 0.99
     gate_lr: float = 1e-3
     max_total_dim: int = 1_000_000
