@@ -18,6 +18,7 @@ not depend on the real-data loaders.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ def _split(
     cut = [0, n_train, n_train + n_val, n]
     return [
         Split(np.ascontiguousarray(ids[a:b]), labels[a:b].astype(np.float32), None, list(fields))
-        for a, b in zip(cut, cut[1:])
+        for a, b in itertools.pairwise(cut)
     ]
 
 
@@ -82,8 +83,11 @@ class CriteoLikeConfig:
     """Shape of the memory benchmark's table set.
 
     ``scale`` divides every real Criteo cardinality (min 1 row). Ids are Zipf(``exponent``)
-    per field, so a few rows are hot as in click logs; the label is a noisy function of
-    three small fields, enough for the losses to be meaningful but not a quality test.
+    per field, so a few rows are hot as in click logs. The label depends on
+    ``informative`` fields (small and large ones alike, as on real Criteo, where the big id
+    fields get the most dims) through per-id effects plus one rank-``interaction_rank``
+    interaction between two large fields; the other fields are noise. It is a shape for
+    memory measurements, not a quality benchmark.
     """
 
     scale: float = 20.0
@@ -91,16 +95,24 @@ class CriteoLikeConfig:
     exponent: float = 1.1
     seed: int = 0
     split: tuple[float, float] = (0.8, 0.1)
+    informative: tuple[int, ...] = (0, 5, 9, 15, 16, 21, 24, 28, 33, 36)
+    interaction: tuple[int, int] = (15, 28)
+    interaction_rank: int = 4
+    signal: float = 0.6
 
 
 def criteo_like(cfg: CriteoLikeConfig | None = None) -> PreparedData:
     """Synthetic data with Criteo's 39 cardinalities divided by ``cfg.scale``."""
     cfg = cfg or CriteoLikeConfig()
     rng = np.random.default_rng(cfg.seed)
-    vocab = [max(1, int(round(v / cfg.scale))) for v in CRITEO_CARDINALITIES]
+    vocab = [max(1, round(v / cfg.scale)) for v in CRITEO_CARDINALITIES]
     fields = [f"f{i:02d}" for i in range(len(vocab))]
     ids = np.stack([zipf_ids(v, cfg.rows, cfg.exponent, rng) for v in vocab], axis=1)
-    score = sum(rng.normal(size=vocab[i])[ids[:, i]] for i in (0, 9, 21))
+    score = sum(cfg.signal * rng.normal(size=vocab[i])[ids[:, i]] for i in cfg.informative)
+    a, b = cfg.interaction
+    r = cfg.interaction_rank
+    u, v = rng.normal(size=(vocab[a], r)), rng.normal(size=(vocab[b], r))
+    score = score + cfg.signal * (u[ids[:, a]] * v[ids[:, b]]).sum(axis=1) / np.sqrt(r)
     labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-score))).astype(np.float32)
     return from_arrays(
         fields, vocab, ids, labels, cfg.split, kind="criteo_like", scale=cfg.scale, rows=cfg.rows
@@ -157,3 +169,46 @@ def planted(cfg: PlantedConfig | None = None) -> PreparedData:
     labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
     ids = np.stack(columns, axis=1).astype(np.int64)
     return from_arrays(fields, [cfg.vocab] * len(fields), ids, labels, cfg.split, kind="planted", need=need)
+
+
+@dataclass
+class HubConfig:
+    """Planted per-field ranks that an embedding model can only exploit with that many dims.
+
+    A "hub" field carries an 8-dim latent vector; every other field ``f`` has a latent vector
+    of its own rank ``r_f`` and interacts with the hub through a random ``8 x r_f`` map:
+    ``logit += signal * <u_f[id_f], P_f^T v_hub[id_hub]>``. Any per-field effect on its own
+    would fit in one dim, so rank has to come from an interaction; routing every interaction
+    through one shared partner makes the need symmetric and known: ``r_f`` dims for field f,
+    ``max r`` for the hub, 0 for the rank-0 (noise) fields.
+    """
+
+    rows: int = 30_000
+    vocab: int = 20
+    ranks: tuple[int, ...] = (0, 0, 1, 2, 4, 8)
+    hub_rank: int = 8
+    signal: float = 3.0
+    seed: int = 0
+    split: tuple[float, float] = (0.8, 0.1)
+
+
+def planted_hub(cfg: HubConfig | None = None) -> PreparedData:
+    """Synthetic CTR data with hidden per-field ranks (see :class:`HubConfig`); ``source["need"]``."""
+    cfg = cfg or HubConfig()
+    rng = np.random.default_rng(cfg.seed)
+    hub = rng.integers(0, cfg.vocab, cfg.rows)
+    v_hub = rng.normal(size=(cfg.vocab, cfg.hub_rank))
+    logit = np.zeros(cfg.rows)
+    fields, columns, need = ["hub"], [hub], {"hub": max(cfg.ranks)}
+    for i, r in enumerate(cfg.ranks):
+        col = rng.integers(0, cfg.vocab, cfg.rows)
+        if r > 0:
+            u = rng.normal(size=(cfg.vocab, r))
+            proj = rng.normal(size=(cfg.hub_rank, r)) / np.sqrt(cfg.hub_rank * r)
+            logit += cfg.signal * (u[col] * (v_hub[hub] @ proj)).sum(axis=1)
+        fields.append(f"f{i}_r{r}")
+        columns.append(col)
+        need[fields[-1]] = r
+    labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    ids = np.stack(columns, axis=1).astype(np.int64)
+    return from_arrays(fields, [cfg.vocab] * len(fields), ids, labels, cfg.split, kind="planted_hub", need=need)
