@@ -156,9 +156,16 @@ def test_gate_step_detaches_the_lookup() -> None:
 
 def test_auto_penalty_scale_tracks_task_gradient() -> None:
     m = DimGrowEmbeddingBagCollection(tables(), DimGrowConfig(alpha=0.5, auto_ema=0.0), align="raw")
+    assert float(m.post.penalty_scale) == 0.0, "auto mode starts uncalibrated at 0, not at alpha"
     grad = torch.zeros_like(m.post.gate.theta)
     grad[:, 0] = 0.2
     m.post.observe_task_gradient(grad)
-    # with g = 0.5: dL/dg = 0.2 / (5 * 0.25) per gate (penalty share was 0.5 * 1.25 / 3 per gate)
-    g_space = (0.2 - 0.5 * 1.25 / 3) / 1.25
-    assert float(m.post.penalty_scale) == pytest.approx(0.5 * 3 * abs(g_space), rel=1e-5)
+    # g = 0.5 on the 3 active gates: dL/dg = 0.2 / (5 * 0.25); scale = alpha * n * mean|dL/dg|
+    assert float(m.post.penalty_scale) == pytest.approx(0.5 * 3 * 0.2 / 1.25, rel=1e-5)
+    # the penalty's own share of the next gradient is recognised and not counted as task signal
+    scale = float(m.post.penalty_scale)
+    m.post.observe_task_gradient(grad + scale * 1.25 / 3)
+    assert float(m.post.penalty_scale) == pytest.approx(scale, rel=1e-5)
+    fixed = DimGrowEmbeddingBagCollection(tables(), DimGrowConfig(alpha=0.01, penalty_mode="fixed"), align="raw")
+    fixed.post.observe_task_gradient(grad)
+    assert float(fixed.post.penalty_scale) == pytest.approx(0.01)

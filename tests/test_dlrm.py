@@ -29,13 +29,20 @@ def criteo_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(cache)
 
 
-@pytest.mark.parametrize("darts", [True, False], ids=["val-gates", "single-loader"])
-def test_dlrm_pipeline_search_replans_mid_training_and_exports(criteo_cache: str, darts: bool) -> None:
-    results = run_ranks(w.dlrm_pipeline_search, 2, criteo_cache, STEPS, darts, timeout=240)
+@pytest.mark.parametrize(
+    ("darts", "epoch_len", "inflight"),
+    [(True, 40, 2), (True, 9, 1), (False, 8, 0)],
+    ids=["val-gates-mid-epoch", "val-gates-1-prefetched", "single-loader-epoch-end"],
+)
+def test_dlrm_pipeline_search_replans_mid_training_and_exports(
+    criteo_cache: str, darts: bool, epoch_len: int, inflight: int
+) -> None:
+    results = run_ranks(w.dlrm_pipeline_search, 2, criteo_cache, STEPS, darts, epoch_len, timeout=240)
     for r in results:
         # at least one re-plan, in the middle of pipelined training
         assert r["replans"] >= 1, r["replan_steps"]
-        assert 0 < r["replan_steps"][0] < STEPS - 5
+        assert r["replan_steps"][0] == 8 and len(r["losses"]) >= STEPS
+        assert r["replan_inflight"][0] == inflight  # prefetched batches the re-plan had to carry over
         # no stale references: the pipeline drives the new tables, the old ones are freed,
         # the user's optimizer holds the new fused optimizer at the live learning rate
         assert r["pipelined_current"] == [True]
@@ -53,3 +60,24 @@ def test_dlrm_pipeline_search_replans_mid_training_and_exports(criteo_cache: str
     exp = results[0]["export"]
     assert exp["type"] == "MixedDimEmbeddingBagCollection" and exp["finite"]
     assert exp["logits_shape"] == [64]
+
+
+def test_example_script_runs_end_to_end(criteo_cache: str, tmp_path: Path) -> None:
+    """examples/dlrm_criteo.py under torchrun, 2 ranks, CI-sized (--max-steps)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(repo / "examples" / "dlrm_criteo.py"), "--data", str(SAMPLE), "--cache-dir", criteo_cache,
+        "--epochs", "2", "--max-steps", "24", "--out", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dims = json.loads((tmp_path / "dims.json").read_text())
+    assert len(dims) == 26 and all(0 <= d <= 16 for d in dims.values())
+    assert "test AUC" in proc.stderr

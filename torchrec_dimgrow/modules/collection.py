@@ -95,8 +95,12 @@ class DimGrowPostProcess(nn.Module):
         self.register_buffer(
             "capacity", torch.tensor([capacity_for(d, 0, config) for d in initial], dtype=torch.int64)
         )
-        # ``penalty_scale`` is the coefficient of mean(g/k); "auto" mode rewrites it.
-        self.register_buffer("penalty_scale", torch.tensor(float(config.alpha)))
+        # ``penalty_scale`` is the coefficient of mean(g/k); "auto" mode rewrites it every gate step.
+        # "auto" starts at 0 and follows the observed task gradient: starting it at alpha
+        # would hit fresh gates with an arbitrary first step that Adam's second moment then
+        # remembers for hundreds of steps (every gate drifts down together in epoch 0).
+        initial_scale = float(config.alpha) if config.penalty_mode == "fixed" else 0.0
+        self.register_buffer("penalty_scale", torch.tensor(initial_scale))
         self.register_buffer("task_grad_ema", torch.zeros(n, max(d_max)))
         self.projections = nn.ParameterList()
         if align == "project":

@@ -1,0 +1,793 @@
+"""Drop DimGrow into an existing TorchRec model and training loop (PEFT-style swap).
+
+A user's TorchRec script keeps its model, its ``DistributedModelParallel``, its optimizer
+and its ``TrainPipelineSparseDist``; DimGrow adds the marked lines (the full script is
+``examples/dlrm_criteo.py``)::
+
+    model = DLRMTrain(DLRM(EmbeddingBagCollection(tables, device="meta"), ...))
+    apply_optimizer_in_backward(Adagrad, model.model.sparse_arch.parameters(), {"lr": 0.05})
+    handle = swap_in(model, DimGrowConfig(d_max=16), align="project")          # DimGrow
+    planner = EmbeddingShardingPlanner(..., constraints=handle.constraints())   # DimGrow
+    dmp = DistributedModelParallel(model, device=device, plan=planner.collective_plan(...))
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_optimizer])
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
+    handle.attach(dmp, pipeline=pipeline, optimizer=optimizer)                  # DimGrow
+    for _ in range(steps):
+        pipeline.progress(train_iter)   # forward, backward, optimizer step (unchanged)
+        handle.step(next(val_iter))     # DimGrow: gate step; every check_interval a check
+    export(build_model(), handle.found_dims())  # DimGrow: plain TorchRec model at the found dims
+
+Where the lines go, and why:
+
+* ``swap_in`` after the model is built, before the DMP (tables still on ``meta``): every
+  ``torchrec.EmbeddingBagCollection`` (exact type) is replaced at the same module path by
+  a :class:`~torchrec_dimgrow.modules.collection.DimGrowEmbeddingBagCollection` built
+  from the same configs. Its reported configs keep the common width ``D``, so ``DLRM``'s
+  constructor checks and ``SparseArch``'s reshape hold. Placed after the script's own
+  ``apply_optimizer_in_backward``, the swap carries that fused optimizer over to the new
+  tables; placed before, give ``apply_optimizer_in_backward`` the
+  ``handle.embedding_parameters()`` (``sparse_arch.parameters()`` would now also hold the
+  gates, which ``attach`` refuses).
+* ``constraints=handle.constraints()`` in the planner: the fused kernel and sharding types
+  the re-plan can copy (``attach`` checks the plan and says so if not).
+* ``attach`` once, after the pipeline exists and before the first step: it builds the
+  re-plan stores, takes the gate logits out of the user's dense optimizer (they get their
+  own Adam at ``gate_lr``, as in the reference) and registers the pipeline and optimizer
+  that a re-plan must update.
+* ``step`` after every ``pipeline.progress`` (or after ``optimizer.step()`` in a plain
+  loop). With a validation batch it is the DARTS-style gate step (validation loss +
+  :meth:`DimGrowHandle.penalty`, lookups detached so the tables never train on validation
+  data), run outside the pipeline without disturbing its prefetched batches. Without one
+  it is the single-loader mode: the gates step on the gradient the training backward
+  already left on them, plus the penalty (no second loader, no extra forward). Every
+  ``check_interval`` steps it all-gathers importance, decides, applies and re-plans.
+
+The penalty therefore never has to be written into the user's loss. Evaluate as before
+(the same pipeline with ``model.eval()``), or through :meth:`DimGrowHandle.unpipelined`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import ParameterConstraints
+from torchrec.distributed.types import ShardedModule
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.distributed.planning import AUTO_TYPES, PlanningConfig, constraints_for
+from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.pipeline import CheckReport, DimGrowController, PipelineReplanGuard, unpipelined
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+#: Sharding types the re-plan store can copy shard-to-shard (``row_wise`` hand-built).
+SUPPORTED_SHARDING = (*AUTO_TYPES, "row_wise")
+
+
+# ---------------------------------------------------------------------- module surgery
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def _plain_collections(model: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
+    """Every stock ``EmbeddingBagCollection`` (exact type: subclasses are someone else's)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is EmbeddingBagCollection]
+
+
+def _owned_by_torchrec(model: nn.Module, path: str) -> bool:
+    """Whether an ancestor is a TorchRec module with its own sharder (e.g. the EBC inside a
+    ``FeatureProcessedEmbeddingBagCollection``): swapping there would break that sharder."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        owner = model.get_submodule(".".join(parts[:i]))
+        if type(owner).__module__.startswith("torchrec.modules"):
+            return True
+    return False
+
+
+def _dimgrow_collections(model: nn.Module) -> list[tuple[str, DimGrowEmbeddingBagCollection]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DimGrowEmbeddingBagCollection)]
+
+
+def _dense_device(model: nn.Module, skip: Sequence[nn.Module]) -> torch.device:
+    """Where the rest of the dense model lives (the gates and projections go there too)."""
+    skipped = {id(p) for m in skip for p in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in skipped and p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+_OPTIMIZER_NAMES: dict[str, str] = {
+    "Adagrad": "adagrad",
+    "SGD": "sgd",
+    "Adam": "adam",
+    "RowWiseAdagrad": "rowwise_adagrad",
+}
+
+
+def embedding_optimizer_of(params: Sequence[torch.Tensor]) -> EmbeddingOptimizer | None:
+    """The fused optimizer ``apply_optimizer_in_backward`` attached to ``params``, if any.
+
+    The re-plan rebuilds the tables and must re-attach the same optimizer to them.
+    """
+    for p in params:
+        classes = getattr(p, "_optimizer_classes", None)
+        if not classes:
+            continue
+        cls, kwargs = classes[0], dict(p._optimizer_kwargs[0])  # type: ignore[attr-defined]
+        name = _OPTIMIZER_NAMES.get(cls.__name__)
+        if name is None:
+            raise ValueError(
+                f"in-backward optimizer {cls.__name__} is not supported by the DimGrow re-plan "
+                f"(supported: {sorted(_OPTIMIZER_NAMES)})"
+            )
+        # TorchRec's sharder writes its own keys ("optimizer": EmbOptimType) into this very
+        # dict; keep only what the optimizer class itself accepts.
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
+        lr = float(kwargs.pop("lr", EmbeddingOptimizer.lr))
+        return EmbeddingOptimizer(name, lr, {k: v for k, v in kwargs.items() if k in accepted})
+    return None
+
+
+def swap_in(
+    model: nn.Module,
+    config: DimGrowConfig | None = None,
+    align: AlignMode = "project",
+    dense_device: torch.device | str | None = None,
+    targets: Sequence[str] | None = None,
+) -> DimGrowHandle:
+    """Replace the ``EmbeddingBagCollection``\\ s of ``model`` in place by DimGrow collections.
+
+    Same module path, same table configs, same device for the tables (``meta`` stays
+    ``meta`` for DMP's lazy init); the gates and projections go to ``dense_device``
+    (default: where the model's other parameters are). ``align="project"`` (learned
+    per-field projection to the table's width) or ``"pad"`` (zero-pad) present every
+    field at its configured width, as ``DLRM`` needs; ``"raw"`` outputs the logical dims
+    (only for models that read the widths from ``embedding_bag_configs()``).
+
+    ``targets`` (module paths) restricts the swap, like PEFT's ``target_modules``; by
+    default every stock EBC is swapped except those inside another TorchRec module (a
+    ``FeatureProcessedEmbeddingBagCollection``'s, say, which its own sharder expects stock).
+    Call it before sharding. Returns the :class:`DimGrowHandle` that drives the search.
+    """
+    if isinstance(model, DistributedModelParallel) or any(
+        isinstance(m, ShardedModule) for m in model.modules()
+    ):
+        raise ValueError("swap_in: call it on the unsharded model, before DistributedModelParallel")
+    found = _swap_targets(model, targets)
+    config = config or DimGrowConfig()
+    dense = (
+        torch.device(dense_device)
+        if dense_device is not None
+        else _dense_device(model, [m for _, m in found])
+    )
+    swapped: dict[str, DimGrowEmbeddingBagCollection] = {}
+    for path, ebc in found:
+        coll = DimGrowEmbeddingBagCollection(
+            [replace(c) for c in ebc.embedding_bag_configs()],
+            config,
+            align=align,
+            is_weighted=ebc.is_weighted(),
+            device=ebc.device,
+        )
+        coll.post.to(dense)
+        spec = embedding_optimizer_of(list(ebc.parameters()))
+        if spec is not None:
+            spec.apply(coll.ebc.parameters())
+        _set_submodule(model, path, coll)
+        swapped[path] = coll
+    return DimGrowHandle(model, swapped, align)
+
+
+def _swap_targets(
+    model: nn.Module, targets: Sequence[str] | None
+) -> list[tuple[str, EmbeddingBagCollection]]:
+    found = _plain_collections(model)
+    if targets is not None:
+        unknown = sorted(set(targets) - {p for p, _ in found})
+        if unknown:
+            raise ValueError(f"swap_in: no EmbeddingBagCollection at {unknown}")
+        found = [(p, m) for p, m in found if p in set(targets)]
+    else:
+        found = [(p, m) for p, m in found if not _owned_by_torchrec(model, p)]
+    if not found:
+        raise ValueError("swap_in: the model contains no torchrec.EmbeddingBagCollection to swap")
+    if any(path == "" for path, _ in found):
+        raise ValueError(
+            "swap_in: the model is itself an EmbeddingBagCollection; build a DimGrowEmbeddingBagCollection"
+        )
+    return found
+
+
+# ---------------------------------------------------------------------- optimizers
+def _leaf_optimizers(opt: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
+    """Torch optimizers inside ``opt`` (through CombinedOptimizer / KeyedOptimizerWrapper).
+
+    Fused embedding optimizers (other ``KeyedOptimizer`` kinds) are left out: their state
+    lives in the sharded tables and the re-plan store handles it.
+    """
+    if opt is None:
+        return []
+    if isinstance(opt, CombinedOptimizer):
+        return [leaf for _, sub in opt.optimizers for leaf in _leaf_optimizers(sub)]
+    if isinstance(opt, KeyedOptimizerWrapper):
+        return [opt._optimizer]
+    if isinstance(opt, KeyedOptimizer):
+        return []
+    return [opt]
+
+
+def _keyed_wrappers(opt: torch.optim.Optimizer | None) -> list[KeyedOptimizer]:
+    if isinstance(opt, CombinedOptimizer):
+        return [k for _, sub in opt.optimizers for k in _keyed_wrappers(sub)]
+    return [opt] if isinstance(opt, KeyedOptimizerWrapper) else []
+
+
+def remove_parameters(opt: torch.optim.Optimizer | None, params: Sequence[torch.Tensor]) -> int:
+    """Take ``params`` out of ``opt`` (and its state); returns how many entries were removed.
+
+    The gate logits are trained by the handle's own optimizer on the gate loss; left in
+    the user's dense optimizer they would also follow the training loss alone.
+    """
+    ids = {id(p) for p in params}
+    removed = 0
+    for leaf in _leaf_optimizers(opt):
+        for group in leaf.param_groups:
+            keep = [p for p in group["params"] if id(p) not in ids]
+            removed += len(group["params"]) - len(keep)
+            group["params"] = keep
+        for p in params:
+            leaf.state.pop(p, None)
+    for keyed in _keyed_wrappers(opt):
+        if isinstance(keyed.params, dict):
+            for key in [k for k, v in keyed.params.items() if id(v) in ids]:
+                del keyed.params[key]
+    return removed
+
+
+def replace_optimizer(opt: torch.optim.Optimizer | None, old: object, new: KeyedOptimizer) -> bool:
+    """Swap ``old`` for ``new`` inside a (nested) ``CombinedOptimizer``, in place."""
+    if not isinstance(opt, CombinedOptimizer):
+        return False
+    found = False
+    entries = opt.optimizers  # the live list
+    for i, (key, sub) in enumerate(entries):
+        if sub is old:
+            entries[i] = (key, new)
+            found = True
+        else:
+            found = replace_optimizer(sub, old, new) or found
+    return found
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """Loss of ``model(batch)``: the tensor itself, or the first item (``DLRMTrain``'s loss)."""
+    out = model(batch)
+    loss = out[0] if isinstance(out, (tuple, list)) else out
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise TypeError("the model must return a scalar loss or (loss, ...); pass loss_fn= to attach()")
+    return loss
+
+
+# ---------------------------------------------------------------------- the handle
+class DimGrowHandle:
+    """Drives the search of the collections :func:`swap_in` put into a model."""
+
+    def __init__(
+        self, model: nn.Module, collections: dict[str, DimGrowEmbeddingBagCollection], align: AlignMode
+    ) -> None:
+        self.model = model
+        self.collections = collections
+        self.align: AlignMode = align
+        self._unsharded = {path: coll.ebc for path, coll in collections.items()}
+        self.controller: DimGrowController | None = None
+        self.stores: dict[str, ShardedTableStore] = {}
+        self.trained: nn.Module | None = None
+        self.pipeline: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device = torch.device("cpu")
+        self.loss_fn: LossFn = default_loss
+        self._old_fused: object = None
+        self._old_lr: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ before sharding
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The table weights (what ``apply_optimizer_in_backward`` should be given)."""
+        return [p for ebc in self._unsharded.values() for p in ebc.parameters()]
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [coll.post.gate.theta for coll in self.collections.values()]
+
+    def constraints(self, planning: PlanningConfig | None = None) -> dict[str, ParameterConstraints]:
+        """Planner constraints for the DimGrow tables: fused kernel, re-plannable sharding types.
+
+        Column splits are excluded when the embedding optimizer keeps one state per row.
+        Call after ``apply_optimizer_in_backward`` so the optimizer kind is known.
+        """
+        planning = planning or PlanningConfig()
+        spec = embedding_optimizer_of(self.embedding_parameters())
+        rowwise = spec.rowwise() if spec is not None else False
+        out: dict[str, ParameterConstraints] = {}
+        for ebc in self._unsharded.values():
+            out.update(constraints_for(ebc.embedding_bag_configs(), planning, rowwise))  # type: ignore[operator]
+        return out
+
+    # ------------------------------------------------------------------ attach
+    def attach(
+        self,
+        model: nn.Module,
+        pipeline: Any = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        loss_fn: LossFn | None = None,
+        embedding_optimizer: EmbeddingOptimizer | None = None,
+        planning: PlanningConfig | None = None,
+        device: torch.device | None = None,
+    ) -> DimGrowHandle:
+        """Bind the handle to the model being trained; call once, before the first step.
+
+        Args:
+            model: the ``DistributedModelParallel`` (or, single process, the unsharded model).
+            pipeline: the train pipeline driving ``model``, if any; re-plans pause and
+                re-attach it (:class:`~torchrec_dimgrow.pipeline.PipelineReplanGuard`).
+            optimizer: the optimizer the loop steps (default: the pipeline's). The gate
+                logits are removed from it; its dense state follows slot moves; under DMP
+                the fused optimizer inside it is replaced after every re-plan.
+            loss_fn: ``(model, batch) -> scalar loss`` for the gate step; default
+                :func:`default_loss` (``DLRMTrain`` returns ``(loss, ...)``).
+            embedding_optimizer: the tables' fused optimizer, re-applied at each re-plan;
+                default: read from what ``apply_optimizer_in_backward`` attached.
+            planning: re-plan settings (sharding types, planner batch size).
+            device: compute device (default ``model.device`` for a DMP, else CPU).
+        """
+        if self.controller is not None:
+            raise RuntimeError("DimGrowHandle.attach: already attached")
+        self._check_no_fused_dense()
+        optimizer = optimizer if optimizer is not None else getattr(pipeline, "_optimizer", None)
+        self.trained, self.pipeline, self.optimizer = model, pipeline, optimizer
+        self.loss_fn = loss_fn or default_loss
+        removed = remove_parameters(optimizer, self.gate_parameters())
+        if removed:
+            log.info(
+                "DimGrow: %d gate parameter(s) moved from the training optimizer to the gate optimizer",
+                removed,
+            )
+        dense = _leaf_optimizers(optimizer)
+        if isinstance(model, DistributedModelParallel):
+            self.device = device or getattr(model, "device", None) or torch.device("cpu")
+            self._attach_sharded(model, embedding_optimizer, planning or PlanningConfig())
+            self.controller = DimGrowController(self.collections, self.stores, dense_optimizers=dense)
+        else:
+            self.device = device or torch.device("cpu")
+            for path, coll in self.collections.items():
+                if any(p.device.type == "meta" for p in coll.ebc.parameters()):
+                    raise ValueError(
+                        f"{path}: tables are still on meta; shard the model or build it on a device"
+                    )
+            self.controller = DimGrowController(
+                self.collections, None, dense_optimizers=dense, local_optimizers=dense
+            )
+        self.controller.before_replan.append(self._before_replan)
+        self.controller.after_replan.append(self._after_replan)
+        return self
+
+    def _check_no_fused_dense(self) -> None:
+        for coll in self.collections.values():
+            for name, p in coll.post.named_parameters():
+                if hasattr(p, "_in_backward_optimizers"):
+                    raise ValueError(
+                        f"DimGrow parameter post.{name} has an in-backward optimizer: apply_optimizer_in_backward "
+                        "was given the gates too (e.g. sparse_arch.parameters()); give it handle.embedding_parameters()"
+                    )
+
+    def _attach_sharded(
+        self, dmp: DistributedModelParallel, spec: EmbeddingOptimizer | None, planning: PlanningConfig
+    ) -> None:
+        spec = spec or embedding_optimizer_of(self.embedding_parameters())
+        if spec is None:
+            raise ValueError(
+                "no embedding optimizer found on the DimGrow tables: call apply_optimizer_in_backward"
+                "(cls, handle.embedding_parameters(), kwargs) before DistributedModelParallel, or pass "
+                "embedding_optimizer="
+            )
+        for path, coll in self.collections.items():
+            if not isinstance(coll.ebc, ShardedEmbeddingBagCollection):
+                raise ValueError(f"{path}.ebc was not sharded by the DMP (is its path in the plan?)")
+            store = ShardedTableStore(dmp, coll, spec, planning, self.device)
+            self._validate_plan(dmp, store)
+            store.init_tables(coll.config.init_std)
+            store.on_rebuild = self._on_rebuild_for(path)
+            self.stores[path] = store
+
+    @staticmethod
+    def _validate_plan(dmp: DistributedModelParallel, store: ShardedTableStore) -> None:
+        """Refuse plans the re-plan cannot copy (data-parallel tables, non-fused kernels)."""
+        plan = dmp.plan.plan.get(store.fqn, {})
+        for table, ps in plan.items():  # type: ignore[union-attr]
+            if ps.sharding_type not in SUPPORTED_SHARDING or ps.compute_kernel != "fused":
+                raise ValueError(
+                    f"table {table!r} is planned as {ps.sharding_type}/{ps.compute_kernel}; DimGrow re-plans need "
+                    f"the fused kernel and one of {SUPPORTED_SHARDING}: pass constraints=handle.constraints() "
+                    "to the planner"
+                )
+
+    # ------------------------------------------------------------------ re-plan hooks
+    def _before_replan(self) -> None:
+        if isinstance(self.trained, DistributedModelParallel):
+            self._old_fused = self.trained.fused_optimizer
+        self._old_lr = {}
+        for path, store in self.stores.items():
+            groups = list(store.sharded.fused_optimizer.param_groups)
+            if groups:
+                self._old_lr[path] = float(groups[0]["lr"])
+        if self.pipeline is not None:
+            self._guard().before()
+
+    def _on_rebuild_for(self, path: str) -> Callable[[ShardedEmbeddingBagCollection], None]:
+        def on_rebuild(new: ShardedEmbeddingBagCollection) -> None:
+            """Carry the live learning rate (an LR scheduler may have moved it) to the new tables."""
+            lr = self._old_lr.get(path)
+            if lr is not None:
+                for group in new.fused_optimizer.param_groups:
+                    group["lr"] = lr  # type: ignore[index]
+
+        return on_rebuild
+
+    def _after_replan(self) -> None:
+        if isinstance(self.trained, DistributedModelParallel) and self._old_fused is not None:
+            if not replace_optimizer(self.optimizer, self._old_fused, self.trained.fused_optimizer):
+                if self.optimizer is not None:
+                    log.warning(
+                        "DimGrow: the training optimizer does not contain dmp.fused_optimizer; not updated"
+                    )
+            self._old_fused = None
+        if self.pipeline is not None:
+            self._guard().after()
+
+    def _guard(self) -> PipelineReplanGuard:
+        guard = getattr(self, "_pipeline_guard", None)
+        if guard is None or guard.pipeline is not self.pipeline:
+            assert self.trained is not None
+            guard = PipelineReplanGuard(self.pipeline, self.trained)
+            self._pipeline_guard = guard
+        return guard
+
+    # ------------------------------------------------------------------ training loop
+    def _ctrl(self) -> DimGrowController:
+        if self.controller is None:
+            raise RuntimeError("DimGrowHandle: call attach(model, pipeline, optimizer) before training")
+        return self.controller
+
+    def penalty(self) -> torch.Tensor:
+        """The gate regulariser; what a hand-written gate loss must add."""
+        if self.controller is not None:
+            return self.controller.penalty()
+        total = torch.zeros(())
+        for coll in self.collections.values():
+            total = total + coll.penalty()
+        return total
+
+    @contextlib.contextmanager
+    def unpipelined(self) -> Iterator[nn.Module]:
+        """The trained model with plain forwards (extra forwards, evaluation) between steps."""
+        model = self.trained if self.trained is not None else self.model
+        with unpipelined(model):
+            yield model
+
+    def gate_step(self, batch: Any) -> float:
+        """DARTS-style gate update on ``batch``: (loss + penalty) reaches the gates only.
+
+        Runs outside the pipeline (its prefetched batches are untouched); the dense
+        gradients of this backward are discarded.
+        """
+        ctrl = self._ctrl()
+        model = self.trained
+        assert model is not None
+        ctrl.clear_gate_grads()
+        batch = batch.to(self.device)
+        with unpipelined(model), ctrl.gate_mode():
+            loss = self.loss_fn(model, batch)
+            (loss + ctrl.penalty()).backward()
+        ctrl.update_gates(add_penalty=False)
+        for p in model.parameters():
+            p.grad = None
+        return float(loss.detach())
+
+    def step(self, val_batch: Any = None) -> CheckReport | None:
+        """Call after every training step (after ``pipeline.progress`` / ``optimizer.step()``).
+
+        With ``val_batch``: gate step on it (DARTS mode). Without: single-loader mode, the
+        gates step on the gradient the training backward left on them plus the penalty.
+        Then the gates are recorded and, every ``check_interval`` steps, importance is
+        all-gathered and the tables grow/shrink/re-plan. Returns the check's report when
+        one ran.
+        """
+        ctrl = self._ctrl()
+        if val_batch is not None:
+            self.gate_step(val_batch)
+        else:
+            if any(theta.grad is None for theta in ctrl.gate_parameters()):
+                raise RuntimeError(
+                    "DimGrow single-loader step: the gates have no gradient; call step() right after the "
+                    "training backward, or pass a validation batch"
+                )
+            ctrl.update_gates(add_penalty=True)
+        return ctrl.end_step()
+
+    def end_step(self) -> CheckReport | None:
+        """For loops that update the gates themselves: record, count, check when due."""
+        return self._ctrl().end_step()
+
+    # ------------------------------------------------------------------ results
+    @property
+    def replans(self) -> int:
+        return self.controller.replans if self.controller is not None else 0
+
+    def dims(self) -> dict[str, int]:
+        """Current logical dims (flat when table names are unique across collections)."""
+        return _flatten({p: c.dims() for p, c in self.collections.items()})
+
+    def found_dims(self) -> dict[str, int]:
+        """Dims to retrain with: active slots whose gate exceeds ``final_threshold``."""
+        return _flatten({p: c.export_dims() for p, c in self.collections.items()})
+
+    def export(self, model: nn.Module | None = None, align: AlignMode | None = None) -> nn.Module:
+        """:func:`export` with the found dims (default model: the swapped one, if unsharded)."""
+        return export(
+            model if model is not None else self.model, self.found_dims(), align=align or self.align
+        )
+
+
+def _flatten(per_path: dict[str, dict[str, int]]) -> dict[str, int]:
+    flat: dict[str, int] = {}
+    for dims in per_path.values():
+        for name, d in dims.items():
+            if name in flat:
+                raise ValueError(f"table name {name!r} appears in several collections; index dims by path")
+            flat[name] = d
+    return flat
+
+
+# ---------------------------------------------------------------------- export
+class AlignToWidth(nn.Module):
+    """Presents each pooled feature at its configured width: zero-pad, or a learned projection.
+
+    A dense leaf (no sharded module inside), so a pipeline's fx tracer does not enter it.
+    Features of dropped tables (dim 0) come out as zeros, which keeps a DLRM's feature
+    count (and its interaction layer) unchanged.
+    """
+
+    def __init__(
+        self,
+        feature_names: list[str],
+        in_dims: list[int],
+        out_dims: list[int],
+        align: AlignMode,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if align not in ("pad", "project"):
+            raise ValueError(f"AlignToWidth: align must be 'pad' or 'project', got {align!r}")
+        for name, d, w in zip(feature_names, in_dims, out_dims):
+            if align == "pad" and d > w:
+                raise ValueError(
+                    f"feature {name!r}: dim {d} does not fit the width {w} (use align='project')"
+                )
+        self.feature_names, self.in_dims, self.out_dims, self.align = feature_names, in_dims, out_dims, align
+        # One (d x w) projection per kept feature, keyed by position; a dropped feature has
+        # none (an unused parameter would stall DDP). N(0, 1/d) keeps the output's scale.
+        self.projections = nn.ParameterDict()
+        if align == "project":
+            for i, (d, w) in enumerate(zip(in_dims, out_dims)):
+                if d > 0:
+                    weight = nn.init.normal_(torch.empty(d, w, device=device), 0.0, d**-0.5)
+                    self.projections[str(i)] = nn.Parameter(weight)
+
+    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+        by_name = pooled.to_dict()
+        values = pooled.values()
+        parts = []
+        for i, (name, d, w) in enumerate(zip(self.feature_names, self.in_dims, self.out_dims)):
+            if d == 0:
+                parts.append(values.new_zeros(values.shape[0], w))
+            elif self.align == "pad":
+                parts.append(nn.functional.pad(by_name[name], (0, w - d)))
+            else:
+                parts.append(by_name[name] @ self.projections[str(i)])
+        return KeyedTensor(
+            keys=self.feature_names, length_per_key=self.out_dims, values=torch.cat(parts, dim=1)
+        )
+
+
+class MixedDimEmbeddingBagCollection(EmbeddingBagCollection):
+    """A stock ``EmbeddingBagCollection`` at per-table dims, presented at the configured widths.
+
+    What a DimGrow search exports for models that need one common width (``DLRM``): the
+    tables are a plain EBC child (``.ebc``, sharded by DMP's stock sharder like any EBC),
+    and ``.align`` pads or projects each feature to the width of its original config
+    (the mixed-dimension embeddings of the original DLRM code use the same projection).
+    ``embedding_bag_configs()`` reports the original configs, so DLRM's checks hold.
+
+    Args:
+        tables: the original configs (their ``embedding_dim`` is the presented width).
+        dims: found dim per table name; 0 drops the table (its features output zeros).
+    """
+
+    def __init__(
+        self,
+        tables: list[EmbeddingBagConfig],
+        dims: Mapping[str, int],
+        align: AlignMode = "project",
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        missing = [t.name for t in tables if t.name not in dims]
+        if missing:
+            raise ValueError(f"no dim for tables {missing}")
+        kept = [replace(t, embedding_dim=int(dims[t.name])) for t in tables if int(dims[t.name]) > 0]
+        if not kept:
+            raise ValueError("every table has dim 0: nothing to export")
+        self._configs = [replace(t) for t in tables]
+        self._is_weighted = is_weighted
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        self._device = dev
+        self.ebc = EmbeddingBagCollection(tables=kept, is_weighted=is_weighted, device=dev)
+        names = [f for t in tables for f in t.feature_names]
+        in_dims = [int(dims[t.name]) for t in tables for _ in t.feature_names]
+        out_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+        self.align = AlignToWidth(names, in_dims, out_dims, align, None if dev.type == "meta" else dev)
+        self._embedding_names = names
+        self._feature_names = [list(t.feature_names) for t in tables]
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.align(self.ebc(features))
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._configs
+
+    def table_dims(self) -> dict[str, int]:
+        """The stored (found) dim of every kept table."""
+        return {c.name: c.embedding_dim for c in self.ebc.embedding_bag_configs()}  # type: ignore[operator]
+
+    @property
+    def _lengths_per_embedding(self) -> list[int]:  # type: ignore[override]
+        return list(self.align.out_dims)
+
+    @property
+    def embedding_bags(self) -> nn.ModuleDict:  # type: ignore[override]
+        return self.ebc.embedding_bags  # type: ignore[return-value]
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def reset_parameters(self) -> None:
+        if isinstance(self.ebc, EmbeddingBagCollection):
+            self.ebc.reset_parameters()
+
+
+def export_collection(
+    tables: list[EmbeddingBagConfig],
+    dims: Mapping[str, int],
+    align: AlignMode = "project",
+    is_weighted: bool = False,
+    device: torch.device | str | None = None,
+) -> EmbeddingBagCollection:
+    """A fresh collection at ``dims``: a plain EBC (``raw``) or a mixed-dim one (pad/project)."""
+    if align == "raw":
+        missing = [t.name for t in tables if t.name not in dims]
+        if missing:
+            raise ValueError(f"no dim for tables {missing}")
+        kept = [replace(t, embedding_dim=int(dims[t.name])) for t in tables if int(dims[t.name]) > 0]
+        if not kept:
+            raise ValueError("every table has dim 0: nothing to export")
+        return EmbeddingBagCollection(
+            tables=kept, is_weighted=is_weighted, device=torch.device(device or "cpu")
+        )
+    return MixedDimEmbeddingBagCollection(tables, dims, align, is_weighted, device)
+
+
+def _source_configs(module: nn.Module) -> list[EmbeddingBagConfig]:
+    if isinstance(module, DimGrowEmbeddingBagCollection):
+        return [replace(t) for t in module._user_configs]
+    return [replace(t) for t in module.embedding_bag_configs()]  # type: ignore[operator]
+
+
+def export(
+    model: nn.Module,
+    dims: Mapping[str, int] | Mapping[str, Mapping[str, int]],
+    align: AlignMode = "project",
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """Put fresh collections at ``dims`` into ``model``, in place, at the same module paths.
+
+    ``model`` is either an unsharded model that still holds DimGrow collections, or a
+    freshly built copy of the user's model (stock ``EmbeddingBagCollection``\\ s, e.g. on
+    ``meta`` for a DMP retrain): build the model again exactly as before the search and
+    export into it. ``dims`` is ``{table: dim}`` (or ``{module path: {table: dim}}``).
+    The new tables take the original configs' ``init_fn``; everything else in ``model``
+    is untouched. Returns ``model``.
+
+    For ``DLRM`` use ``align="pad"`` or ``"project"`` (one common presented width);
+    ``"raw"`` yields a plain ``EmbeddingBagCollection`` for models that take mixed widths.
+    """
+    targets: list[tuple[str, nn.Module]] = list(_dimgrow_collections(model)) or list(
+        _plain_collections(model)
+    )
+    if not targets:
+        raise ValueError("export: the model contains no DimGrow collection and no EmbeddingBagCollection")
+    for path, module in targets:
+        if any(isinstance(m, ShardedModule) for m in module.modules()):
+            raise ValueError(
+                f"export: {path} is sharded; rebuild the model (e.g. on meta) and export into the fresh copy"
+            )
+        if path == "":
+            raise ValueError("export: the model is itself a collection; use export_collection()")
+        nested = dims.get(path)
+        per_table: Mapping[str, int] = nested if isinstance(nested, Mapping) else dims  # type: ignore[assignment]
+        dev = device if device is not None else getattr(module, "device", None)
+        weighted = bool(module.is_weighted())  # type: ignore[operator]
+        new = export_collection(_source_configs(module), per_table, align, weighted, dev)
+        _set_submodule(model, path, new)
+    return model
+
+
+def embedding_bytes(
+    tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int] | None = None, itemsize: int = 4
+) -> int:
+    """Bytes of the table weights at ``dims`` (default: the configs' own widths)."""
+    return int(
+        sum(
+            itemsize * t.num_embeddings * (dims[t.name] if dims is not None else t.embedding_dim)
+            for t in tables
+        )
+    )
+
+
+def gate_summary(handle: DimGrowHandle) -> dict[str, list[float]]:
+    """Gate values of the active slots, per table (for logs)."""
+    out: dict[str, list[float]] = {}
+    for coll in handle.collections.values():
+        gates = coll.gate_values()
+        for t, (name, d) in enumerate(coll.dims().items()):
+            out[name] = [round(float(v), 4) for v in gates[t, :d]]
+    return out
+
+
+__all__ = [
+    "AlignToWidth",
+    "DimGrowHandle",
+    "MixedDimEmbeddingBagCollection",
+    "default_loss",
+    "embedding_bytes",
+    "embedding_optimizer_of",
+    "export",
+    "export_collection",
+    "gate_summary",
+    "remove_parameters",
+    "replace_optimizer",
+    "swap_in",
+]
