@@ -99,6 +99,8 @@ class AutoDimPost(nn.Module):
     BatchNorm over ``F * P`` features (equivalent to a BatchNorm per (field, candidate)).
     """
 
+    temperature: torch.Tensor
+
     def __init__(
         self,
         fields: Sequence[str],

@@ -34,16 +34,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.planning import PlanningConfig
+from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
+from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.export import write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import Combine, CTRModel
 from torchrec_dimgrow.training import bce, cycle_batches, evaluate, is_better
@@ -60,6 +66,8 @@ class SparseSuperNet(nn.Module):
     ``table_bytes`` is fixed at construction from the configs (fp32), so it stays right after
     DMP has replaced ``ebc`` by its sharded version.
     """
+
+    post: Any  # the method's dense module (typed loosely: each method has its own)
 
     def __init__(self, ebc: EmbeddingBagCollection, post: nn.Module) -> None:
         super().__init__()
@@ -122,8 +130,6 @@ def keyed(fields: Sequence[str], width: int, x: torch.Tensor) -> KeyedTensor:
 def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
     """Average ``t`` over ranks (identity on one rank): keeps architecture state identical."""
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(t)
         t = t / world_size
     return t
@@ -132,9 +138,8 @@ def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- optimizers
 def embedding_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Unsharded path: the table optimizer named by ``cfg.embedding_optimizer``."""
-    from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
-
-    return EmbeddingOptimizer(cfg.embedding_optimizer, cfg.embedding_lr).cls()(params, lr=cfg.embedding_lr)
+    cls: Any = EmbeddingOptimizer(cfg.embedding_optimizer, cfg.embedding_lr).cls()
+    return cls(params, lr=cfg.embedding_lr)
 
 
 def tensor_bytes(t: Any) -> int:
@@ -320,7 +325,7 @@ class BaselineSearch(abc.ABC):
         """Extra loss of the architecture (validation) step."""
         return None
 
-    def on_step(self, sparse: SparseSuperNet, step: int) -> None:
+    def on_step(self, sparse: SparseSuperNet, step: int) -> None:  # noqa: B027 (optional hook)
         """Called after every training step (schedules such as temperature annealing)."""
 
     def extra_info(self, trained: Trained) -> dict[str, Any]:
@@ -367,14 +372,6 @@ class BaselineSearch(abc.ABC):
 
     def _shard(self, model: CTRModel, train_cfg: TrainConfig, placement: Placement) -> Trained:
         """DMP with the fused table optimizer, planned and sharded as the DimGrow search is."""
-        import torch.distributed as dist
-        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-        from torchrec.distributed.model_parallel import DistributedModelParallel
-        from torchrec.distributed.types import ShardingEnv, ShardingPlan
-
-        from torchrec_dimgrow.distributed.planning import plan_collection
-        from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
-
         assert placement.env is not None
         sparse: SparseSuperNet = model.sparse  # type: ignore[assignment]
         device = placement.device
@@ -382,12 +379,13 @@ class BaselineSearch(abc.ABC):
         model.head.to(device)
         if isinstance(model.adapter, nn.Module):
             model.adapter.to(device)
-        EmbeddingOptimizer(train_cfg.embedding_optimizer, train_cfg.embedding_lr).apply(
-            sparse.ebc.parameters()
-        )
+        table_opt = EmbeddingOptimizer(train_cfg.embedding_optimizer, train_cfg.embedding_lr)
+        table_opt.apply(sparse.ebc.parameters())
         planning = placement.planning or PlanningConfig(batch_size=train_cfg.batch_size)
         group = dist.GroupMember.WORLD
-        module_plan = plan_collection(sparse.ebc, "sparse.ebc", placement.world_size, device, planning, group)
+        module_plan = plan_collection(
+            sparse.ebc, "sparse.ebc", placement.world_size, device, planning, group, table_opt.rowwise()
+        )
         dmp = DistributedModelParallel(
             model,
             env=ShardingEnv.from_process_group(group),
@@ -395,8 +393,6 @@ class BaselineSearch(abc.ABC):
             plan=ShardingPlan({"sparse.ebc": module_plan}),
             sharders=[EmbeddingBagCollectionSharder()],  # type: ignore[list-item]
         )
-        from torchrec.optim.optimizers import in_backward_optimizer_filter
-
         named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
         kept = {id(p) for p in named.values()}
         fused_params = [p for p in model.parameters() if id(p) not in kept]

@@ -16,8 +16,9 @@ feature values, not dims (the authors' ``mode_supernet="embed"`` switch).
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +38,16 @@ from torchrec_dimgrow.baselines.base import (
 )
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.training import _gather_1d, auc_logloss
+from torchrec_dimgrow.training import gather_1d, auc_logloss
 
 
 @dataclass
 class OptEmbedConfig(BaselineConfig):
     """OptEmbed-D knobs (evolution defaults from the reference implementation).
 
-    ``max_eval_rows``: validation rows used to score candidates (``None``: all). The
-    validation lookups are computed once and cached, so scoring a candidate costs only the
-    dense part.
+    ``max_eval_rows``: validation rows used to score candidates (``None``: all).
+    ``cache_lookups``: compute the validation lookups once (fast: each candidate then costs
+    only the dense part) or per candidate (the reference; no extra memory).
     """
 
     iterations: int = 30
@@ -55,6 +56,7 @@ class OptEmbedConfig(BaselineConfig):
     crossovers: int = 10
     m_prob: float = 0.1
     max_eval_rows: int | None = None
+    cache_lookups: bool = True
     evo_seed: int = 0
 
 
@@ -65,6 +67,8 @@ def prefix_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
 
 class OptEmbedPost(nn.Module):
     """Random per-(sample, field) prefix masks in training, fixed ``eval_dims`` in eval."""
+
+    eval_dims: torch.Tensor
 
     def __init__(self, fields: Sequence[str], d_max: int, stored: int | None = None) -> None:
         super().__init__()
@@ -174,44 +178,55 @@ class OptEmbedSearch(BaselineSearch):
         return self.config.d_max
 
     @torch.no_grad()
-    def _cached_val(
+    def _val_lookups(
         self, trained: Trained, data: PreparedData, batch_size: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (rows, F, d_max) validation lookups and labels, computed once."""
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's validation batches as ((B, F, d_max) lookups, labels), up to ``max_eval_rows``.
+
+        Every rank reads the same number of batches (the sharded lookup is a collective), so
+        the stop is decided by batch count, not by this rank's row count.
+        """
         sparse, p = trained.sparse, trained.placement
         trained.runner.eval()
         limit = self.config.max_eval_rows
-        if limit is not None:
-            limit = max(1, limit // p.world_size)
-        xs, ys, rows = [], [], 0
-        for batch in data.val.batches(batch_size, rank=p.rank, world_size=p.world_size):
+        per_rank = None if limit is None else max(1, limit // p.world_size)
+        max_batches = None if per_rank is None else math.ceil(per_rank / batch_size)
+        rows = 0
+        batches = data.val.batches(batch_size, rank=p.rank, world_size=p.world_size)
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                return
             batch = batch.to(p.device)
-            xs.append(sparse.post.lookups(sparse.ebc(batch.sparse_features)))
-            ys.append(batch.labels.reshape(-1).float())
-            rows += ys[-1].numel()
-            if limit is not None and rows >= limit:
-                break
-        x, y = torch.cat(xs), torch.cat(ys)
-        return (x[:limit], y[:limit]) if limit is not None else (x, y)
+            x = sparse.post.lookups(sparse.ebc(batch.sparse_features))
+            y = batch.labels.reshape(-1).float()
+            take = y.numel() if per_rank is None else max(0, min(y.numel(), per_rank - rows))
+            rows += take
+            yield x[:take], y[:take]
 
-    @torch.no_grad()
     def score_fn(self, trained: Trained, data: PreparedData, batch_size: int) -> Callable[[Candidate], float]:
         """Validation AUC of the SuperNet restricted to a candidate's prefixes.
 
-        Only the dense part runs per candidate (lookups are cached); on N ranks every rank
-        scores its slice and the scores are all-gathered, so all ranks agree on the AUC.
+        With ``cache_lookups`` the validation lookups are computed once and only the dense
+        part runs per candidate; without, every candidate re-reads the tables batch by batch
+        (the reference's way, and no extra memory). On N ranks every rank scores its slice
+        and the scores are all-gathered, so all ranks agree on the AUC.
         """
-        x, y = self._cached_val(trained, data, batch_size)
-        all_y = _gather_1d(y)
         model, post = trained.model, trained.sparse.post
         fields, d = post.fields, post.d_max
+        cached = list(self._val_lookups(trained, data, batch_size)) if self.config.cache_lookups else None
 
         @torch.no_grad()
         def score(cand: Candidate) -> float:
-            mask = prefix_mask(torch.tensor(cand, device=x.device), d).unsqueeze(0)
-            chunks = x.split(max(1, batch_size * 4))
-            logits = torch.cat([model.head(model.embed(keyed(fields, d, c * mask))) for c in chunks])
-            return auc_logloss(_gather_1d(logits.float()).cpu(), all_y.cpu())["auc"]
+            batches = cached if cached is not None else self._val_lookups(trained, data, batch_size)
+            logits, labels = [], []
+            mask: torch.Tensor | None = None
+            for x, y in batches:
+                if mask is None:
+                    mask = prefix_mask(torch.tensor(cand, device=x.device), d).unsqueeze(0)
+                logits.append(model.head(model.embed(keyed(fields, d, x * mask))).float())
+                labels.append(y)
+            scores, ys = gather_1d(torch.cat(logits)), gather_1d(torch.cat(labels))
+            return auc_logloss(scores.cpu(), ys.cpu())["auc"]
 
         return score
 

@@ -211,4 +211,6 @@ def planted_hub(cfg: HubConfig | None = None) -> PreparedData:
         need[fields[-1]] = r
     labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
     ids = np.stack(columns, axis=1).astype(np.int64)
-    return from_arrays(fields, [cfg.vocab] * len(fields), ids, labels, cfg.split, kind="planted_hub", need=need)
+    return from_arrays(
+        fields, [cfg.vocab] * len(fields), ids, labels, cfg.split, kind="planted_hub", need=need
+    )

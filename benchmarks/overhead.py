@@ -1,0 +1,212 @@
+"""Training-step time of the DimGrow collection vs a plain TorchRec EBC with the same dims.
+
+Both models are built in the same process on the same batches (pre-built, so no data
+loading is timed) and timed in interleaved rounds (DimGrow block, plain block, repeat), so
+machine noise hits both alike; the medians of the per-round step times give the ratio.
+Three numbers per dims setting:
+
+* ``plain``: a stock ``EmbeddingBagCollection`` at the dims -> concat -> Linear -> WideDeep;
+  one forward/backward/optimizer step on a training batch.
+* ``dimgrow train``: the same step with the DimGrow collection (tables at capacity, gates
+  mixing shuffled columns, per-field projection to the adapter width, summed).
+* ``dimgrow search``: the full search step: the train step plus the gate step on a
+  validation batch plus one grow/shrink decision (no dim changes happen: thresholds are
+  set out of reach so the dims stay the ones being compared).
+
+Single process, plain torch optimizers (Adagrad on tables, Adam on the rest); the sharded
+cost of re-planning is measured by the replan benchmark, not here.
+
+    python benchmarks/overhead.py                       # dims 1, 4, 8, 16 on a Criteo-shaped set
+    python benchmarks/overhead.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, quiet_logs, write_rows
+
+
+@dataclass
+class OverheadConfig:
+    dims: list[int] = field(default_factory=lambda: [1, 4, 8, 16])
+    scale: float = 200.0
+    rows: int = 40_000
+    batch_size: int = 2048
+    steps: int = 10
+    rounds: int = 5
+    warmup: int = 3
+    threads: int = 1
+    seed: int = 0
+
+
+def _models(data: Any, dim: int, adapter: int = 64) -> tuple[Any, Any, Any]:
+    """(dimgrow model, its collection, plain model) with every field at ``dim``."""
+    import torch
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from torchrec_dimgrow.config import DimGrowConfig
+    from torchrec_dimgrow.modules.backbone import CTRModel
+    from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+
+    torch.manual_seed(0)
+    cfg = DimGrowConfig(d_max=max(16, dim), initial_dim=dim, grow_threshold=1.0, shrink_threshold=0.0)
+    coll = DimGrowEmbeddingBagCollection(data.table_configs(adapter), cfg, align="project")
+    dg = CTRModel(coll, "sum", adapter, hidden=(32, 16))
+    plain_ebc = EmbeddingBagCollection(tables=data.table_configs(dim))
+    plain = CTRModel(plain_ebc, "concat", adapter, in_dim=dim * len(data.fields), hidden=(32, 16))
+    return dg, coll, plain
+
+
+def _optimizers(model: Any, tables: Any, exclude: Sequence[Any] = ()) -> list[Any]:
+    import torch
+
+    table_ids = {id(p) for p in tables.parameters()} | {id(p) for p in exclude}
+    dense = [p for p in model.parameters() if id(p) not in table_ids]
+    return [torch.optim.Adagrad(list(tables.parameters()), lr=0.05), torch.optim.Adam(dense, lr=1e-3)]
+
+
+def _step_fn(model: Any, opts: list[Any]) -> Callable[[Any], None]:
+    from torchrec_dimgrow.training import bce
+
+    def step(batch: Any) -> None:
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        bce(model(batch.sparse_features), batch.labels).backward()
+        for o in opts:
+            o.step()
+
+    return step
+
+
+def _search_step_fn(model: Any, coll: Any, opts: list[Any], gate_opt: Any) -> Callable[[Any, Any], None]:
+    from torchrec_dimgrow.policy import PolicyState, decide
+    from torchrec_dimgrow.training import bce
+
+    train = _step_fn(model, opts)
+    state = PolicyState(coll.post.dims_list())
+
+    def step(batch: Any, vbatch: Any) -> None:
+        nonlocal state
+        train(batch)
+        gate_opt.zero_grad(set_to_none=True)
+        with coll.gate_step():
+            (bce(model(vbatch.sparse_features), vbatch.labels) + coll.penalty()).backward()
+        gate_opt.step()
+        gates = coll.gate_values()
+        state, _ = decide(
+            [gates[t].tolist() for t in range(gates.shape[0])], state, coll.config, coll.post.d_max
+        )
+
+    return step
+
+
+def _time(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
+    import torch
+
+    dg, coll, plain = _models(data, dim)
+    theta = coll.post.gate.theta
+    dg_opts = _optimizers(dg, coll.ebc, exclude=[theta])
+    plain_step = _step_fn(plain, _optimizers(plain, plain.sparse))
+    dg_train = _step_fn(dg, dg_opts)
+    dg_search = _search_step_fn(dg, coll, dg_opts, torch.optim.Adam([theta], lr=1e-3))
+    batches = list(data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True))
+    vbatches = list(data.val.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1))
+    n = cfg.steps
+
+    def run(fn: Callable[..., None], two: bool) -> float:
+        def go() -> None:
+            for i in range(n):
+                b = batches[i % len(batches)]
+                fn(b, vbatches[i % len(vbatches)]) if two else fn(b)
+
+        return _time(go) / n
+
+    for _ in range(cfg.warmup):
+        run(plain_step, False), run(dg_train, False), run(dg_search, True)
+    times: dict[str, list[float]] = {"plain": [], "dimgrow train": [], "dimgrow search": []}
+    for _ in range(cfg.rounds):
+        times["plain"].append(run(plain_step, False))
+        times["dimgrow train"].append(run(dg_train, False))
+        times["dimgrow search"].append(run(dg_search, True))
+    if set(coll.post.dims_list()) != {dim}:
+        raise RuntimeError("dims changed during the overhead run; the comparison would be unequal")
+    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    return {
+        "dim": dim,
+        "fields": len(data.fields),
+        "batch": cfg.batch_size,
+        "plain ms/step": round(med["plain"], 2),
+        "dimgrow train ms/step": round(med["dimgrow train"], 2),
+        "dimgrow search ms/step": round(med["dimgrow search"], 2),
+        "train ratio": round(med["dimgrow train"] / med["plain"], 2),
+        "search ratio": round(med["dimgrow search"] / med["plain"], 2),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dims", default="1,4,8,16")
+    p.add_argument("--scale", type=float, default=200.0, help="Criteo cardinalities divided by this")
+    p.add_argument("--rows", type=int, default=40_000)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed block")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=Path("runs/bench/overhead"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from torchrec_dimgrow.baselines.synthetic import CriteoLikeConfig, criteo_like
+
+    args = build_parser().parse_args(argv)
+    quiet_logs()
+    cfg = OverheadConfig(
+        dims=[int(d) for d in args.dims.split(",")],
+        scale=args.scale,
+        rows=args.rows,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        rounds=args.rounds,
+        threads=args.threads,
+    )
+    if args.quick:
+        cfg.dims, cfg.scale, cfg.rows, cfg.batch_size, cfg.steps, cfg.rounds, cfg.warmup = (
+            [1, 8],
+            2000,
+            8000,
+            512,
+            3,
+            3,
+            1,
+        )
+    torch.set_num_threads(cfg.threads)
+    data = criteo_like(CriteoLikeConfig(scale=cfg.scale, rows=cfg.rows, seed=cfg.seed))
+    rows = [measure(d, data, cfg) for d in cfg.dims]
+    command = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_rows(rows, args.out, "overhead", {"command": command.strip(), "config": asdict(cfg)})
+    print(markdown_table(rows, list(rows[0].keys()), digits=2))
+    print(f"\n{command.strip()} -> {args.out}/overhead.{{csv,json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
