@@ -134,7 +134,7 @@ def run_method(
     """One search of ``name`` at ``d_max``, measured in this process (call it in a fresh one)."""
     import torch
 
-    from torchrec_dimgrow.baselines.synthetic import CriteoLikeConfig, criteo_like
+    from torchrec_dimgrow.data.synthetic import CriteoLikeConfig, criteo_like
     from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
 
     torch.set_num_threads(cfg.threads)

@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from torchrec_dimgrow.baselines.synthetic import CriteoLikeConfig, criteo_like
+    from torchrec_dimgrow.data.synthetic import CriteoLikeConfig, criteo_like
 
     args = build_parser().parse_args(argv)
     quiet_logs()

@@ -60,9 +60,10 @@ class QualityConfig:
 def load_dataset(name: str, cfg: QualityConfig) -> Any:
     """A prepared real dataset (cached), or the planted synthetic one."""
     if name == "planted":
-        from torchrec_dimgrow.baselines.synthetic import PlantedConfig, planted
+        from torchrec_dimgrow.data.synthetic import HubConfig, planted_hub
 
-        return planted(PlantedConfig(rows=40_000, vocab=200, ranks=(1, 4, 8), bias_fields=2, noise_fields=3))
+        # hidden ranks 0, 0, 1, 2, 4, 8 (+ the rank-8 hub); the test suite uses a smaller copy
+        return planted_hub(HubConfig(rows=60_000, seed=0))
     from torchrec_dimgrow.data import prepare
 
     rel, fmt = DATASETS[name]

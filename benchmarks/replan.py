@@ -27,9 +27,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import markdown_table, quiet_logs, write_rows
-from torchrec_dimgrow.baselines.synthetic import CRITEO_CARDINALITIES, zipf_ids
 from torchrec_dimgrow.config import DimGrowConfig
 from torchrec_dimgrow.data.split import make_kjt
+from torchrec_dimgrow.data.synthetic import CRITEO_CARDINALITIES, zipf_ids
 from torchrec_dimgrow.distributed.env import init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer

@@ -25,9 +25,9 @@ from torchrec_dimgrow.baselines.autodim import AutoDimPost, power_of_two_candida
 from torchrec_dimgrow.baselines.base import SparseSuperNet
 from torchrec_dimgrow.baselines.optembed import Evolution, OptEmbedPost, prefix_mask
 from torchrec_dimgrow.baselines.sseds import SSEDSConfig, keep_top
-from torchrec_dimgrow.baselines.synthetic import PlantedConfig, from_arrays, planted
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.split import make_kjt
+from torchrec_dimgrow.data.synthetic import PlantedConfig, from_arrays, planted
 from torchrec_dimgrow.export import read_dims_json
 
 FIELDS = ["a", "b", "c"]
@@ -257,7 +257,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import json, sys
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
     from torchrec_dimgrow.baselines import Placement, make_baseline
-    from torchrec_dimgrow.baselines.synthetic import PlantedConfig, planted
+    from torchrec_dimgrow.data.synthetic import PlantedConfig, planted
     from torchrec_dimgrow.config import TrainConfig
     from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
 

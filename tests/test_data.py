@@ -12,8 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from torchrec_dimgrow.data import MISSING, DataError, PreparedData, load_prepared, prepare, vocab_path
-from torchrec_dimgrow.data import csv_stream
+from torchrec_dimgrow.data import (
+    MISSING,
+    DataError,
+    PreparedData,
+    csv_stream,
+    load_prepared,
+    prepare,
+    vocab_path,
+)
 from torchrec_dimgrow.data.criteo import bucketize
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,7 +1,7 @@
 """DimGrow on planted structure: found dims follow the hidden ranks, noise fields drop out.
 
 Fields with hidden ranks 0, 0, 1, 2, 4, 8 interact with an 8-rank hub field
-(:func:`~torchrec_dimgrow.baselines.synthetic.planted_hub`). A real search (1 rank, real DMP,
+(:func:`~torchrec_dimgrow.data.synthetic.planted_hub`). A real search (1 rank, real DMP,
 real re-plans, default penalty) must rank the fields like the hidden ranks (Spearman >= 0.7)
 and leave the rank-0 fields at <= 1 dim.
 """
@@ -17,8 +17,8 @@ from tests.dist_utils import run_ranks
 
 
 def planted_search(rank: int, world: int, out: str) -> dict[str, Any]:
-    from torchrec_dimgrow.baselines.synthetic import HubConfig, planted_hub
     from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+    from torchrec_dimgrow.data.synthetic import HubConfig, planted_hub
     from torchrec_dimgrow.distributed.env import init_distributed
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search

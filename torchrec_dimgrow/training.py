@@ -36,7 +36,7 @@ def auc_logloss(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {"auc": auc, "logloss": logloss}
 
 
-def _gather_1d(local: torch.Tensor) -> torch.Tensor:
+def gather_1d(local: torch.Tensor) -> torch.Tensor:
     """Concatenate a 1-D tensor of rank-dependent length over all ranks (in rank order)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
@@ -87,7 +87,7 @@ def evaluate(
     device = device or torch.device("cpu")
     it = split.batches(batch_size, rank=rank, world_size=world_size)
     scores, labels = predict(model, it, device, forward)
-    return auc_logloss(_gather_1d(scores).cpu(), _gather_1d(labels).cpu())
+    return auc_logloss(gather_1d(scores).cpu(), gather_1d(labels).cpu())
 
 
 def cycle_batches(split: Split, batch_size: int, seed: int, rank: int, world_size: int) -> Iterator[Batch]:

@@ -38,7 +38,7 @@ from torchrec_dimgrow.baselines.base import (
 )
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.training import gather_1d, auc_logloss
+from torchrec_dimgrow.training import auc_logloss, gather_1d
 
 
 @dataclass

@@ -20,7 +20,7 @@ _HEADER_BYTES = 128  # magic + length + dict; 64-byte aligned so the data stays 
 
 def _header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     """A version-1.0 ``.npy`` header padded to exactly ``_HEADER_BYTES`` bytes."""
-    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (dtype.str, shape)
+    text = f"{{'descr': {dtype.str!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
     body_len = _HEADER_BYTES - len(_MAGIC) - 2
     if len(text) + 1 > body_len:
         raise ValueError(f"npy header too long for shape {shape}")
@@ -36,7 +36,7 @@ class NpyAppender:
         self.dtype = np.dtype(dtype)
         self.row_shape = row_shape
         self.rows = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "wb")
         self._file.write(_header(self.dtype, (0, *row_shape)))
 
     def append(self, rows: np.ndarray) -> None:

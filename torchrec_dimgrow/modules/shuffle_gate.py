@@ -16,13 +16,19 @@ from torch import nn
 def column_shuffle(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Permute the rows of every column of ``x`` (B x C) independently.
 
-    Built as an argsort of uniform noise per column: one batched kernel instead of C calls
-    to ``randperm``, and still an exact permutation of each column.
+    On CPU one ``randperm`` per column (Fisher-Yates, O(B)) is ~6x faster than sorting
+    B x C uniform noise, which was half of a search step; on accelerators the single batched
+    argsort avoids C kernel launches. Both give an exact, independent permutation per column.
     """
     if x.dim() != 2:
         raise ValueError(f"column_shuffle expects a 2-D (batch x columns) tensor, got {tuple(x.shape)}")
-    noise = torch.rand(x.shape, device=x.device, generator=generator)
-    index = noise.argsort(dim=0)
+    rows, cols = x.shape
+    if cols == 0 or rows <= 1:
+        return x
+    if x.device.type == "cpu":
+        index = torch.stack([torch.randperm(rows, generator=generator) for _ in range(cols)], dim=1)
+    else:
+        index = torch.rand(x.shape, device=x.device, generator=generator).argsort(dim=0)
     return x.gather(0, index)
 
 
