@@ -70,6 +70,7 @@ from torchrec_dimgrow.config import AlignMode, DimGrowConfig
 from torchrec_dimgrow.distributed.planning import AUTO_TYPES, PlanningConfig, constraints_for
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
 from torchrec_dimgrow.pipeline import CheckReport, DimGrowController, PipelineReplanGuard, unpipelined
 
 log = logging.getLogger(__name__)
@@ -618,7 +619,7 @@ class AlignToWidth(nn.Module):
         )
 
 
-class MixedDimEmbeddingBagCollection(EmbeddingBagCollection):
+class MixedDimEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     """A stock ``EmbeddingBagCollection`` at per-table dims, presented at the configured widths.
 
     What a DimGrow search exports for models that need one common width (``DLRM``): the
@@ -648,9 +649,8 @@ class MixedDimEmbeddingBagCollection(EmbeddingBagCollection):
         if not kept:
             raise ValueError("every table has dim 0: nothing to export")
         self._configs = [replace(t) for t in tables]
-        self._is_weighted = is_weighted
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        self._device = dev
+        self._init_facade(is_weighted, dev)
         self.ebc = EmbeddingBagCollection(tables=kept, is_weighted=is_weighted, device=dev)
         names = [f for t in tables for f in t.feature_names]
         in_dims = [int(dims[t.name]) for t in tables for _ in t.feature_names]
@@ -672,21 +672,6 @@ class MixedDimEmbeddingBagCollection(EmbeddingBagCollection):
     @property
     def _lengths_per_embedding(self) -> list[int]:  # type: ignore[override]
         return list(self.align.out_dims)
-
-    @property
-    def embedding_bags(self) -> nn.ModuleDict:  # type: ignore[override]
-        return self.ebc.embedding_bags  # type: ignore[return-value]
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def reset_parameters(self) -> None:
-        if isinstance(self.ebc, EmbeddingBagCollection):
-            self.ebc.reset_parameters()
 
 
 def export_collection(

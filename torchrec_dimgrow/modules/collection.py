@@ -31,6 +31,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
 from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix
 from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
 from torchrec_dimgrow.policy import DimChange, capacity_for
@@ -231,7 +232,7 @@ class DimGrowPostProcess(nn.Module):
         return out
 
 
-class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
+class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     """An :class:`~torchrec.EmbeddingBagCollection` that searches each table's dimension.
 
     Takes a ``KeyedJaggedTensor`` and returns a ``KeyedTensor`` like any EBC. Each table
@@ -288,7 +289,6 @@ class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
         feature_tables = [i for i, t in enumerate(self._user_configs) for _ in t.feature_names]
         feature_names = [f for t in self._user_configs for f in t.feature_names]
         out_dims = [self._user_configs[i].embedding_dim for i in feature_tables]
-        self._is_weighted = is_weighted
         self._feature_names = [list(t.feature_names) for t in self._user_configs]
         self._embedding_names = feature_names
         self.post = DimGrowPostProcess(names, feature_tables, feature_names, out_dims, d_max, cfg, align)
@@ -296,7 +296,7 @@ class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
         self.ebc: nn.Module = EmbeddingBagCollection(
             tables=self.physical_configs(), is_weighted=is_weighted, device=dev
         )
-        self._device = dev or torch.device("cpu")
+        self._init_facade(is_weighted, dev)
         if dev is not None and dev.type != "meta":
             self.post.to(dev)
 
@@ -314,22 +314,6 @@ class DimGrowEmbeddingBagCollection(EmbeddingBagCollection):
     @property
     def _lengths_per_embedding(self) -> list[int]:  # type: ignore[override]
         return self.post.output_dims()
-
-    @property
-    def embedding_bags(self) -> nn.ModuleDict:  # type: ignore[override]
-        """The physical tables (only while unsharded, as for a plain EBC)."""
-        return self.ebc.embedding_bags  # type: ignore[return-value]
-
-    def is_weighted(self) -> bool:
-        return self._is_weighted
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
-
-    def reset_parameters(self) -> None:
-        if isinstance(self.ebc, EmbeddingBagCollection):
-            self.ebc.reset_parameters()
 
     # ------------------------------------------------------------------ DimGrow API
     @property
