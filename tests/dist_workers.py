@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -222,7 +221,3 @@ def different_data_same_dims(rank: int, world: int) -> list[int]:
         coll.apply_changes(changes, store, [gate_opt])
         check_agreement(coll.post.dims_list())
     return coll.post.dims_list() + coll.post.capacity_list()
-
-
-def _unused(x: Any) -> Any:  # keep copy imported for workers that deep-copy models
-    return copy.copy(x)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -399,6 +398,4 @@ def run_search(
     opts: SearchOptions,
 ) -> dict[str, Any]:
     """Run one DimGrow search and write dims.json / trajectory.csv / metrics.json (rank 0)."""
-    if math.isnan(dg.alpha):
-        raise ValueError("alpha must be a number")
     return DimGrowSearch(data, dg, tc, planning, env, opts).run()
