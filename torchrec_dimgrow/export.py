@@ -12,11 +12,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
 
@@ -69,34 +64,6 @@ def read_dims_json(path: str | Path, fields: Sequence[str] | None = None) -> dic
     return dims
 
 
-def configs_for_dims(
-    tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int]
-) -> list[EmbeddingBagConfig]:
-    """Plain TorchRec configs at the found dims; tables with dim 0 are dropped."""
-    from dataclasses import replace
-
-    out = []
-    for t in tables:
-        if t.name not in dims:
-            raise KeyError(f"no dim for table {t.name!r}")
-        if dims[t.name] > 0:
-            out.append(replace(t, embedding_dim=int(dims[t.name])))
-    return out
-
-
-def to_plain_collection(
-    collection: DimGrowEmbeddingBagCollection, dims: Mapping[str, int] | None = None
-) -> EmbeddingBagCollection:
-    """A fresh, plain ``EmbeddingBagCollection`` with the found dims (to retrain)."""
-    configs = collection.export_configs(dict(dims) if dims is not None else None)
-    if not configs:
-        raise ValueError("every table was dropped (all dims are 0): nothing to retrain")
-    return EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
-
-
 def embedding_params(vocab_sizes: Mapping[str, int], dims: Mapping[str, int]) -> int:
+    """Sum of vocab x dim over fields (dropped fields count 0): the size the issue compares."""
     return int(sum(vocab_sizes[f] * dims.get(f, 0) for f in vocab_sizes))
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -139,7 +139,3 @@ def plan_collection(
     if module_plan is None:
         raise RuntimeError(f"planner returned no plan for {fqn!r}")
     return module_plan  # type: ignore[return-value]
-
-
-def full_plan(fqn: str, module_plan: EmbeddingModuleShardingPlan) -> ShardingPlan:
-    return ShardingPlan({fqn: module_plan})

@@ -121,9 +121,11 @@ class DimGrowPostProcess(nn.Module):
     def capacity_list(self) -> list[int]:
         return [int(v) for v in self.capacity.tolist()]
 
-    def _index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _index(
+        self, dims_list: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(table, slot) of every active output column and every active table slot."""
-        dims = tuple(self.dims_list())
+        dims = tuple(self.dims_list() if dims_list is None else dims_list)
         if self._cols is None or self._cache_key != dims or self._cols[0].device != self.dims.device:
             dev = self.dims.device
             col_t = [t for t in self.feature_tables for _ in range(dims[t])]
@@ -137,10 +139,10 @@ class DimGrowPostProcess(nn.Module):
         assert self._cols is not None
         return self._cols
 
-    def output_dims(self) -> list[int]:
+    def output_dims(self, dims_list: list[int] | None = None) -> list[int]:
         """Width of each output feature (logical dim in raw mode, configured width else)."""
         if self.align == "raw":
-            dims = self.dims_list()
+            dims = self.dims_list() if dims_list is None else dims_list
             return [dims[t] for t in self.feature_tables]
         return list(self.out_dims)
 
@@ -155,7 +157,7 @@ class DimGrowPostProcess(nn.Module):
         x = torch.cat(cols, dim=1)
         if self.freeze_lookup:
             x = x.detach()
-        col_t, col_s, _, _ = self._index()
+        col_t, col_s, _, _ = self._index(dims)
         g = self.gate.column_gates(col_t, col_s)
         y = shuffle_mix(x, g, self.mixing_mode())
         parts = list(y.split([dims[t] for t in self.feature_tables], dim=1))
@@ -165,7 +167,7 @@ class DimGrowPostProcess(nn.Module):
             parts = [p @ self.projections[i][: p.shape[1]] for i, p in enumerate(parts)]
         return KeyedTensor(
             keys=self.feature_names,
-            length_per_key=self.output_dims(),
+            length_per_key=self.output_dims(dims),
             values=torch.cat(parts, dim=1),
         )
 
@@ -360,10 +362,6 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     def gate_parameters(self) -> list[nn.Parameter]:
         """Parameters trained on validation batches (the DARTS-style gate step)."""
         return [self.post.gate.theta]
-
-    def model_parameters(self) -> list[nn.Parameter]:
-        """Dense parameters of the collection trained on training batches (projections)."""
-        return list(self.post.projections)
 
     def embedding_bytes(self, physical: bool = True) -> int:
         """fp32 bytes of the tables: at capacity (``physical``) or at the logical dims."""

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.export import write_json_atomic
+from torchrec_dimgrow.export import embedding_params, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.training import bce, evaluate, is_better
 
@@ -83,7 +83,7 @@ def retrain(
     model.load_state_dict(best_state)
     test = evaluate(model, data.test, tc.batch_size)
     vocab = dict(zip(data.fields, data.vocab_sizes))
-    params = int(sum(vocab[f] * int(dims[f]) for f in data.fields))
+    params = embedding_params(vocab, {f: int(dims[f]) for f in data.fields})
     metrics: dict[str, Any] = {
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],

@@ -37,7 +37,7 @@ from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, check
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
-from torchrec_dimgrow.export import gate_table, write_dims_json, write_json_atomic
+from torchrec_dimgrow.export import embedding_params, gate_table, write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.policy import PolicyState, decide, final_dims
@@ -361,7 +361,7 @@ class DimGrowSearch:
             "peak_embedding_bytes": st.peak_embedding_bytes,
             "peak_rank_embedding_bytes": st.peak_rank_bytes,
             "found_total_dim": sum(found.values()),
-            "found_embedding_bytes": int(sum(4 * vocab[f] * d for f, d in found.items())),
+            "found_embedding_bytes": 4 * embedding_params(vocab, found),
             "dropped_fields": sorted(f for f, d in found.items() if d == 0),
             "history": st.history,
         }
