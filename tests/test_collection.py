@@ -4,7 +4,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection, DimGrowPostProcess
 from torchrec_dimgrow.modules.table_store import LocalTableStore
 from torchrec_dimgrow.policy import DimChange
 
@@ -171,3 +171,44 @@ def test_auto_penalty_scale_tracks_task_gradient() -> None:
     )
     fixed.post.observe_task_gradient(grad)
     assert float(fixed.post.penalty_scale) == pytest.approx(0.01)
+
+
+def _two_tables(rows: tuple[int, int]) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=r, feature_names=[f"f{i}"])
+        for i, r in enumerate(rows)
+    ]
+
+
+@pytest.mark.parametrize("weighting", ["bytes", "uniform"])
+def test_bytes_weighting_charges_slots_by_table_rows(weighting: str) -> None:
+    cfg = DimGrowConfig(alpha=1.0, penalty_mode="fixed", penalty_weighting=weighting)  # type: ignore[arg-type]
+    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), cfg, align="raw")
+    m.penalty().backward()
+    grad = m.post.gate.theta.grad
+    ratio = float(grad[1, 0] / grad[0, 0])
+    assert ratio == pytest.approx(99.0 if weighting == "bytes" else 1.0, rel=1e-5)
+    # normalised to mean 1 over the active slots: the total pull equals the uniform penalty's
+    uniform = DimGrowEmbeddingBagCollection(
+        _two_tables((10, 990)), DimGrowConfig(alpha=1.0, penalty_mode="fixed", penalty_weighting="uniform")
+    )
+    uniform.penalty().backward()
+    assert float(grad.sum()) == pytest.approx(float(uniform.post.gate.theta.grad.sum()), rel=1e-5)
+
+
+def test_auto_scale_recognises_the_weighted_penalty_share() -> None:
+    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), DimGrowConfig(alpha=0.5, auto_ema=0.0))
+    task = torch.zeros_like(m.post.gate.theta)
+    task[:, 0] = 0.2
+    m.post.observe_task_gradient(task)
+    scale = float(m.post.penalty_scale)
+    assert scale == pytest.approx(0.5 * 2 * 0.2 / 1.25, rel=1e-5)
+    m.post.gate.theta.grad = None
+    m.penalty().backward()
+    m.post.observe_task_gradient(task + m.post.gate.theta.grad)
+    assert float(m.post.penalty_scale) == pytest.approx(scale, rel=1e-5)
+
+
+def test_row_counts_must_match_tables() -> None:
+    with pytest.raises(ValueError, match="row count"):
+        DimGrowPostProcess(["a"], [0], ["a"], [4], [4], DimGrowConfig(), "raw", table_rows=[3, 4])

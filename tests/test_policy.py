@@ -74,3 +74,7 @@ def test_config_rejects_bad_values() -> None:
         DimGrowConfig(grow_threshold=0.001, shrink_threshold=0.01)
     with pytest.raises(ValueError, match="initial_dim"):
         DimGrowConfig(d_max=4, initial_dim=5)
+    with pytest.raises(ValueError, match="penalty_weighting"):
+        DimGrowConfig(penalty_weighting="rows")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown keys"):
+        DimGrowConfig.from_dict({"alpha": 0.1, "alhpa": 0.2})

@@ -56,3 +56,16 @@ def test_gate_values_and_penalty_weights_one_over_k() -> None:
     gate.penalty(tables, slots).backward()
     assert gate.theta.grad[0, 3] == 0 and gate.theta.grad[1, 1:].abs().sum() == 0
     assert gate.theta.grad[0, 0] > gate.theta.grad[0, 1] > gate.theta.grad[0, 2] > 0
+
+
+def test_penalty_table_weights_scale_each_tables_slots() -> None:
+    gate = ShuffleGate(num_tables=2, d_max=2, tau=5.0, theta_init=0.0)
+    tables = torch.tensor([0, 0, 1])
+    slots = torch.tensor([0, 1, 0])
+    weight = torch.tensor([0.5, 2.0])
+    expected = 0.5 * (0.5 * 1 + 0.5 * 0.5 + 2.0 * 1) / 3
+    assert torch.allclose(gate.penalty(tables, slots, weight), torch.tensor(expected))
+    gate.penalty(tables, slots, weight).backward()
+    # slot 1 of table 0 pays half of slot 0; table 1's first slot pays 4x table 0's
+    assert torch.allclose(gate.theta.grad[1, 0], 4 * gate.theta.grad[0, 0])
+    assert torch.allclose(gate.theta.grad[0, 1], gate.theta.grad[0, 0] / 2)

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--d-max", type=int, default=16)
     s.add_argument("--alpha", type=float, default=None, help="penalty knob (default per --penalty-mode)")
     s.add_argument("--penalty-mode", choices=["auto", "fixed"], default="auto")
+    s.add_argument(
+        "--penalty-weighting",
+        choices=["bytes", "uniform"],
+        default="bytes",
+        help="charge a slot by its table's bytes (default) or every slot the same (the paper)",
+    )
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
     s.add_argument("--grow-threshold", type=float, default=0.6)
@@ -130,6 +136,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         d_max=args.d_max,
         alpha=alpha,
         penalty_mode=args.penalty_mode,
+        penalty_weighting=args.penalty_weighting,
         gate_lr=args.gate_lr,
         check_interval=args.check_interval,
         grow_threshold=args.grow_threshold,

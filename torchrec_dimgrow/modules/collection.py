@@ -70,6 +70,7 @@ class DimGrowPostProcess(nn.Module):
     capacity: torch.Tensor
     penalty_scale: torch.Tensor
     task_grad_ema: torch.Tensor
+    table_rows: torch.Tensor
 
     def __init__(
         self,
@@ -80,6 +81,7 @@ class DimGrowPostProcess(nn.Module):
         d_max: list[int],
         config: DimGrowConfig,
         align: AlignMode,
+        table_rows: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -103,6 +105,10 @@ class DimGrowPostProcess(nn.Module):
         initial_scale = float(config.alpha) if config.penalty_mode == "fixed" else 0.0
         self.register_buffer("penalty_scale", torch.tensor(initial_scale))
         self.register_buffer("task_grad_ema", torch.zeros(n, max(d_max)))
+        rows = table_rows if table_rows is not None else [1] * n
+        if len(rows) != n or min(rows) < 1:
+            raise ValueError(f"DimGrowPostProcess: need one row count >= 1 per table, got {rows}")
+        self.register_buffer("table_rows", torch.tensor(rows, dtype=torch.float32))
         self.projections = nn.ParameterList()
         if align == "project":
             for t in feature_tables:
@@ -171,10 +177,21 @@ class DimGrowPostProcess(nn.Module):
             values=torch.cat(parts, dim=1),
         )
 
+    def table_weights(self, tab_t: torch.Tensor) -> torch.Tensor | None:
+        """Per-table penalty weight (``penalty_weighting="bytes"``), mean 1 over active slots.
+
+        Normalising over the active slots (not over tables) keeps ``alpha`` meaning the
+        same average bar as the uniform penalty; only the split between tables changes.
+        """
+        if self.config.penalty_weighting == "uniform" or tab_t.numel() == 0:
+            return None
+        rows = self.table_rows
+        return rows / rows[tab_t].mean()
+
     def penalty(self) -> torch.Tensor:
-        """Scaled decaying-L1 gate penalty, ``penalty_scale * mean_active(g / k)``."""
+        """Scaled decaying-L1 gate penalty, ``penalty_scale * mean_active(w_t * g / k)``."""
         _, _, tab_t, tab_s = self._index()
-        return self.penalty_scale * self.gate.penalty(tab_t, tab_s)
+        return self.penalty_scale * self.gate.penalty(tab_t, tab_s, self.table_weights(tab_t))
 
     # ----------------------------------------------------------------- auto penalty
     @torch.no_grad()
@@ -195,7 +212,9 @@ class DimGrowPostProcess(nn.Module):
         dg_dtheta = cfg.tau * g * (1.0 - g)
         k = tab_s.to(g.dtype) + 1.0
         n = float(tab_t.numel())
-        penalty_grad = self.penalty_scale * dg_dtheta / (k * n)
+        weights = self.table_weights(tab_t)
+        w = weights[tab_t] if weights is not None else torch.ones_like(g)
+        penalty_grad = self.penalty_scale * w * dg_dtheta / (k * n)
         task = theta_grad_with_penalty[tab_t, tab_s] - penalty_grad
         task_g = task / dg_dtheta.clamp_min(1e-4)
         ema = self.task_grad_ema
@@ -293,7 +312,16 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         out_dims = [self._user_configs[i].embedding_dim for i in feature_tables]
         self._feature_names = [list(t.feature_names) for t in self._user_configs]
         self._embedding_names = feature_names
-        self.post = DimGrowPostProcess(names, feature_tables, feature_names, out_dims, d_max, cfg, align)
+        self.post = DimGrowPostProcess(
+            names,
+            feature_tables,
+            feature_names,
+            out_dims,
+            d_max,
+            cfg,
+            align,
+            table_rows=[t.num_embeddings for t in self._user_configs],
+        )
         dev = torch.device(device) if device is not None else None
         self.ebc: nn.Module = EmbeddingBagCollection(
             tables=self.physical_configs(), is_weighted=is_weighted, device=dev

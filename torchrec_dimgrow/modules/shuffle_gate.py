@@ -76,16 +76,25 @@ class ShuffleGate(nn.Module):
         """Gate value of each active column, given its table and 0-based slot index."""
         return torch.sigmoid(self.tau * self.theta[col_table, col_slot])
 
-    def penalty(self, col_table: torch.Tensor, col_slot: torch.Tensor) -> torch.Tensor:
-        """``mean over active (t, k) of g[t, k] / k`` with k the 1-based slot index.
+    def penalty(
+        self,
+        col_table: torch.Tensor,
+        col_slot: torch.Tensor,
+        table_weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``mean over active (t, k) of w[t] * g[t, k] / k`` with k the 1-based slot index.
 
         Later slots weigh less, so a field that already earned k dims pays less to keep
         dim k+1 (the DimGrow decaying L1). The mean (not sum) follows the reference code.
+        ``table_weight`` (one value per table, default 1) lets a caller charge tables by
+        what a column costs them (see ``DimGrowConfig.penalty_weighting``).
         """
         if col_table.numel() == 0:
             return self.theta.sum() * 0.0
         g = self.column_gates(col_table, col_slot)
         weights = 1.0 / (col_slot.to(g.dtype) + 1.0)
+        if table_weight is not None:
+            weights = weights * table_weight.to(g.dtype)[col_table]
         return (g * weights).mean()
 
     @torch.no_grad()
