@@ -68,8 +68,7 @@ def test_single_process_search_and_retrain_on_movielens(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "trajectory.csv").open()))
     assert set(rows[0]) == {"step", "field", "logical_dim", "capacity", "min_gate", "max_gate"}
     assert {r["field"] for r in rows} == set(dims)
-    if sum(dims.values()) == 0:
-        pytest.skip("search dropped every field in 120 steps")
+    assert sum(dims.values()) > 0, f"120 steps of a seeded search kept no field: {dims}"
     rt = tmp_path / "retrain"
     r = cli(
         "retrain",

@@ -33,14 +33,15 @@ from tqdm import tqdm
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.data import PreparedData, Split
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, check_agreement, gather_importance
+from torchrec_dimgrow.distributed.importance import ImportanceAccumulator
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
 from torchrec_dimgrow.export import embedding_params, gate_table, write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.policy import PolicyState, decide, final_dims
+from torchrec_dimgrow.pipeline import CheckReport, DimGrowController
+from torchrec_dimgrow.policy import PolicyState, final_dims
 from torchrec_dimgrow.training import bce, evaluate, is_better
 
 log = logging.getLogger(__name__)
@@ -159,13 +160,20 @@ class DimGrowSearch:
         dense = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if p is not theta]
         self.dense_opt = torch.optim.Adam(dense, lr=tc.lr)
         self.gate_opt = torch.optim.Adam([theta], lr=dg.gate_lr)
-        self.policy = PolicyState(self.coll.post.dims_list())
-        self.importance = ImportanceAccumulator(tuple(self.coll.post.gate.theta.shape))  # type: ignore[arg-type]
+        # The same controller a user drives in their own pipeline: importance window, policy
+        # counters, all-gather + decide + apply + agreement check.
+        self.controller = DimGrowController(
+            {"": self.coll},
+            stores={"": self.store},
+            dense_optimizers=[self.dense_opt],
+            gate_optimizer=self.gate_opt,
+        )
         self.trajectory: list[dict[str, Any]] = []
         if opts.resume is not None:
             from torchrec_dimgrow.recipes.checkpoint import load_checkpoint
 
             load_checkpoint(self, opts.resume)
+            self.controller.steps = self.state.step
         if not getattr(self, "restored_rng", False):
             torch.manual_seed(tc.seed * 1000 + env.rank)
         self.val_stream = ValStream(data.val, tc.batch_size, tc.seed, env, self.state)
@@ -200,26 +208,28 @@ class DimGrowSearch:
         with self.coll.gate_step():
             vloss = bce(self.dmp(vbatch.sparse_features), vbatch.labels) + self.coll.penalty()
             vloss.backward()
-        theta = self.coll.post.gate.theta
-        if theta.grad is not None:
-            self.coll.post.observe_task_gradient(theta.grad)
-        self.gate_opt.step()
+        self.controller.update_gates(add_penalty=False)  # the penalty is in vloss already
         self.dense_opt.zero_grad(set_to_none=True)  # the gate step's dense grads are discarded
-        self.importance.add(self.coll.gate_values())
         return float(loss.detach())
 
-    def check(self) -> None:
-        """All-gather importance, decide, apply to every rank identically, verify."""
-        table = gather_importance(self.importance.mean())
-        self.importance.reset()
-        dims = self.policy.dims
-        rows = [table[t, : self.dg.d_max].tolist() for t in range(len(dims))]
-        self.policy, changes = decide(rows, self.policy, self.dg, self.coll.post.d_max)
-        if not changes:
+    @property
+    def policy(self) -> PolicyState:
+        return self.controller.tracked[0].policy
+
+    @policy.setter
+    def policy(self, value: PolicyState) -> None:
+        self.controller.tracked[0].policy = value
+
+    @property
+    def importance(self) -> ImportanceAccumulator:
+        return self.controller.tracked[0].importance
+
+    def after_check(self, check: CheckReport | None) -> None:
+        """Book-keep what the controller's check did: re-plan stats, memory, trajectory."""
+        if check is None or not check.changed:
             return
-        report = self.coll.apply_changes(changes, self.store, [self.dense_opt, self.gate_opt])
-        check_agreement(self.coll.post.dims_list(), what="dims")
-        check_agreement(self.coll.post.capacity_list(), what="capacities")
+        report = check.reports[""]
+        changes = check.changes[""]
         if report.replanned:
             self.state.replans += 1
             self.state.replan_seconds += report.replan_seconds
@@ -276,8 +286,7 @@ class DimGrowSearch:
                 st.step += 1
                 st.batch_in_epoch += 1
                 bar.update(1)
-                if st.step % self.dg.check_interval == 0:
-                    self.check()
+                self.after_check(self.controller.end_step())
                 if self.opts.log_every and st.step % self.opts.log_every == 0:
                     self._log_trajectory()
                     bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.post.dims_list()))
