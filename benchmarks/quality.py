@@ -138,10 +138,10 @@ def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "seeds": len(rs),
                 "Σdim (per seed)": "/".join(str(r["total_dim"]) for r in rs),
                 "emb params": round(mean_std(r["embedding_params"] for r in rs)[0]),
-                "emb KiB": round(mean_std(r["embedding_bytes"] for r in rs)[0] / 1024, 1),
+                "emb KiB": f"{mean_std(r['embedding_bytes'] for r in rs)[0] / 1024:.1f}",
                 "test AUC": pm(r["test_auc"] for r in rs),
                 "test logloss": pm(r["test_logloss"] for r in rs),
-                "search s": round(mean_std(r["search_wall_s"] for r in rs)[0], 1),
+                "search s": f"{mean_std(r['search_wall_s'] for r in rs)[0]:.1f}",
             }
         )
     return out
