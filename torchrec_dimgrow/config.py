@@ -53,9 +53,9 @@ class DimGrowConfig:
             to the bytes it costs (its row count), normalised so the mean weight over the
             active slots is 1: the same ``alpha`` then removes bytes, not dimensions. A
             column of a 3-row field costs 12 bytes and is almost free to keep; one of a
-            1,500-row field pays 3.5x the average bar. Measured on MovieLens-100k this
-            keeps the cheap user attributes (which the uniform penalty drops) and trims
-            user/item ids instead: see benchmarks/README.md.
+            1,500-row field pays more than the average bar. On MovieLens-100k this keeps
+            the cheap user attributes that the uniform penalty drops, and retrains better
+            at fewer bytes: see benchmarks/README.md.
         alpha: the penalty knob (see ``penalty_mode``). The authors' fixed values, in
             this package's units (their 0.1 * alpha_dataset): ML-1M 0.01, Criteo 0.002,
             Avazu 0.0005, Ali-CCP 0.000125.
