@@ -619,6 +619,17 @@ class AlignToWidth(nn.Module):
         )
 
 
+def _found_configs(tables: list[EmbeddingBagConfig], dims: Mapping[str, int]) -> list[EmbeddingBagConfig]:
+    """``tables`` at their found dims, tables at 0 left out; every table needs a dim."""
+    missing = [t.name for t in tables if t.name not in dims]
+    if missing:
+        raise ValueError(f"no dim for tables {missing}")
+    kept = [replace(t, embedding_dim=int(dims[t.name])) for t in tables if int(dims[t.name]) > 0]
+    if not kept:
+        raise ValueError("every table has dim 0: nothing to export")
+    return kept
+
+
 class MixedDimEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     """A stock ``EmbeddingBagCollection`` at per-table dims, presented at the configured widths.
 
@@ -642,12 +653,7 @@ class MixedDimEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         device: torch.device | str | None = None,
     ) -> None:
         nn.Module.__init__(self)
-        missing = [t.name for t in tables if t.name not in dims]
-        if missing:
-            raise ValueError(f"no dim for tables {missing}")
-        kept = [replace(t, embedding_dim=int(dims[t.name])) for t in tables if int(dims[t.name]) > 0]
-        if not kept:
-            raise ValueError("every table has dim 0: nothing to export")
+        kept = _found_configs(tables, dims)
         self._configs = [replace(t) for t in tables]
         dev = torch.device(device) if device is not None else torch.device("cpu")
         self._init_facade(is_weighted, dev)
@@ -683,12 +689,7 @@ def export_collection(
 ) -> EmbeddingBagCollection:
     """A fresh collection at ``dims``: a plain EBC (``raw``) or a mixed-dim one (pad/project)."""
     if align == "raw":
-        missing = [t.name for t in tables if t.name not in dims]
-        if missing:
-            raise ValueError(f"no dim for tables {missing}")
-        kept = [replace(t, embedding_dim=int(dims[t.name])) for t in tables if int(dims[t.name]) > 0]
-        if not kept:
-            raise ValueError("every table has dim 0: nothing to export")
+        kept = _found_configs(tables, dims)
         return EmbeddingBagCollection(
             tables=kept, is_weighted=is_weighted, device=torch.device(device or "cpu")
         )
