@@ -33,6 +33,7 @@ from torchrec_dimgrow.baselines.base import (
     BaselineSearch,
     SparseSuperNet,
     Trained,
+    field_tables,
     keyed,
     table_config,
 )
@@ -194,7 +195,7 @@ class AutoDimSearch(BaselineSearch):
         std = cfg.init_std
         stored = [cfg.stored(cfg.d_max)] if cfg.weight_sharing else [cfg.stored(c) for c in cands]
         if cfg.weight_sharing:
-            tables = [table_config(f, f, vocab[f], stored[0], std) for f in fields]
+            tables = field_tables(fields, vocab, stored[0], std)
         else:
             tables = [
                 table_config(table_name(f, c), f, vocab[f], s, std)

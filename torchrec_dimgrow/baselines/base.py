@@ -100,6 +100,13 @@ def table_config(name: str, feature: str, rows: int, dim: int, std: float) -> Em
     )
 
 
+def field_tables(
+    fields: Sequence[str], vocab: dict[str, int], width: int, std: float
+) -> list[EmbeddingBagConfig]:
+    """One ``width``-wide table per field, named after it: the SuperNets' shared storage."""
+    return [table_config(f, f, vocab[f], width, std) for f in fields]
+
+
 def field_blocks(
     pooled: KeyedTensor, fields: Sequence[str], width: int, stored: int | None = None
 ) -> torch.Tensor:

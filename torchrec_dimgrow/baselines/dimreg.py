@@ -26,8 +26,8 @@ from torchrec_dimgrow.baselines.base import (
     SparseSuperNet,
     Trained,
     field_blocks,
+    field_tables,
     keyed,
-    table_config,
 )
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
@@ -74,7 +74,7 @@ class DimRegSearch(BaselineSearch):
     ) -> SparseSuperNet:
         cfg = self.config
         stored = cfg.stored(cfg.d_max)
-        tables = [table_config(f, f, vocab[f], stored, cfg.init_std) for f in fields]
+        tables = field_tables(fields, vocab, stored, cfg.init_std)
         post = GatePost(fields, cfg.d_max, cfg.tau, stored)
         return SparseSuperNet(EmbeddingBagCollection(tables=tables, device=device), post)
 

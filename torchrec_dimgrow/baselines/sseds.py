@@ -31,8 +31,8 @@ from torchrec_dimgrow.baselines.base import (
     Trained,
     all_reduce_mean,
     field_blocks,
+    field_tables,
     keyed,
-    table_config,
     vocab_dict,
 )
 from torchrec_dimgrow.config import TrainConfig
@@ -144,7 +144,7 @@ class SSEDSSearch(BaselineSearch):
     ) -> SparseSuperNet:
         cfg = self.config
         stored = cfg.stored(cfg.d_max)
-        tables = [table_config(f, f, vocab[f], stored, cfg.init_std) for f in fields]
+        tables = field_tables(fields, vocab, stored, cfg.init_std)
         return SparseSuperNet(
             EmbeddingBagCollection(tables=tables, device=device), MaskPost(fields, cfg.d_max, stored)
         )
