@@ -159,15 +159,12 @@ class DimGrowSearch:
         theta = self.coll.post.gate.theta
         dense = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if p is not theta]
         self.dense_opt = torch.optim.Adam(dense, lr=tc.lr)
-        self.gate_opt = torch.optim.Adam([theta], lr=dg.gate_lr)
-        # The same controller a user drives in their own pipeline: importance window, policy
-        # counters, all-gather + decide + apply + agreement check.
+        # The same controller a user drives in their own pipeline: gate optimizer (Adam at
+        # gate_lr), importance window, policy counters, all-gather + decide + apply + agreement.
         self.controller = DimGrowController(
-            {"": self.coll},
-            stores={"": self.store},
-            dense_optimizers=[self.dense_opt],
-            gate_optimizer=self.gate_opt,
+            {"": self.coll}, stores={"": self.store}, dense_optimizers=[self.dense_opt]
         )
+        self.gate_opt = self.controller.gate_optimizer
         self.trajectory: list[dict[str, Any]] = []
         if opts.resume is not None:
             from torchrec_dimgrow.recipes.checkpoint import load_checkpoint
@@ -204,7 +201,7 @@ class DimGrowSearch:
         loss = bce(self.dmp(batch.sparse_features), batch.labels)
         loss.backward()
         self.dense_opt.step()
-        self.gate_opt.zero_grad(set_to_none=True)
+        self.controller.clear_gate_grads()  # drop what the training backward left on the gates
         with self.coll.gate_step():
             vloss = bce(self.dmp(vbatch.sparse_features), vbatch.labels) + self.coll.penalty()
             vloss.backward()
