@@ -113,6 +113,27 @@ def test_two_rank_torchrun_search_replans_and_writes_outputs_on_rank0(tmp_path: 
     assert "8" in caps, "a capacity change must appear in the trajectory"
 
 
+def _rank_processes(pid: int) -> list[int]:
+    """Children of torchrun ``pid`` that run torchrec_dimgrow, read from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == pid and b"torchrec_dimgrow" in cmd:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _wait_gone(pids: list[int], timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids), f"ranks {pids} survived SIGKILL"
+
+
 def test_killed_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     r = cli("search", *SEARCH_2R, "--out", str(ref), ranks=2)
@@ -133,8 +154,14 @@ def test_killed_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun and both ranks
+    ranks = _rank_processes(proc.pid)
+    assert len(ranks) == 2, f"expected torchrun's two rank processes, found {ranks}"
+    for pid in [*ranks, proc.pid]:  # torchrun starts each rank in its own session: kill each
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    _wait_gone(ranks)
+    killed_at = json.loads(state.read_text())["state"]["step"]
+    assert 20 <= killed_at < 60, f"the kill must land mid-run, the checkpoint is at step {killed_at}"
     assert not (killed / "dims.json").exists()
     r = cli("search", *SEARCH_2R, "--out", str(killed), "--resume", str(killed), ranks=2)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -142,7 +169,10 @@ def test_killed_search_resumes_to_the_same_dims(tmp_path: Path) -> None:
     assert (killed / "trajectory.csv").read_text() == (ref / "trajectory.csv").read_text()
     m_ref = json.loads((ref / "metrics.json").read_text())
     m_res = json.loads((killed / "metrics.json").read_text())
+    assert m_res["history"] == m_ref["history"], "every epoch's validation metrics must match"
     assert m_res["val_auc"] == m_ref["val_auc"] and m_res["replans"] == m_ref["replans"]
+    best = [json.loads((d / "checkpoint" / "search_state.json").read_text())["state"] for d in (ref, killed)]
+    assert best[0]["best_gates"] == best[1]["best_gates"], "the exported gates must survive the kill"
 
 
 @pytest.mark.parametrize(

@@ -49,8 +49,17 @@ def shard_model(
     planning: PlanningConfig | None = None,
     optimizer: EmbeddingOptimizer | None = None,
     group: dist.ProcessGroup | None = None,
+    saved_plan: ShardingPlan | None = None,
 ) -> ShardedSearch:
-    """Build the DMP for ``model``; DimGrow tables must still be on the meta device."""
+    """Build the DMP for ``model``; DimGrow tables must still be on the meta device.
+
+    ``saved_plan`` (a resumed search's ``dmp.plan``) places every collection exactly where
+    the interrupted run had it. Re-plans only move the tables whose width changed, so
+    after a few of them the placement depends on the search's history, and planning
+    afresh would put tables on other ranks: the weights would still load (DCP re-shards),
+    but each rank would then initialise different new columns from its own random stream
+    and the resumed search would drift from the uninterrupted one.
+    """
     planning = planning or PlanningConfig()
     optimizer = optimizer or EmbeddingOptimizer()
     group = group if group is not None else dist.GroupMember.WORLD
@@ -60,6 +69,12 @@ def shard_model(
     for path, coll in collections:
         optimizer.apply(coll.ebc.parameters())
         fqn = f"{path}.ebc" if path else "ebc"
+        if saved_plan is not None:
+            module_plan = saved_plan.get_plan_for_module(fqn)
+            if module_plan is None:
+                raise ValueError(f"saved sharding plan has no entry for {fqn!r}")
+            plan.plan[fqn] = module_plan
+            continue
         plan.plan[fqn] = plan_collection(  # type: ignore[assignment]
             coll.ebc,
             fqn,

@@ -4,9 +4,11 @@ Layout of ``DIR/checkpoint/``:
 * ``search_state.json`` (rank 0): step/epoch/data position, policy counters, dims and
   capacities, best-epoch snapshot, trajectory so far;
 * ``dcp/``: ``torch.distributed.checkpoint`` of the DMP state (sharded tables, gates,
-  dense layers) and of the fused embedding optimizer state; DCP re-shards on load, so a
-  resumed run may use a different plan than the one that saved;
-* ``rank{r}.pt``: each rank's dense/gate Adam state, RNG state and importance window.
+  dense layers) and of the fused embedding optimizer state;
+* ``rank{r}.pt``: each rank's dense/gate Adam state, RNG state, importance window, its
+  rank-local buffers (BatchNorm statistics: each rank updates its own, DCP keeps one
+  copy) and the sharding plan in force, so a resumed run places every table where the
+  interrupted one had it and continues bit-exactly.
 
 A checkpoint is written to ``checkpoint.tmp`` and swapped in only when every rank has
 finished, so killing the job mid-save leaves the previous checkpoint intact.
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torchrec.distributed.model_parallel import get_unwrapped_module
+from torchrec.distributed.types import ShardingPlan
 
 from torchrec_dimgrow.policy import PolicyState
 
@@ -33,6 +37,25 @@ if TYPE_CHECKING:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _rank_local_buffers(search: DimGrowSearch) -> dict[str, torch.Tensor]:
+    """Buffers outside the DimGrow collection, e.g. BatchNorm running statistics.
+
+    Each rank updates them from its own part of the global batch, so they differ across
+    ranks, while DCP stores a replicated tensor once (rank 0's copy). Inside the
+    collection every buffer is either sharded or identical on all ranks.
+    """
+    root = get_unwrapped_module(search.dmp)
+    prefix = next(n for n, m in root.named_modules() if m is search.coll) + "."
+    return {n: b.detach().clone() for n, b in root.named_buffers() if not n.startswith(prefix)}
+
+
+def saved_plan(path: Path, rank: int) -> ShardingPlan | None:
+    """The sharding plan a checkpoint was written under (``None`` for older checkpoints)."""
+    local = torch.load(path / f"rank{rank}.pt", weights_only=False)
+    plan = local.get("plan")
+    return plan if isinstance(plan, ShardingPlan) else None
 
 
 def _tensor_state(search: DimGrowSearch) -> dict[str, Any]:
@@ -55,6 +78,8 @@ def save_checkpoint(search: DimGrowSearch, path: Path) -> None:
             "rng": torch.get_rng_state(),
             "importance_total": search.importance.total,
             "importance_count": search.importance.count,
+            "buffers": _rank_local_buffers(search),
+            "plan": search.dmp.plan,
         },
         tmp / f"rank{rank}.pt",
     )
@@ -108,6 +133,9 @@ def load_checkpoint(search: DimGrowSearch, path: Path) -> None:
     search.gate_opt.load_state_dict(local["gate_opt"])
     search.importance.total.copy_(local["importance_total"])
     search.importance.count = int(local["importance_count"])
+    buffers = dict(get_unwrapped_module(search.dmp).named_buffers())
+    for name, value in local.get("buffers", {}).items():
+        buffers[name].copy_(value)
     raw = meta["state"]
     search.state = SearchState(**raw)
     search.policy = PolicyState(**meta["policy"])

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
@@ -146,13 +147,13 @@ class DimGrowSearch:
         self.restored_rng = False
         torch.manual_seed(tc.seed)
         self.model, self.coll = build_search_model(data, dg, tc)
-        if opts.resume is not None:
-            self._restore_capacities(opts.resume)
+        saved_plan = self._restore_capacities(opts.resume) if opts.resume is not None else None
         self.sharded: ShardedSearch = shard_model(
             self.model,
             env.device,
             planning,
             EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr),
+            saved_plan=saved_plan,
         )
         self.dmp = self.sharded.dmp
         self.store = self.sharded.store_for(self.coll)
@@ -177,8 +178,9 @@ class DimGrowSearch:
         self._note_memory()
 
     # ------------------------------------------------------------------ pieces
-    def _restore_capacities(self, ckpt: Path) -> None:
-        from torchrec_dimgrow.recipes.checkpoint import resolve
+    def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
+        """Rebuild the tables at the checkpoint's widths; return the plan they were sharded with."""
+        from torchrec_dimgrow.recipes.checkpoint import resolve, saved_plan
 
         meta = json.loads((resolve(ckpt) / "search_state.json").read_text())
         caps = meta["capacity"]
@@ -187,6 +189,7 @@ class DimGrowSearch:
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
         self.coll.ebc = EmbeddingBagCollection(self.coll.physical_configs(), device=torch.device("meta"))
+        return saved_plan(resolve(ckpt), self.env.rank)
 
     def _note_memory(self) -> None:
         st = self.state
