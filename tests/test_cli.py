@@ -98,6 +98,7 @@ def _vocab(run: Path) -> list[int]:
 SEARCH_2R = [
     "--data", CRITEO, "--format", "criteo", "--epochs", "2", "--batch-size", "64", "--max-steps", "60",
     "--grow-threshold", "0.5005", "--checkpoint-every", "10", "--quiet", "--seed", "3",
+    "--final-gates", "epoch",  # a resumed run must restore the epoch gate means too
 ]  # fmt: skip
 
 

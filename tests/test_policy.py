@@ -1,7 +1,9 @@
 import pytest
+import torch
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.policy import PolicyState, capacity_for, decide, final_dims
+from torchrec_dimgrow.distributed.importance import SlotGateMean
+from torchrec_dimgrow.policy import DimChange, PolicyState, capacity_for, decide, final_dims
 
 
 def cfg(**kw) -> DimGrowConfig:
@@ -76,5 +78,37 @@ def test_config_rejects_bad_values() -> None:
         DimGrowConfig(d_max=4, initial_dim=5)
     with pytest.raises(ValueError, match="penalty_weighting"):
         DimGrowConfig(penalty_weighting="rows")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="final_gates"):
+        DimGrowConfig(final_gates="best")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown keys"):
         DimGrowConfig.from_dict({"alpha": 0.1, "alhpa": 0.2})
+
+
+def test_slot_gate_mean_averages_only_active_steps() -> None:
+    mean = SlotGateMean((2, 3))
+    mean.add(torch.tensor([[0.4, 0.9, 0.9], [0.8, 0.9, 0.9]]), [1, 2])
+    mean.add(torch.tensor([[0.6, 0.7, 0.9], [0.2, 0.5, 0.9]]), [2, 2])
+    current = torch.full((2, 3), 0.123)
+    got = mean.mean(current)
+    # table 0: slot 0 over both steps, slot 1 only since it grew; never-active slots read current
+    assert torch.allclose(got, torch.tensor([[0.5, 0.7, 0.123], [0.5, 0.7, 0.123]]))
+    mean.reset()
+    assert torch.equal(mean.mean(current), current)
+
+
+def test_slot_gate_mean_follows_shrink_moves() -> None:
+    mean = SlotGateMean((1, 4))
+    for _ in range(2):
+        mean.add(torch.tensor([[0.9, 0.1, 0.7, 0.3]]), [3])
+    # the collection drops slot 1 and moves the last active slot (2) into its place
+    mean.apply([DimChange(0, "shrink", 1, 3, 2)])
+    mean.add(torch.tensor([[0.9, 0.5, 0.3, 0.3]]), [2])
+    got = mean.mean(torch.zeros(1, 4))
+    assert torch.allclose(got, torch.tensor([[0.9, (0.7 + 0.7 + 0.5) / 3, 0.0, 0.0]]))
+    # exported with the averages: slot 1 counts (0.63 > 0.5) although its last value is 0.5
+    assert final_dims([got[0, :2].tolist()], cfg()) == [2]
+
+
+def test_slot_gate_mean_rejects_mismatched_shapes() -> None:
+    with pytest.raises(ValueError, match=r"expected gates \(2, 3\)"):
+        SlotGateMean((2, 3)).add(torch.zeros(3, 3), [1, 1, 1])

@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shrink-patience", type=int, default=1)
     s.add_argument("--shrink-slot", choices=["lowest", "last"], default="lowest")
     s.add_argument(
+        "--final-gates",
+        choices=["epoch", "step"],
+        default="step",
+        help="export from the best epoch's last gates (step) or each slot's epoch-mean gate (epoch)",
+    )
+    s.add_argument(
         "--embedding-optimizer", choices=["adagrad", "rowwise_adagrad", "sgd", "adam"], default="adagrad"
     )
     s.add_argument("--embedding-lr", type=float, default=0.05)
@@ -144,6 +150,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         grow_patience=args.grow_patience,
         shrink_patience=args.shrink_patience,
         shrink_slot=args.shrink_slot,
+        final_gates=args.final_gates,
     )
     tc = TrainConfig(
         epochs=args.epochs,

@@ -13,6 +13,7 @@ AlignMode = Literal["raw", "pad", "project"]
 ShrinkSlot = Literal["lowest", "last"]
 PenaltyMode = Literal["auto", "fixed"]
 PenaltyWeighting = Literal["bytes", "uniform"]
+FinalGates = Literal["epoch", "step"]
 
 
 @dataclass
@@ -37,6 +38,11 @@ class DimGrowConfig:
             one after another, and blocks any later growth.
         check_interval: training steps between two grow/shrink checks.
         final_threshold: a slot counts in the exported dim when its gate exceeds this.
+        final_gates: which gate value the search recipe thresholds for the exported dims:
+            ``"step"`` reads the gates once, at the end of the best-validation epoch (the
+            authors' checkpoint rule); ``"epoch"`` uses each slot's mean gate over that
+            epoch (over the steps in which the slot was active), so a gate hovering at the
+            threshold does not flip the export on its last batches' noise.
         capacity_block: physical widths move in blocks of this many columns (FBGEMM's
             fused TBE kernel needs every local shard width to be a multiple of 4).
         capacity_slack_blocks: a table gives back storage only when it holds more than
@@ -79,6 +85,7 @@ class DimGrowConfig:
     shrink_slot: ShrinkSlot = "lowest"
     check_interval: int = 1
     final_threshold: float = 0.5
+    final_gates: FinalGates = "step"
     capacity_block: int = 4
     capacity_slack_blocks: int = 1
     init_std: float = 0.01
@@ -124,6 +131,7 @@ class DimGrowConfig:
                 self.penalty_weighting in ("bytes", "uniform"),
                 f"unknown penalty_weighting {self.penalty_weighting}",
             ),
+            (self.final_gates in ("epoch", "step"), f"unknown final_gates {self.final_gates}"),
             (self.shrink_slot in ("lowest", "last"), f"unknown shrink_slot {self.shrink_slot}"),
             (
                 self.eval_mixing in ("mean", "shuffle", "off"),

@@ -5,10 +5,10 @@ Layout of ``DIR/checkpoint/``:
   capacities, best-epoch snapshot, trajectory so far;
 * ``dcp/``: ``torch.distributed.checkpoint`` of the DMP state (sharded tables, gates,
   dense layers) and of the fused embedding optimizer state;
-* ``rank{r}.pt``: each rank's dense/gate Adam state, RNG state, importance window, its
-  rank-local buffers (BatchNorm statistics: each rank updates its own, DCP keeps one
-  copy) and the sharding plan in force, so a resumed run places every table where the
-  interrupted one had it and continues bit-exactly.
+* ``rank{r}.pt``: each rank's dense/gate Adam state, RNG state, importance window,
+  epoch gate means, rank-local buffers (BatchNorm statistics: each rank updates its own,
+  DCP keeps one copy) and the sharding plan in force, so a resumed run places every
+  table where the interrupted one had it and continues bit-exactly.
 
 A checkpoint is written to ``checkpoint.tmp`` and swapped in only when every rank has
 finished, so killing the job mid-save leaves the previous checkpoint intact.
@@ -78,6 +78,8 @@ def save_checkpoint(search: DimGrowSearch, path: Path) -> None:
             "rng": torch.get_rng_state(),
             "importance_total": search.importance.total,
             "importance_count": search.importance.count,
+            "epoch_gates_total": search.epoch_gates.total,
+            "epoch_gates_count": search.epoch_gates.count,
             "buffers": _rank_local_buffers(search),
             "plan": search.dmp.plan,
         },
@@ -133,6 +135,8 @@ def load_checkpoint(search: DimGrowSearch, path: Path) -> None:
     search.gate_opt.load_state_dict(local["gate_opt"])
     search.importance.total.copy_(local["importance_total"])
     search.importance.count = int(local["importance_count"])
+    search.epoch_gates.total.copy_(local["epoch_gates_total"])
+    search.epoch_gates.count.copy_(local["epoch_gates_count"])
     buffers = dict(get_unwrapped_module(search.dmp).named_buffers())
     for name, value in local.get("buffers", {}).items():
         buffers[name].copy_(value)

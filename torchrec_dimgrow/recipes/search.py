@@ -34,7 +34,7 @@ from tqdm import tqdm
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.data import PreparedData, Split
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.importance import ImportanceAccumulator
+from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, SlotGateMean
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
@@ -166,6 +166,8 @@ class DimGrowSearch:
             {"": self.coll}, stores={"": self.store}, dense_optimizers=[self.dense_opt]
         )
         self.gate_opt = self.controller.gate_optimizer
+        # Each slot's mean gate over the current epoch (config.final_gates="epoch").
+        self.epoch_gates = SlotGateMean((len(self.coll.table_names), max(self.coll.post.d_max)))
         self.trajectory: list[dict[str, Any]] = []
         if opts.resume is not None:
             from torchrec_dimgrow.recipes.checkpoint import load_checkpoint
@@ -230,6 +232,7 @@ class DimGrowSearch:
             return
         report = check.reports[""]
         changes = check.changes[""]
+        self.epoch_gates.apply(changes)
         if report.replanned:
             self.state.replans += 1
             self.state.replan_seconds += report.replan_seconds
@@ -287,6 +290,7 @@ class DimGrowSearch:
                 st.batch_in_epoch += 1
                 bar.update(1)
                 self.after_check(self.controller.end_step())
+                self.epoch_gates.add(self.coll.gate_values(), self.coll.post.dims_list())
                 if self.opts.log_every and st.step % self.opts.log_every == 0:
                     self._log_trajectory()
                     bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.post.dims_list()))
@@ -318,7 +322,7 @@ class DimGrowSearch:
         if is_better(metrics["auc"], st.best_auc) or st.best_epoch < 0:
             st.best_auc = metrics["auc"]
             st.best_epoch = st.epoch
-            st.best_gates = self.coll.gate_values().tolist()
+            st.best_gates = self._selection_gates().tolist()
             st.best_dims = self.coll.post.dims_list()
             st.bad_epochs = 0
         else:
@@ -333,9 +337,17 @@ class DimGrowSearch:
             )
         st.epoch += 1
         st.batch_in_epoch = 0
+        self.epoch_gates.reset()
         if st.bad_epochs >= self.tc.early_stop_patience:
             st.done = True
         self.save_checkpoint()
+
+    def _selection_gates(self) -> torch.Tensor:
+        """The gate table the exported dims are read from (see ``DimGrowConfig.final_gates``)."""
+        current = self.coll.gate_values()
+        if self.dg.final_gates == "epoch":
+            return self.epoch_gates.mean(current)
+        return current
 
     def save_checkpoint(self) -> None:
         from torchrec_dimgrow.recipes.checkpoint import save_checkpoint
