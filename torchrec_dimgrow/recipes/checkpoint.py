@@ -135,8 +135,9 @@ def load_checkpoint(search: DimGrowSearch, path: Path) -> None:
     search.gate_opt.load_state_dict(local["gate_opt"])
     search.importance.total.copy_(local["importance_total"])
     search.importance.count = int(local["importance_count"])
-    search.epoch_gates.total.copy_(local["epoch_gates_total"])
-    search.epoch_gates.count.copy_(local["epoch_gates_count"])
+    if "epoch_gates_total" in local:  # absent in checkpoints written before final_gates existed
+        search.epoch_gates.total.copy_(local["epoch_gates_total"])
+        search.epoch_gates.count.copy_(local["epoch_gates_count"])
     buffers = dict(get_unwrapped_module(search.dmp).named_buffers())
     for name, value in local.get("buffers", {}).items():
         buffers[name].copy_(value)
