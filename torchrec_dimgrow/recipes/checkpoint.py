@@ -28,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torchrec.distributed.model_parallel import get_unwrapped_module
 from torchrec.distributed.types import ShardingPlan
 
+from torchrec_dimgrow.distributed.replan import find_fqn
 from torchrec_dimgrow.policy import PolicyState
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def _rank_local_buffers(search: DimGrowSearch) -> dict[str, torch.Tensor]:
     collection every buffer is either sharded or identical on all ranks.
     """
     root = get_unwrapped_module(search.dmp)
-    prefix = next(n for n, m in root.named_modules() if m is search.coll) + "."
+    prefix = find_fqn(root, search.coll) + "."
     return {n: b.detach().clone() for n, b in root.named_buffers() if not n.startswith(prefix)}
 
 
