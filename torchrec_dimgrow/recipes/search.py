@@ -290,7 +290,8 @@ class DimGrowSearch:
                 st.batch_in_epoch += 1
                 bar.update(1)
                 self.after_check(self.controller.end_step())
-                self.epoch_gates.add(self.coll.gate_values(), self.coll.post.dims_list())
+                if self.dg.final_gates == "epoch":  # the default export never reads the means
+                    self.epoch_gates.add(self.coll.gate_values(), self.coll.post.dims_list())
                 if self.opts.log_every and st.step % self.opts.log_every == 0:
                     self._log_trajectory()
                     bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.post.dims_list()))
