@@ -221,3 +221,40 @@ def different_data_same_dims(rank: int, world: int) -> list[int]:
         coll.apply_changes(changes, store, [gate_opt])
         check_agreement(coll.post.dims_list())
     return coll.post.dims_list() + coll.post.capacity_list()
+
+
+def budgeted_controller_search(rank: int, world: int, budget: float) -> dict[str, Any]:
+    """Sharded search through DimGrowController with a byte budget; ranks see different data.
+
+    A grow threshold below the initial gate (0.5) makes every field ask to grow at every
+    check, so the budget, not the gates, is what stops growth.
+    """
+    from torchrec_dimgrow.pipeline import DimGrowController
+
+    torch.manual_seed(0)
+    cfg = DimGrowConfig(
+        d_max=8, grow_threshold=0.3, shrink_threshold=0.0, penalty_mode="fixed", alpha=0.0, budget=budget
+    )
+    coll = DimGrowEmbeddingBagCollection(tables(), cfg, align="project", device="meta")
+    model = CTRModel(coll, "sum", adapter_dim=8, hidden=(8,), dropout=0.0)
+    sharded = shard_model(model, torch.device("cpu"), PlanningConfig(), EmbeddingOptimizer("adagrad", 0.1))
+    ctrl = DimGrowController({"": coll}, stores={"": sharded.stores["sparse"]})
+    torch.manual_seed(1000 + rank)
+    used: list[int] = []
+    for step in range(30):
+        kjt, labels = batch(seed=rank * 1000 + step, size=16)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(sharded.dmp(kjt), labels)
+        loss.backward()
+        ctrl.update_gates()
+        ctrl.end_step()
+        used.append(coll.embedding_bytes(physical=False))
+    found = coll.export_dims()
+    return {
+        "dims": coll.post.dims_list(),
+        "capacity": coll.post.capacity_list(),
+        "used": used,
+        "budget": coll.budget_bytes(),
+        "costs": coll.dim_costs(),
+        "found_bytes": sum(c * found[n] for c, n in zip(coll.dim_costs(), coll.table_names)),
+        "replans": ctrl.replans,
+    }

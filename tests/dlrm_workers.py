@@ -179,3 +179,50 @@ def _export_forward(data: PreparedData, found: dict[str, int]) -> dict[str, Any]
         "type": type(coll).__name__,
         "finite": bool(torch.isfinite(logits).all()) and math.isfinite(float(loss)),
     }
+
+
+def dlrm_budget_search(rank: int, world: int, cache_dir: str, steps: int, budget: float) -> dict[str, Any]:
+    """The DLRM drop-in with ``DimGrowConfig.budget``: every field asks to grow at every check
+    (grow threshold below the initial gate), so only the budget stops growth."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    data = load_prepared(cache_dir)
+    device = torch.device("cpu")
+    model = build_dlrm(data)
+    cfg = DimGrowConfig(d_max=D, grow_threshold=0.3, shrink_threshold=0.001, check_interval=2, budget=budget)
+    handle = swap_in(model, cfg, align="project")  # DimGrow
+    apply_optimizer_in_backward(torch.optim.Adagrad, handle.embedding_parameters(), {"lr": 0.05})
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=world, compute_device="cpu"),
+        batch_size=BATCH,
+        constraints=handle.constraints(),  # DimGrow
+    )
+    plan = planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=device, plan=plan)
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())), lambda ps: torch.optim.Adam(ps, lr=3e-3)
+    )
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
+    handle.attach(dmp, pipeline=pipeline, optimizer=optimizer)  # DimGrow
+    (coll,) = handle.collections.values()
+    source = itertools.islice(batches(data.train, rank, world, seed=0), steps)
+    val_it = batches(data.val, rank, world, seed=1)
+    used: list[int] = []
+    dmp.train()
+    while True:
+        try:
+            pipeline.progress(source)
+        except StopIteration:
+            break
+        handle.step(next(val_it))  # DimGrow
+        used.append(coll.embedding_bytes(physical=False))
+    found = handle.found_dims()
+    costs = dict(zip(coll.table_names, coll.dim_costs()))
+    return {
+        "dims": handle.dims(),
+        "used": used,
+        "budget": coll.budget_bytes(),
+        "min_cost": min(costs.values()),
+        "found_bytes": sum(costs[n] * d for n, d in found.items()),
+    }

@@ -198,3 +198,28 @@ def test_bad_input_gives_a_clear_error_and_no_output(tmp_path: Path, case: str, 
     assert r.returncode == 2
     assert expect in r.stderr, r.stderr[-2000:]
     assert not out.exists(), "no partial output"
+
+
+def test_search_with_budget_never_exceeds_it_and_refuses_an_impossible_one(tmp_path: Path) -> None:
+    out = tmp_path / "search"
+    args = ["--data", MOVIELENS, "--format", "movielens", "--epochs", "1", "--max-steps", "80", "--quiet"]
+    # a grow threshold below the initial gate: every field asks to grow at every step
+    r = cli("search", *args, "--out", str(out), "--budget", "0.1", "--grow-threshold", "0.3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    vocab = dict(zip(json.loads((out / "dims.json").read_text()), _vocab(out)))
+    assert m["budget_bytes"] == int(0.1 * 16 * 4 * sum(vocab.values()))
+    assert 0 < m["found_embedding_bytes"] <= m["budget_bytes"]
+    per_step: dict[str, int] = {}
+    for row in csv.DictReader((out / "trajectory.csv").open()):
+        per_step[row["step"]] = per_step.get(row["step"], 0) + 4 * vocab[row["field"]] * int(
+            row["logical_dim"]
+        )
+    assert max(per_step.values()) <= m["budget_bytes"]
+    assert max(per_step.values()) + 4 * min(vocab.values()) > m["budget_bytes"], "the budget must bind"
+    bad = tmp_path / "bad"
+    r = cli("search", *args, "--out", str(bad), "--budget", "1kB")
+    assert r.returncode == 2 and "bytes every field needs at dim 1" in r.stderr, r.stderr[-2000:]
+    assert not bad.exists(), "no partial output"
+    r = cli("search", *args, "--out", str(bad), "--budget", "12 parsecs")
+    assert r.returncode == 2 and "--budget" in r.stderr and "cannot read" in r.stderr

@@ -38,3 +38,12 @@ def test_ranks_fed_different_data_agree_on_dims() -> None:
     a, b = run_ranks(w.different_data_same_dims, 2)
     assert a == b
     assert sum(a[:3]) > 3, "the test must exercise growth"
+
+
+def test_budget_caps_a_sharded_search_identically_on_every_rank() -> None:
+    a, b = run_ranks(w.budgeted_controller_search, 2, 0.7)
+    assert a == b, "ranks must take the same budgeted decisions"
+    assert a["budget"] == int(0.7 * 8 * sum(a["costs"]))
+    assert max(a["used"]) <= a["budget"] and a["found_bytes"] <= a["budget"]
+    assert a["used"][-1] + min(a["costs"]) > a["budget"], "the budget, not d_max, must stop growth"
+    assert a["replans"] >= 1 and max(a["capacity"]) == 8, "growth past one block re-plans"

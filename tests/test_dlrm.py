@@ -81,3 +81,11 @@ def test_example_script_runs_end_to_end(criteo_cache: str, tmp_path: Path) -> No
     dims = json.loads((tmp_path / "dims.json").read_text())
     assert len(dims) == 26 and all(0 <= d <= 16 for d in dims.values())
     assert "test AUC" in proc.stderr
+
+
+def test_dlrm_handle_search_stays_within_the_budget(criteo_cache: str) -> None:
+    a, b = run_ranks(w.dlrm_budget_search, 2, criteo_cache, 24, 0.2, timeout=240)
+    assert a == b
+    assert max(a["used"]) <= a["budget"] and a["found_bytes"] <= a["budget"]
+    assert a["used"][-1] + a["min_cost"] > a["budget"], "the budget, not d_max, must stop growth"
+    assert a["used"][-1] > a["used"][0], "the search must grow before the budget binds"

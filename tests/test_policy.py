@@ -112,3 +112,102 @@ def test_slot_gate_mean_follows_shrink_moves() -> None:
 def test_slot_gate_mean_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match=r"expected gates \(2, 3\)"):
         SlotGateMean((2, 3)).add(torch.zeros(3, 3), [1, 1, 1])
+
+
+# ---------------------------------------------------------------------- byte budget
+def test_budget_admits_growth_by_importance_per_byte_and_never_exceeds() -> None:
+    c = cfg(d_max=8)
+    costs = [100, 10, 10]
+    gates = [[0.95, 0.9], [0.7], [0.8]]
+    # room for 20 more bytes: both cheap tables fit, the 100-byte one does not
+    new, changes = decide(gates, PolicyState([2, 1, 1]), c, costs=costs, budget=240)
+    assert new.dims == [2, 2, 2]
+    assert [(ch.table, ch.kind) for ch in changes] == [(2, "grow"), (1, "grow")], "0.8/10 before 0.7/10"
+    assert new.up[0] >= c.grow_patience, "a growth the budget refuses stays pending"
+    # room for exactly one cheap growth: the higher importance per byte wins
+    new, changes = decide(gates, PolicyState([2, 1, 1]), c, costs=costs, budget=230)
+    assert new.dims == [2, 1, 2]
+    # a budget with room for the expensive table serves it too (its 0.9/100 comes last)
+    new, _ = decide(gates, PolicyState([2, 1, 1]), c, costs=costs, budget=340)
+    assert new.dims == [3, 2, 2]
+    for budget in range(220, 400, 7):
+        new, _ = decide(gates, PolicyState([2, 1, 1]), c, costs=costs, budget=budget)
+        assert sum(d * k for d, k in zip(new.dims, costs)) <= budget
+
+
+def test_budget_releases_a_slot_the_export_would_drop_but_never_a_live_one() -> None:
+    c = cfg(d_max=8)
+    costs = [10, 10]
+    # table 1's second slot (0.3) is below the export threshold: it makes room for table 0
+    new, changes = decide([[0.9], [0.8, 0.3]], PolicyState([1, 2]), c, costs=costs, budget=30)
+    assert new.dims == [2, 1]
+    assert [(ch.table, ch.kind, ch.slot) for ch in changes] == [(1, "shrink", 1), (0, "grow", 1)]
+    # a slot above the export threshold is never released: the growth waits
+    new, changes = decide([[0.9], [0.8, 0.55]], PolicyState([1, 2]), c, costs=costs, budget=30)
+    assert new.dims == [1, 2] and changes == []
+    # a slot too cheap to free the bytes needed is not released either
+    new, changes = decide([[0.9], [0.8, 0.3]], PolicyState([1, 2]), c, costs=[20, 5], budget=30)
+    assert new.dims == [1, 2] and changes == []
+
+
+def test_budget_none_keeps_the_unbudgeted_rule() -> None:
+    gates = [[0.9, 0.9], [0.7], [0.005, 0.9]]
+    state = PolicyState([2, 1, 2])
+    a, ca = decide(gates, state, cfg())
+    b, cb = decide(gates, state, cfg(), costs=[1, 1, 1], budget=10**9)
+    assert a.dims == b.dims == [3, 2, 1]
+    assert sorted((ch.table, ch.kind) for ch in ca) == sorted((ch.table, ch.kind) for ch in cb)
+    with pytest.raises(ValueError, match="byte cost per table"):
+        decide(gates, state, cfg(), budget=10)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("48MiB", 48 * 2**20), ("2.5GB", 2.5e9), ("1000000", 1e6), ("0.3", 0.3), ("1", 1.0), ("12 kB", 12e3)],
+)
+def test_parse_budget_units_and_fractions(text: str, value: float) -> None:
+    from torchrec_dimgrow.config import parse_budget
+
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-3", "0", "12 parsecs", "MiB", "1B"])
+def test_parse_budget_rejects_nonsense(text: str) -> None:
+    from torchrec_dimgrow.config import parse_budget
+
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+def _budgeted(budget: float | None, **kw) -> object:
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+
+    from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+
+    tables = [
+        EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=100, feature_names=["a"]),
+        EmbeddingBagConfig(
+            name="b", embedding_dim=8, num_embeddings=30, feature_names=["b"], data_type=DataType.FP16
+        ),
+    ]
+    return DimGrowEmbeddingBagCollection(tables, DimGrowConfig(d_max=8, budget=budget, **kw))
+
+
+def test_budget_bytes_follow_the_table_dtype_and_fraction_equals_bytes() -> None:
+    coll = _budgeted(0.25)
+    assert coll.dim_costs() == [400, 60]  # fp32 x 100 rows, fp16 x 30 rows
+    full = 8 * (400 + 60)
+    assert coll.budget_bytes() == full // 4
+    assert _budgeted(float(full // 4)).budget_bytes() == coll.budget_bytes()
+    assert coll.embedding_bytes(physical=False) == 460
+    assert _budgeted(None).budget_bytes() is None
+
+
+def test_budget_below_every_field_at_dim_1_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"budget 459 bytes is below the 460 bytes every field needs at dim 1"
+    ):
+        _budgeted(459.0)
+    _budgeted(460.0)
+    with pytest.raises(ValueError, match="starting dims"):
+        _budgeted(900.0, initial_dim=2)

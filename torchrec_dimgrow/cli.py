@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+from torchrec_dimgrow.config import BudgetError, DimGrowConfig, TrainConfig, parse_budget
 from torchrec_dimgrow.data import DataError, PreparedData, load_prepared, prepare
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
@@ -54,6 +54,13 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int) -> None:
     )
 
 
+def _budget_arg(text: str) -> float:
+    try:
+        return parse_budget(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrec_dimgrow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bytes", "uniform"],
         default="bytes",
         help="charge a slot by its table's bytes (default) or every slot the same (the paper)",
+    )
+    s.add_argument(
+        "--budget",
+        type=_budget_arg,
+        default=None,
+        help="embedding memory cap: bytes (48MiB, 2.5GB, 1000000) or a fraction of the d_max model (0.3)",
     )
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
@@ -151,6 +164,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         shrink_patience=args.shrink_patience,
         shrink_slot=args.shrink_slot,
         final_gates=args.final_gates,
+        budget=args.budget,
     )
     tc = TrainConfig(
         epochs=args.epochs,
@@ -176,7 +190,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
             quiet=args.quiet,
         )
         result = run_search(data, dg, tc, planning, env, opts)
-    except DataError:
+    except (DataError, BudgetError):
         if created and env.is_main:
             shutil.rmtree(out, ignore_errors=True)
         raise
@@ -249,6 +263,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "retrain":
             return _cmd_retrain(args)
         return _cmd_bench(args)
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, FileNotFoundError, BudgetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ Every default below comes from the DimGrow authors' public research code (see
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -68,6 +69,14 @@ class DimGrowConfig:
         auto_ema: EMA factor of the per-gate task gradient used by ``penalty_mode="auto"``.
         gate_lr: Adam learning rate of the gate logits (updated on validation batches).
         max_total_dim: global budget on the sum of logical dims (the reference: 1000).
+        budget: memory budget of the collection's tables, as stored: a value in (0, 1] is a
+            fraction of the ``d_max`` model's bytes, a value > 1 is bytes (see
+            :func:`parse_budget` for ``"48MiB"``-style strings). Bytes count rows x logical
+            dim x bytes per value of each table's data type, the figure ``metrics.json``
+            reports. The search admits a growth only while it fits; when the budget binds,
+            :func:`~torchrec_dimgrow.policy.decide` grows the fields with the most gate
+            importance per byte first and may release a weak slot of a field elsewhere.
+            ``None`` (default): no cap besides ``max_total_dim``.
         eval_mixing: what the gates do in ``eval()``: ``"mean"`` mixes with the batch mean
             (the expectation of the shuffled copy: deterministic), ``"shuffle"`` keeps the
             training-time shuffle (the reference evaluates this way), ``"off"`` passes the
@@ -95,6 +104,7 @@ class DimGrowConfig:
     auto_ema: float = 0.99
     gate_lr: float = 1e-3
     max_total_dim: int = 1_000_000
+    budget: float | None = None
     eval_mixing: Literal["mean", "shuffle", "off"] = "mean"
 
     def __post_init__(self) -> None:
@@ -137,6 +147,10 @@ class DimGrowConfig:
                 self.eval_mixing in ("mean", "shuffle", "off"),
                 f"unknown eval_mixing {self.eval_mixing}",
             ),
+            (
+                self.budget is None or self.budget > 0,
+                f"budget must be > 0 (a fraction in (0, 1] or bytes > 1), got {self.budget}",
+            ),
             (0.0 <= self.auto_ema < 1.0, f"auto_ema must be in [0, 1), got {self.auto_ema}"),
         ]
         for ok, message in checks:
@@ -153,6 +167,58 @@ class DimGrowConfig:
         if unknown:
             raise ValueError(f"DimGrowConfig: unknown keys {unknown}")
         return cls(**values)
+
+
+class BudgetError(ValueError):
+    """A byte budget that cannot be met (the CLI reports it as a one-line input error)."""
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_budget(text: str | float) -> float:
+    """``"48MiB"``, ``"2.5GB"``, ``"1000000"`` (bytes) or ``"0.3"`` (fraction) -> config value.
+
+    A number without a unit is a fraction of the ``d_max`` model when it lies in (0, 1] and
+    bytes when it is larger, the convention of :attr:`DimGrowConfig.budget`; with a unit it
+    is always bytes. Why not a separate flag per form: one flag keeps the two forms from
+    being given together, and a fraction above 1 would be meaningless anyway.
+    """
+    raw = str(text).strip()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)", raw)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"budget: cannot read {raw!r}; give bytes with a unit (48MiB, 2.5GB, 1000000) "
+            "or a fraction of the d_max model in (0, 1] (0.3)"
+        )
+    value = float(m.group(1))
+    if value <= 0:
+        raise ValueError(f"budget: must be > 0, got {raw!r}")
+    if m.group(2):
+        n_bytes = int(value * _UNITS[unit])
+        if n_bytes <= 1:
+            raise ValueError(f"budget: {raw!r} is {n_bytes} bytes, too small for any table")
+        return float(n_bytes)
+    return value if value <= 1 else float(int(value))
+
+
+def resolve_budget(budget: float | None, full_bytes: int) -> int | None:
+    """Budget in bytes given the ``d_max`` model's bytes (``None`` stays ``None``)."""
+    if budget is None:
+        return None
+    return int(budget * full_bytes) if budget <= 1 else int(budget)
 
 
 @dataclass

@@ -180,7 +180,10 @@ class DimGrowController:
         table = gather_importance(t.importance.mean())
         t.importance.reset()
         rows = [table[i].tolist() for i in range(len(t.policy.dims))]
-        t.policy, changes = decide(rows, t.policy, t.collection.config, t.collection.post.d_max)
+        coll = t.collection
+        t.policy, changes = decide(
+            rows, t.policy, coll.config, coll.post.d_max, coll.dim_costs(), coll.budget_bytes()
+        )
         return changes
 
     @staticmethod

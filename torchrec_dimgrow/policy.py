@@ -55,17 +55,24 @@ def decide(
     state: PolicyState,
     config: DimGrowConfig,
     d_max: Sequence[int] | None = None,
+    costs: Sequence[int] | None = None,
+    budget: int | None = None,
 ) -> tuple[PolicyState, list[DimChange]]:
     """Apply the DimGrow rule once to every table.
 
     Args:
         gates: importance per table and slot (at least ``dims[t]`` values per table).
         state: current dims and counters (not modified).
-        config: thresholds, patience, budget and shrink-slot choice.
+        config: thresholds, patience, ``max_total_dim`` and shrink-slot choice.
         d_max: per-table cap (defaults to ``config.d_max`` for all).
+        costs: bytes one logical dim of each table costs (rows x bytes per value); needed
+            with ``budget``.
+        budget: most bytes the logical dims may take (``None``: no byte cap). Growths are
+            then admitted by :func:`admit_growth`.
 
     Returns:
-        The new state and the list of changes, in table order. A table grows by at most
+        The new state and the list of changes (shrinks first, then growths; table order
+        within each kind unless the budget reorders growths). A table changes by at most
         one slot per check; it never shrinks below 1 (dropping a field is decided at
         export, from the final gates, as the reference does).
     """
@@ -73,32 +80,126 @@ def decide(
         raise ValueError(f"decide: {len(gates)} gate rows for {len(state.dims)} tables")
     caps = list(d_max) if d_max is not None else [config.d_max] * len(state.dims)
     new = state.copy()
-    changes: list[DimChange] = []
-    total = sum(new.dims)
+    shrinks: list[DimChange] = []
+    candidates: list[int] = []
+    rows: list[list[float]] = []
     for t, row in enumerate(gates):
         d = new.dims[t]
         active = [float(v) for v in row[:d]]
         if len(active) != d:
             raise ValueError(f"decide: table {t} has dim {d} but only {len(active)} gate values")
+        rows.append(active)
         new.up[t] = new.up[t] + 1 if all(v > config.grow_threshold for v in active) else 0
         new.down[t] = new.down[t] + 1 if min(active) < config.shrink_threshold else 0
-        if new.up[t] >= config.grow_patience and d < caps[t] and total < config.max_total_dim:
-            new.dims[t] = d + 1
-            new.up[t] = 0
-            new.down[t] = 0
-            total += 1
-            changes.append(DimChange(t, "grow", d, d, d + 1))
+        if new.up[t] >= config.grow_patience and d < caps[t]:
+            candidates.append(t)
         elif new.down[t] >= config.shrink_patience and d > 1:
             if config.shrink_slot == "lowest":
                 slot = min(range(d), key=lambda k: (active[k], -k))
             else:
                 slot = d - 1
-            new.dims[t] = d - 1
-            new.down[t] = 0
-            new.up[t] = 0
-            total -= 1
-            changes.append(DimChange(t, "shrink", slot, d, d - 1))
-    return new, changes
+            shrinks.append(DimChange(t, "shrink", slot, d, d - 1))
+    for ch in shrinks:
+        _set_dim(new, ch.table, ch.new_dim)
+    if budget is None:
+        grown = []
+        total = sum(new.dims)
+        for t in candidates:
+            if total < config.max_total_dim:
+                grown.append(t)
+                total += 1
+        released: list[DimChange] = []
+    else:
+        if costs is None or len(costs) != len(new.dims):
+            raise ValueError("decide: a budget needs one byte cost per table")
+        grown, released = admit_growth(
+            rows,
+            new.dims,
+            candidates,
+            costs,
+            budget,
+            config.final_threshold,
+            config.max_total_dim,
+            frozen=[ch.table for ch in shrinks],
+        )
+    for ch in released:
+        _set_dim(new, ch.table, ch.new_dim)
+    growths = []
+    for t in grown:
+        growths.append(DimChange(t, "grow", new.dims[t], new.dims[t], new.dims[t] + 1))
+        _set_dim(new, t, new.dims[t] + 1)
+    return new, [*shrinks, *released, *growths]
+
+
+def _set_dim(state: PolicyState, table: int, dim: int) -> None:
+    state.dims[table] = dim
+    state.up[table] = 0
+    state.down[table] = 0
+
+
+def admit_growth(
+    gates: Sequence[Sequence[float]],
+    dims: Sequence[int],
+    candidates: Sequence[int],
+    costs: Sequence[int],
+    budget: int,
+    release_below: float,
+    max_total_dim: int | None = None,
+    frozen: Sequence[int] = (),
+) -> tuple[list[int], list[DimChange]]:
+    """Which growth candidates a byte budget admits, and which slots make room for them.
+
+    Candidates are served in order of importance per byte: the weakest active gate of the
+    field (the evidence that its slots all matter, so one more may too) divided by the
+    bytes its next dim costs; ties go to the lower table index. A candidate that does not
+    fit may take the place of one slot elsewhere whose gate is below ``release_below``
+    (the export threshold: a slot the export would drop anyway, so releasing it costs no
+    exported quality and cannot ping-pong with a useful slot). The weakest such slot that
+    frees enough bytes is released, from a table of dim >= 2 that has no other change in
+    this check. Pure and deterministic: every rank derives the same answer from the same
+    gathered gates.
+
+    Args:
+        gates: active gate values per table (``len(gates[t]) == dims[t]``).
+        dims: logical dims after this check's shrinks.
+        candidates: tables whose growth the rule would grant without a budget.
+        costs: bytes per logical dim of each table.
+        budget: most bytes ``sum(costs[t] * dims[t])`` may reach.
+        release_below: gate below which a slot may be released for another field.
+        max_total_dim: optional cap on the sum of dims, as without a budget.
+        frozen: tables that already changed in this check (never released).
+
+    Returns:
+        (tables that grow, in the order admitted; shrinks that release room).
+    """
+    dims = list(dims)
+    used = sum(c * d for c, d in zip(costs, dims))
+    order = sorted(candidates, key=lambda t: (-min(gates[t]) / costs[t], t))
+    busy = {*candidates, *frozen}
+    grown: list[int] = []
+    released: list[DimChange] = []
+    for t in order:
+        if max_total_dim is not None and sum(dims) >= max_total_dim:
+            break
+        if used + costs[t] > budget:
+            options = [
+                (gates[u][k], -costs[u], u, k)
+                for u in range(len(dims))
+                if u not in busy and dims[u] >= 2 and used - costs[u] + costs[t] <= budget
+                for k in range(dims[u])
+                if gates[u][k] < release_below
+            ]
+            if not options:
+                continue
+            _, _, u, k = min(options)
+            released.append(DimChange(u, "shrink", k, dims[u], dims[u] - 1))
+            busy.add(u)
+            dims[u] -= 1
+            used -= costs[u]
+        grown.append(t)
+        dims[t] += 1
+        used += costs[t]
+    return grown, released
 
 
 def capacity_for(dim: int, current: int, config: DimGrowConfig) -> int:

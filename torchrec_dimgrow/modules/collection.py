@@ -26,11 +26,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.config import AlignMode, BudgetError, DimGrowConfig, resolve_budget
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
 from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix
 from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
@@ -322,6 +322,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
             align,
             table_rows=[t.num_embeddings for t in self._user_configs],
         )
+        self._check_budget()
         dev = torch.device(device) if device is not None else None
         self.ebc: nn.Module = EmbeddingBagCollection(
             tables=self.physical_configs(), is_weighted=is_weighted, device=dev
@@ -392,9 +393,37 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         return [self.post.gate.theta]
 
     def embedding_bytes(self, physical: bool = True) -> int:
-        """fp32 bytes of the tables: at capacity (``physical``) or at the logical dims."""
+        """Stored bytes of the tables: at capacity (``physical``) or at the logical dims."""
         widths = self.post.capacity_list() if physical else self.post.dims_list()
-        return sum(4 * t.num_embeddings * w for t, w in zip(self._user_configs, widths))
+        return sum(c * w for c, w in zip(self.dim_costs(), widths))
+
+    def dim_costs(self) -> list[int]:
+        """Bytes one logical dim of each table costs: rows x bytes per value of its data type."""
+        return [-(-t.num_embeddings * DATA_TYPE_NUM_BITS[t.data_type] // 8) for t in self._user_configs]
+
+    def budget_bytes(self) -> int | None:
+        """``config.budget`` in bytes (a fraction applies to the ``d_max`` model), or ``None``."""
+        full = sum(c * m for c, m in zip(self.dim_costs(), self.post.d_max))
+        return resolve_budget(self.config.budget, full)
+
+    def _check_budget(self) -> None:
+        """Refuse a budget that cannot hold every field at dim 1, or the starting dims."""
+        budget = self.budget_bytes()
+        if budget is None:
+            return
+        costs = self.dim_costs()
+        floor = sum(costs)
+        if budget < floor:
+            raise BudgetError(
+                f"DimGrowConfig: budget {budget:,} bytes is below the {floor:,} bytes every "
+                f"field needs at dim 1 ({len(costs)} tables); raise budget or drop tables"
+            )
+        start = sum(c * d for c, d in zip(costs, self.post.dims_list()))
+        if budget < start:
+            raise BudgetError(
+                f"DimGrowConfig: budget {budget:,} bytes is below the {start:,} bytes of the "
+                f"starting dims (initial_dim={self.config.initial_dim}); lower initial_dim"
+            )
 
     def apply_changes(
         self,

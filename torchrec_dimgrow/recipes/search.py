@@ -384,6 +384,7 @@ class DimGrowSearch:
             "peak_rank_embedding_bytes": st.peak_rank_bytes,
             "found_total_dim": sum(found.values()),
             "found_embedding_bytes": 4 * embedding_params(vocab, found),
+            "budget_bytes": self.coll.budget_bytes(),
             "dropped_fields": sorted(f for f, d in found.items() if d == 0),
             "history": st.history,
         }
