@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -214,3 +215,176 @@ def planted_hub(cfg: HubConfig | None = None) -> PreparedData:
     return from_arrays(
         fields, [cfg.vocab] * len(fields), ids, labels, cfg.split, kind="planted_hub", need=need
     )
+
+
+@dataclass
+class FMConfig:
+    """Signal only in pairwise interactions: a factorization-machine teacher over hidden ranks.
+
+    Field ``f`` has a latent vector per id whose first ``ranks[f]`` coordinates are random and
+    the rest zero, centred over the ids so no field has a main effect of its own:
+    ``logit = signal * sum_{f<g} <u_f[id_f], u_g[id_g]> / sqrt(sum_{f<g} min(r_f, r_g))``.
+    A pair needs ``min(r_f, r_g)`` dims per side, so field ``f`` needs ``r_f`` dims (0: noise).
+    With one dim per field a model sees only the rank-1 part of each interaction, which is
+    where a search that starts every field at dim 1 can stall: the data for item 4 of the
+    budget issue (cold start).
+    """
+
+    rows: int = 40_000
+    vocab: int = 40
+    ranks: tuple[int, ...] = (0, 0, 1, 2, 3, 4, 6, 8)
+    signal: float = 2.5
+    seed: int = 0
+    split: tuple[float, float] = (0.8, 0.1)
+
+
+def fm_interactions(cfg: FMConfig | None = None) -> PreparedData:
+    """Synthetic CTR data whose label depends only on field interactions (see :class:`FMConfig`)."""
+    cfg = cfg or FMConfig()
+    rng = np.random.default_rng(cfg.seed)
+    k = max(cfg.ranks)
+    ids = rng.integers(0, cfg.vocab, (cfg.rows, len(cfg.ranks)))
+    latent = []
+    for r in cfg.ranks:
+        u = np.zeros((cfg.vocab, k))
+        u[:, :r] = rng.normal(size=(cfg.vocab, r))
+        latent.append(u - u.mean(axis=0))  # centred: no per-id main effect through any partner
+    logit = np.zeros(cfg.rows)
+    scale = 0.0
+    for f, g in itertools.combinations(range(len(cfg.ranks)), 2):
+        logit += (latent[f][ids[:, f]] * latent[g][ids[:, g]]).sum(axis=1)
+        scale += min(cfg.ranks[f], cfg.ranks[g])
+    logit *= cfg.signal / np.sqrt(max(scale, 1.0))
+    labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    fields = [f"f{i}_r{r}" for i, r in enumerate(cfg.ranks)]
+    need = dict(zip(fields, cfg.ranks))
+    return from_arrays(
+        fields, [cfg.vocab] * len(fields), ids.astype(np.int64), labels, cfg.split, kind="fm", need=need
+    )
+
+
+@dataclass
+class ShapedConfig:
+    """Production-shaped quality benchmark: Criteo's 39 fields, known importance and dim needs.
+
+    Cardinalities are Criteo's divided by ``scale`` (min 2 rows), ids Zipf(``exponent``) as in
+    click logs. Each field draws a hidden need from ``needs`` (0: noise, 1: a per-id bias
+    only, r >= 2: rank-r interactions with every other interacting field, FM-style) and an
+    importance weight (log-uniform over ``importance_range``), both from ``seed``:
+    ``logit = signal * (sum_f w_f b_f[id_f] + sum_{f<g} <w_f v_f[id_f], w_g v_g[id_g]>) / norm``.
+    Both parts are standardised; ``offset`` moves the click rate to about 0.3. The pairwise
+    sum is computed with the FM identity, so 1M rows take seconds.
+    """
+
+    rows: int = 1_000_000
+    scale: float = 200.0
+    exponent: float = 1.05
+    needs: tuple[int, ...] = (0, 0, 1, 1, 2, 4, 8, 16)
+    importance_range: tuple[float, float] = (0.25, 1.0)
+    signal: float = 2.0
+    offset: float = -1.0
+    seed: int = 0
+    split: tuple[float, float] = (0.8, 0.1)
+
+
+def criteo_shaped(cfg: ShapedConfig | None = None) -> PreparedData:
+    """Synthetic CTR data shaped like Criteo with hidden per-field needs (see :class:`ShapedConfig`)."""
+    cfg = cfg or ShapedConfig()
+    rng = np.random.default_rng(cfg.seed)
+    vocab = [max(2, round(v / cfg.scale)) for v in CRITEO_CARDINALITIES]
+    n = len(vocab)
+    need = [int(x) for x in rng.choice(cfg.needs, size=n)]
+    lo, hi = np.log(cfg.importance_range[0]), np.log(cfg.importance_range[1])
+    weight = np.exp(rng.uniform(lo, hi, size=n))
+    k = max(cfg.needs)
+    ids = np.empty((cfg.rows, n), dtype=np.int64)
+    bias = np.zeros(cfg.rows)
+    total = np.zeros((cfg.rows, k))
+    squares = np.zeros(cfg.rows)
+    for f, (v, r) in enumerate(zip(vocab, need)):
+        ids[:, f] = zipf_ids(v, cfg.rows, cfg.exponent, rng)
+        if r == 1:
+            bias += weight[f] * rng.normal(size=v)[ids[:, f]]
+        elif r >= 2:
+            u = np.zeros((v, k))
+            u[:, :r] = rng.normal(size=(v, r)) * weight[f] / np.sqrt(r)
+            rows = u[ids[:, f]]
+            total += rows
+            squares += (rows * rows).sum(axis=1)
+    pairs = 0.5 * ((total * total).sum(axis=1) - squares)
+    logit = sum((x - x.mean()) / max(float(x.std()), 1e-9) for x in (bias, pairs))
+    logit = cfg.signal * logit / np.sqrt(2.0) + cfg.offset
+    labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+    fields = [f"C{i:02d}" for i in range(n)]
+    return from_arrays(
+        fields,
+        vocab,
+        ids,
+        labels,
+        cfg.split,
+        kind="criteo_shaped",
+        need=dict(zip(fields, need)),
+        importance=dict(zip(fields, [round(float(w), 4) for w in weight])),
+    )
+
+
+GENERATORS = ("criteo_shaped", "fm", "planted_hub")
+
+
+def generate(kind: str, rows: int | None = None, seed: int = 0) -> PreparedData:
+    """One of :data:`GENERATORS` with its default config (``rows``/``seed`` overridden)."""
+    if kind == "criteo_shaped":
+        shaped = ShapedConfig(seed=seed)
+        shaped.rows = rows or shaped.rows
+        return criteo_shaped(shaped)
+    if kind == "fm":
+        fm = FMConfig(seed=seed)
+        fm.rows = rows or fm.rows
+        return fm_interactions(fm)
+    if kind == "planted_hub":
+        return planted_hub(HubConfig(seed=seed, rows=rows or 60_000))
+    raise ValueError(f"unknown synthetic dataset {kind!r}; choose one of {', '.join(GENERATORS)}")
+
+
+def write_parquet(data: PreparedData, prefix: str | Path) -> list[Path]:
+    """``PREFIX_{train,val,test}.parquet`` (fields + ``label``) and ``PREFIX_source.json``.
+
+    The files are what ``--format parquet --data PREFIX`` reads, so the CLI's search and
+    retrain run on synthetic data exactly as on a real table. Ids are written as ints.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, split in (("train", data.train), ("val", data.val), ("test", data.test)):
+        cols = {f: pa.array(split.ids[:, i]) for i, f in enumerate(data.fields)}
+        cols["label"] = pa.array(split.labels.astype(np.int64))
+        path = Path(f"{prefix}_{name}.parquet")
+        pq.write_table(pa.table(cols), path)
+        paths.append(path)
+    source = Path(f"{prefix}_source.json")
+    source.write_text(json.dumps({**data.source, "vocab_sizes": data.vocab_sizes}, indent=1))
+    return [*paths, source]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m torchrec_dimgrow.data.synthetic KIND --out PREFIX [--rows N] [--seed S]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="write a synthetic dataset as parquet (never commit it)")
+    p.add_argument("kind", choices=GENERATORS)
+    p.add_argument("--out", required=True, help="file prefix: PREFIX_{train,val,test}.parquet")
+    p.add_argument("--rows", type=int, default=None, help="rows in all (default per kind; shaped: 1M)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for path in write_parquet(generate(args.kind, args.rows, args.seed), args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
