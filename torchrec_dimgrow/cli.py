@@ -119,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--uniform-dim", type=int, help="same dim for every field")
     r.add_argument("--out", type=Path, required=True)
 
+    ev = sub.add_parser("evaluate", help="test AUC of a model saved by retrain")
+    ev.add_argument("--model", type=Path, required=True, help="retrain --out directory (or its model/)")
+    _add_data_args(ev)
+    ev.add_argument("--batch-size", type=int, default=256)
+
+    x = sub.add_parser("export", help="write a TorchScript serving model on TorchRec's quantized tables")
+    x.add_argument("--model", type=Path, required=True, help="retrain --out directory (or its model/)")
+    x.add_argument("--serving", required=True, help="fp32, fp16, int8 or int4")
+    x.add_argument("--out", type=Path, required=True)
+    x.add_argument(
+        "--row-alignment", type=int, default=1, help="bytes per row alignment (TorchRec: 1 CPU, 16 CUDA)"
+    )
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout)")
     b.add_argument("name", choices=["memory", "quality", "overhead", "replan", "dlrm"])
     b.add_argument("args", nargs=argparse.REMAINDER)
@@ -242,6 +255,42 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from torchrec_dimgrow.recipes.evaluate import evaluate_saved
+    from torchrec_dimgrow.saved_model import ModelError, read_spec
+
+    try:
+        read_spec(args.model)  # a bad model dir fails before the data is prepared
+        with tempfile.TemporaryDirectory(prefix="dimgrow-eval-") as tmp:
+            env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
+            data = _prepare_on_rank0(args, args.cache_dir or Path(tmp) / "data", env)
+            metrics = evaluate_saved(args.model, data, args.batch_size)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"test_auc {metrics['test_auc']:.6f}  test_logloss {metrics['test_logloss']:.6f}  val_auc {metrics['val_auc']:.6f}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from torchrec_dimgrow.recipes.export import export_saved
+
+    try:
+        meta = export_saved(args.model, args.serving, args.out, args.row_alignment)
+    except ValueError as exc:  # ModelError included
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"serving {meta['serving']}  serving_bytes {meta['serving_bytes']}  padding_bytes {meta['padding_bytes']}  "
+        f"dropped {meta['dropped_fields']}  -> {args.out / 'serving.pt'}"
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
@@ -262,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_search(args)
         if args.command == "retrain":
             return _cmd_retrain(args)
+        if args.command == "evaluate":
+            return _cmd_evaluate(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_bench(args)
     except (DataError, FileNotFoundError, BudgetError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,39 +11,41 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from tqdm import tqdm
 
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
 from torchrec_dimgrow.export import embedding_params, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.saved_model import ModelSpec, build_model, save_model, spec_for
 from torchrec_dimgrow.training import bce, evaluate, is_better
+
+
+def retrain_spec(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig) -> ModelSpec:
+    """The saved-model spec of a retrain: every field's dim plus the backbone settings."""
+    missing = [f for f in data.fields if f not in dims]
+    if missing:
+        raise ValueError(f"dims has no entry for fields {missing}")
+    if not any(int(dims[f]) for f in data.fields):
+        raise ValueError("every field has dim 0: nothing to retrain")
+    return spec_for(
+        data.fields,
+        data.vocab_sizes,
+        dims,
+        adapter_dim=tc.adapter_dim,
+        hidden=list(tc.hidden),
+        dropout=tc.dropout,
+    )
 
 
 def build_retrain_model(
     data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, init_std: float = 0.01
 ) -> CTRModel:
-    missing = [f for f in data.fields if f not in dims]
-    if missing:
-        raise ValueError(f"dims has no entry for fields {missing}")
-    configs = data.table_configs({f: int(dims[f]) for f in data.fields})
-    if not configs:
-        raise ValueError("every field has dim 0: nothing to retrain")
-
-    def init(w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return w.normal_(0.0, init_std)
-
-    configs = [replace(c, init_fn=init) for c in configs]
-    ebc = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
-    in_dim = sum(c.embedding_dim * len(c.feature_names) for c in configs)
-    return CTRModel(ebc, "concat", tc.adapter_dim, in_dim=in_dim, hidden=tc.hidden, dropout=tc.dropout)
+    return build_model(retrain_spec(data, dims, tc), init_std=init_std)
 
 
 def retrain(
@@ -53,7 +55,11 @@ def retrain(
     out_dir: str | Path | None = None,
     quiet: bool = True,
 ) -> dict[str, Any]:
-    """Train from scratch at ``dims``; return (and write) test AUC / log loss and sizes."""
+    """Train from scratch at ``dims``; return (and write) test AUC / log loss and sizes.
+
+    With ``out_dir`` the best-validation model is saved to ``out_dir/model`` (see
+    :mod:`torchrec_dimgrow.saved_model`), so ``evaluate`` and ``export`` can reload it.
+    """
     start = time.perf_counter()
     torch.manual_seed(tc.seed)
     model = build_retrain_model(data, dims, tc)
@@ -100,5 +106,6 @@ def retrain(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        save_model(model, retrain_spec(data, dims, tc), out)
         write_json_atomic(out / "metrics.json", metrics)
     return metrics

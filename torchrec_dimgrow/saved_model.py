@@ -1,0 +1,210 @@
+"""A retrained model on disk: its spec (what rebuilds it) and its weights (through DCP).
+
+Layout of ``DIR/model/``:
+
+* ``spec.json``: fields, vocab sizes, found dims and the backbone settings, i.e. everything
+  :func:`build_model` needs to rebuild the same ``CTRModel`` without the data;
+* ``dcp/``: the state dict written by ``torch.distributed.checkpoint``.
+
+DCP is used even for the single-process retrain because it is what a DMP-sharded model
+must use (each rank writes the shards it owns, no gather to one rank), and a DCP checkpoint
+loads into any world size: the unsharded ``evaluate``/``export`` read a 2-rank save the same
+way they read a 1-rank one. Saving is collective when a process group is up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from torchrec_dimgrow.modules.backbone import CTRModel
+
+MODEL_SUBDIR = "model"
+SPEC_FILE = "spec.json"
+WEIGHTS_SUBDIR = "dcp"
+SPEC_VERSION = 1
+
+
+class ModelError(ValueError):
+    """A saved model that is missing, malformed or does not match its spec (one-line message)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What rebuilds a retrained ``CTRModel``: tables at the found dims plus the backbone."""
+
+    fields: list[str]
+    vocab_sizes: list[int]
+    dims: dict[str, int]
+    adapter_dim: int = 64
+    hidden: list[int] = field(default_factory=lambda: [64, 32, 16])
+    dropout: float = 0.2
+    version: int = SPEC_VERSION
+
+    def table_configs(self) -> list[EmbeddingBagConfig]:
+        """One table per kept field (dim > 0), in field order: the retrain model's tables."""
+        return [
+            EmbeddingBagConfig(name=f, embedding_dim=self.dims[f], num_embeddings=n, feature_names=[f])
+            for f, n in zip(self.fields, self.vocab_sizes, strict=True)
+            if self.dims[f] > 0
+        ]
+
+    def validate(self, where: str) -> None:
+        if len(self.fields) != len(self.vocab_sizes):
+            raise ModelError(f"{where}: {len(self.fields)} fields but {len(self.vocab_sizes)} vocab sizes")
+        if sorted(self.dims) != sorted(self.fields):
+            raise ModelError(f"{where}: dims do not name exactly the fields")
+        bad = {f: d for f, d in self.dims.items() if not isinstance(d, int) or d < 0}
+        if bad:
+            raise ModelError(f"{where}: invalid dims {bad}")
+        if not any(self.dims.values()):
+            raise ModelError(f"{where}: every field has dim 0")
+
+
+def build_model(spec: ModelSpec, device: torch.device | str = "cpu", init_std: float = 0.01) -> CTRModel:
+    """The retrain model of ``spec``: a stock EBC at the found dims, concat, adapter, WideDeep."""
+    dev = torch.device(device)
+
+    def init(w: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return w.normal_(0.0, init_std)
+
+    configs = spec.table_configs()
+    if not configs:
+        raise ValueError("every field has dim 0: nothing to build")
+    for c in configs:
+        c.init_fn = init
+    ebc = EmbeddingBagCollection(tables=configs, device=dev)
+    in_dim = sum(c.embedding_dim for c in configs)
+    model = CTRModel(ebc, "concat", spec.adapter_dim, in_dim=in_dim, hidden=spec.hidden, dropout=spec.dropout)
+    if dev.type != "meta":
+        model.to(dev)
+    return model
+
+
+def spec_for(
+    fields: Sequence[str], vocab_sizes: Sequence[int], dims: Mapping[str, int], **backbone: Any
+) -> ModelSpec:
+    return ModelSpec(
+        fields=list(fields),
+        vocab_sizes=[int(v) for v in vocab_sizes],
+        dims={f: int(dims[f]) for f in fields},
+        **backbone,
+    )
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """DCP warns when no process group is up; for the unsharded save/load that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+def save_model(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> Path:
+    """Write ``spec`` and ``model``'s weights to ``out_dir/model`` (collective under DMP).
+
+    ``model`` is a plain ``CTRModel`` or a ``DistributedModelParallel`` around one (its
+    ``state_dict`` keys are the unwrapped names, its tables ``ShardedTensor``\\ s, which DCP
+    writes rank by rank). The directory is written as ``model.tmp`` and renamed when
+    complete, so a crash never leaves a half model that looks whole.
+    """
+    spec.validate("save_model")
+    final = Path(out_dir) / MODEL_SUBDIR
+    tmp = final.with_name(final.name + ".tmp")
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    with _single_process_is_intended():
+        dcp.save(model.state_dict(), checkpoint_id=str(tmp / WEIGHTS_SUBDIR))
+    _barrier()
+    if _is_main():
+        (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    _barrier()
+    return final
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """``path`` itself if it holds ``spec.json``, else ``path/model``; ModelError if neither."""
+    path = Path(path)
+    for candidate in (path, path / MODEL_SUBDIR):
+        if (candidate / SPEC_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise ModelError(f"model directory not found: {path}")
+    raise ModelError(f"{path}: no saved model ({SPEC_FILE} missing; run retrain first)")
+
+
+def read_spec(model_dir: str | Path) -> ModelSpec:
+    path = resolve_model_dir(model_dir) / SPEC_FILE
+    try:
+        raw = json.loads(path.read_text())
+        spec = ModelSpec(**raw)
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise ModelError(f"{path}: unreadable model spec ({str(exc).splitlines()[0]})") from exc
+    if spec.version != SPEC_VERSION:
+        raise ModelError(f"{path}: spec version {spec.version}, this package reads {SPEC_VERSION}")
+    spec.validate(str(path))
+    return spec
+
+
+def _check_weights(weights: Path, expected: Mapping[str, torch.Tensor]) -> None:
+    """Compare the checkpoint's tensor names and shapes with the model built from the spec."""
+    try:
+        meta = dcp.FileSystemReader(str(weights)).read_metadata().state_dict_metadata
+    except Exception as exc:  # any unreadable checkpoint is one user error
+        raise ModelError(f"{weights}: unreadable weights ({type(exc).__name__})") from exc
+    missing = sorted(set(expected) - set(meta))
+    extra = sorted(set(meta) - set(expected))
+    if missing or extra:
+        raise ModelError(
+            f"{weights}: weights do not match spec.json (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    for name, tensor in expected.items():
+        size = getattr(meta[name], "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            raise ModelError(
+                f"{weights}: {name} has shape {tuple(size)} but spec.json implies {tuple(tensor.shape)}"
+            )
+
+
+def load_model(model_dir: str | Path) -> tuple[CTRModel, ModelSpec]:
+    """Rebuild the model from ``spec.json`` and load its weights (any saving world size)."""
+    root = resolve_model_dir(model_dir)
+    spec = read_spec(root)
+    model = build_model(spec)
+    weights = root / WEIGHTS_SUBDIR
+    if not weights.is_dir():
+        raise ModelError(f"{weights}: weights missing")
+    state = model.state_dict()
+    _check_weights(weights, state)
+    with _single_process_is_intended():
+        dcp.load(state, checkpoint_id=str(weights))
+    model.load_state_dict(state)
+    model.eval()
+    return model, spec
