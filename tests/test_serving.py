@@ -197,3 +197,39 @@ def test_a_two_rank_dmp_model_saves_through_dcp_and_loads_on_one_process(tmp_pat
         torch.testing.assert_close(
             model(_kjt(seed=10 + r)).detach(), torch.tensor(expected), rtol=0, atol=1e-6
         )
+
+
+def test_dlrm_trained_at_found_dims_exports_for_serving() -> None:
+    from tests.test_swap import PATH, dlrm_train, make_batch
+    from torchrec_dimgrow.swap import export
+
+    dims = {"t0": 3, "t1": 8, "t2": 0, "t3": 1}
+    model = export(dlrm_train(), dims, align="project").eval()
+    with pytest.raises(ValueError, match="stored at dim 8, dims says 4"):
+        export(build_dlrm_copy(model, dims), {**dims, "t1": 4}, serving="int8")
+    served = export(build_dlrm_copy(model, dims), dims, serving="int8")
+    coll = served.get_submodule(PATH)
+    assert [
+        (t, c.embedding_dim) for t, c in zip(["t0", "t1", "t3"], coll.ebc.tables.embedding_bag_configs())
+    ] == [
+        ("t0", 4),
+        ("t1", 8),
+        ("t3", 2),
+    ]
+    batch = make_batch(3)
+    with torch.no_grad():
+        _, (_, want, _) = model(batch)
+        _, (_, got, _) = served(batch)
+    assert 0 < (got - want).abs().max() < 0.05  # int8 tables, float everything else
+    fp32 = export(build_dlrm_copy(model, dims), dims, serving="fp32")
+    with torch.no_grad():
+        torch.testing.assert_close(fp32(batch)[1][1], want, rtol=0, atol=1e-6)
+
+
+def build_dlrm_copy(model: torch.nn.Module, dims: dict[str, int]) -> torch.nn.Module:
+    from tests.test_swap import dlrm_train
+    from torchrec_dimgrow.swap import export
+
+    copy = export(dlrm_train(), dims, align="project").eval()
+    copy.load_state_dict(model.state_dict())
+    return copy

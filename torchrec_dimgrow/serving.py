@@ -24,7 +24,7 @@ trace with ``torchrec.fx``, ``torch.jit.script``, save. Loading it needs ``torch
 import copy
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,14 @@ import torchrec.fx
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import nn
+from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
 SERVING_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -186,6 +189,43 @@ def quantize_model(
         setattr(model.get_submodule(parent_name), attr, served)
         report.extend(tables)
     return model, report
+
+
+def quantize_at_dims(
+    model: nn.Module,
+    dims: Mapping[str, int] | Mapping[str, Mapping[str, int]],
+    serving: str,
+    row_alignment: int = CPU_ROW_ALIGNMENT,
+) -> nn.Module:
+    """``export(model, dims, serving=...)``: quantize a model already trained at ``dims``, in place.
+
+    The search's export builds fresh tables to retrain; serving needs the *trained* ones, so
+    every table named in ``dims`` must already be stored at its dim (a DimGrow collection,
+    which stores capacity widths, or a sharded model is refused: export, retrain, then serve).
+    """
+    check_serving(serving)
+    flat: dict[str, int] = {}
+    for key, value in dims.items():
+        flat.update(
+            {k: int(v) for k, v in value.items()} if isinstance(value, Mapping) else {key: int(value)}
+        )
+    for name, m in model.named_modules():
+        if isinstance(m, ShardedModule):
+            raise ValueError(
+                f"serving export: {name or 'the model'} is sharded; load the weights into an unsharded copy"
+            )
+        if isinstance(m, DimGrowEmbeddingBagCollection):
+            raise ValueError(
+                f"serving export: {name} is still a DimGrow collection; export(model, dims) and retrain first"
+            )
+        if type(m) is EmbeddingBagCollection:
+            for c in m.embedding_bag_configs():
+                if c.name in flat and flat[c.name] != c.embedding_dim:
+                    raise ValueError(
+                        f"serving export: table {c.name!r} is stored at dim {c.embedding_dim}, dims says {flat[c.name]}"
+                    )
+    quantize_model(model, serving, row_alignment)
+    return model
 
 
 class ServingModel(nn.Module):

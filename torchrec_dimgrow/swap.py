@@ -551,10 +551,15 @@ class DimGrowHandle:
         """Dims to retrain with: active slots whose gate exceeds ``final_threshold``."""
         return _flatten({p: c.export_dims() for p, c in self.collections.items()})
 
-    def export(self, model: nn.Module | None = None, align: AlignMode | None = None) -> nn.Module:
+    def export(
+        self, model: nn.Module | None = None, align: AlignMode | None = None, serving: str | None = None
+    ) -> nn.Module:
         """:func:`export` with the found dims (default model: the swapped one, if unsharded)."""
         return export(
-            model if model is not None else self.model, self.found_dims(), align=align or self.align
+            model if model is not None else self.model,
+            self.found_dims(),
+            align=align or self.align,
+            serving=serving,
         )
 
 
@@ -707,8 +712,13 @@ def export(
     dims: Mapping[str, int] | Mapping[str, Mapping[str, int]],
     align: AlignMode = "project",
     device: torch.device | str | None = None,
+    serving: str | None = None,
 ) -> nn.Module:
     """Put fresh collections at ``dims`` into ``model``, in place, at the same module paths.
+
+    With ``serving`` (``fp32``/``fp16``/``int8``/``int4``), ``model`` is instead the model
+    trained at ``dims`` (after an earlier export), and its tables are swapped, weights kept,
+    for TorchRec's quantized collection (:func:`torchrec_dimgrow.serving.quantize_at_dims`).
 
     ``model`` is either an unsharded model that still holds DimGrow collections, or a
     freshly built copy of the user's model (stock ``EmbeddingBagCollection``\\ s, e.g. on
@@ -720,6 +730,10 @@ def export(
     For ``DLRM`` use ``align="pad"`` or ``"project"`` (one common presented width);
     ``"raw"`` yields a plain ``EmbeddingBagCollection`` for models that take mixed widths.
     """
+    if serving is not None:
+        from torchrec_dimgrow.serving import quantize_at_dims
+
+        return quantize_at_dims(model, dims, serving)
     targets: list[tuple[str, nn.Module]] = list(_dimgrow_collections(model)) or list(
         _plain_collections(model)
     )
