@@ -1,0 +1,318 @@
+"""Quality per byte: test AUC against embedding bytes for uniform dims, DimGrow and SuperNets.
+
+    python -m torchrec_dimgrow bench frontier --data movielens --budgets 0.2,0.3
+    python -m torchrec_dimgrow bench frontier --data planted --budgets 0.1,0.2,0.3,0.5 \\
+        --search-seeds 0,1,2 --retrain-seeds 0,1,2
+    python -m torchrec_dimgrow bench frontier --data shaped --rows 1000000 ...
+
+On one dataset, runs: uniform dims (``--uniform``, default 1,2,4,8,16); DimGrow at every
+``--budgets`` fraction of the D_max model and without a budget; SSEDS at the same budgets
+(its parameter budget); AutoDim and OptEmbed-D at their natural sizes. Every searched point
+is run for each search seed and retrained (the shared ``retrain`` recipe) for each retrain
+seed. Bytes are as stored, 4 x sum(vocab x dim), the figure ``metrics.json`` reports.
+
+For every searched point it reports the **margin over the uniform curve at equal bytes**:
+the point's AUC (mean over search seeds of the mean over retrain seeds) minus the uniform
+AUC interpolated linearly in log bytes between the two neighbouring uniform dims (beyond the
+ends, the nearest end's AUC: a conservative reference). It also reports how far the found
+dims move between search seeds: the mean absolute per-field difference over seed pairs and
+the bytes spread (max - min).
+
+``--data`` takes a dataset name (movielens, criteo, avazu: the samples in ../shared/data;
+planted: the planted-hub data; fm: interaction-only; shaped: Criteo-shaped, ``--rows``) or a
+path with ``--format``. Each point's result is cached under ``--work`` (rerun to resume or
+add seeds); the table goes to stdout and ``<out>/frontier_<data>.{csv,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import markdown_table, mean_std, quiet_logs, write_rows
+from quality import DATASETS, QualityConfig, load_dataset
+
+SYNTHETIC = {"fm": "fm", "shaped": "criteo_shaped"}
+COLUMNS = [
+    "method",
+    "budget",
+    "bytes",
+    "auc",
+    "auc_std",
+    "margin",
+    "dims_spread",
+    "bytes_spread",
+    "runs",
+    "dims",
+]
+
+
+# ---------------------------------------------------------------------- pure helpers
+def uniform_reference(curve: Sequence[tuple[float, float]], n_bytes: float) -> float:
+    """Uniform AUC at ``n_bytes``: linear in log bytes between neighbours, flat beyond the ends."""
+    pts = sorted(curve)
+    if not pts:
+        raise ValueError("uniform_reference: empty uniform curve")
+    if n_bytes <= pts[0][0]:
+        return pts[0][1]
+    if n_bytes >= pts[-1][0]:
+        return pts[-1][1]
+    for (b0, a0), (b1, a1) in itertools.pairwise(pts):
+        if b0 <= n_bytes <= b1:
+            w = (math.log(n_bytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
+            return a0 + w * (a1 - a0)
+    raise AssertionError("unreachable")
+
+
+def dims_spread(runs: Sequence[Mapping[str, int]]) -> float:
+    """Mean absolute per-field dim difference over all pairs of search seeds (0 for one seed)."""
+    pairs = list(itertools.combinations(runs, 2))
+    if not pairs:
+        return 0.0
+    fields = list(runs[0])
+    return sum(abs(a[f] - b[f]) for a, b in pairs for f in fields) / (len(pairs) * len(fields))
+
+
+def embedding_bytes(vocab: Mapping[str, int], dims: Mapping[str, int]) -> int:
+    return 4 * sum(vocab[f] * dims.get(f, 0) for f in vocab)
+
+
+# ---------------------------------------------------------------------- runs
+def load(args: argparse.Namespace) -> tuple[str, Any]:
+    """(name, PreparedData) for ``--data``."""
+    if args.data in SYNTHETIC:
+        from torchrec_dimgrow.data.synthetic import generate
+
+        return args.data, generate(SYNTHETIC[args.data], args.rows, args.data_seed)
+    if args.data in DATASETS:
+        return args.data, load_dataset(args.data, QualityConfig(cache_dir=str(args.work / "cache")))
+    if not args.format:
+        raise SystemExit(f"error: --data {args.data!r} is not a known dataset name; give --format for a path")
+    from torchrec_dimgrow.data import prepare
+
+    return Path(args.data).name, prepare(args.data, args.format, args.work / "cache" / Path(args.data).name)
+
+
+def search(
+    method: str, budget: float | None, seed: int, data: Any, args: argparse.Namespace, env: Any
+) -> dict:
+    """Found dims of one search (DimGrow or a baseline)."""
+    from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+    from torchrec_dimgrow.distributed.planning import PlanningConfig
+
+    tc = TrainConfig(epochs=args.search_epochs, batch_size=args.batch_size, seed=seed)
+    planning = PlanningConfig(batch_size=args.batch_size)
+    if method == "dimgrow":
+        from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+
+        dg = DimGrowConfig(d_max=args.d_max, budget=budget, **args.dimgrow_set)
+        with tempfile.TemporaryDirectory() as tmp:
+            res = run_search(data, dg, tc, planning, env, SearchOptions(Path(tmp), quiet=True))
+        return dict(res["dims"])
+    from torchrec_dimgrow.baselines import Placement, make_baseline
+
+    extra: dict[str, Any] = {}
+    if method == "sseds" and budget is not None:
+        full = sum(data.vocab_sizes) * args.d_max
+        extra["param_budget"] = int(budget * full)
+    found = make_baseline(method, d_max=args.d_max, **extra).search(
+        data, tc, placement=Placement(env, planning)
+    )
+    return dict(found.dims)
+
+
+def retrain_aucs(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> list[float]:
+    from torchrec_dimgrow.config import TrainConfig
+    from torchrec_dimgrow.recipes.retrain import retrain
+
+    if sum(dims.values()) == 0:
+        return [0.5 for _ in args.retrain_seed_list]
+    out = []
+    for s in args.retrain_seed_list:
+        tc = TrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, seed=s)
+        out.append(float(retrain(dims, data, tc)["test_auc"]))
+    return out
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+    """Each point's result lives in its own JSON: a rerun resumes, extra seeds add files."""
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
+
+
+def summarise(
+    method: str,
+    budget: float | None,
+    runs: list[dict],
+    vocab: Mapping[str, int],
+    curve: list[tuple[float, float]],
+) -> dict[str, Any]:
+    """One table row over the search seeds of a point."""
+    per_search = [mean_std(r["aucs"])[0] for r in runs]
+    sizes = [embedding_bytes(vocab, r["dims"]) for r in runs]
+    auc, std = mean_std(per_search)
+    mean_bytes = mean_std(sizes)[0]
+    row: dict[str, Any] = {
+        "method": method,
+        "budget": "" if budget is None else budget,
+        "bytes": round(mean_bytes),
+        "auc": round(auc, 4),
+        "auc_std": round(std, 4),
+        "runs": f"{len(runs)}x{len(runs[0]['aucs'])}",
+        "dims": " | ".join(" ".join(str(r["dims"][f]) for f in vocab) for r in runs),
+        "per_search_auc": per_search,
+        "per_search_bytes": sizes,
+    }
+    if method != "uniform":
+        row["margin"] = round(auc - uniform_reference(curve, mean_bytes), 4)
+        row["dims_spread"] = round(dims_spread([r["dims"] for r in runs]), 3)
+        row["bytes_spread"] = max(sizes) - min(sizes)
+    return row
+
+
+def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for m in methods:
+        pts = sorted((r["bytes"], r["auc"], r["auc_std"]) for r in rows if r["method"] == m)
+        xs, ys, es = zip(*pts)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, linestyle="-" if len(xs) > 1 else "none")
+    ax.set_xscale("log")
+    ax.set_xlabel("embedding bytes (log)")
+    ax.set_ylabel("test AUC (mean over search seeds)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchrec_dimgrow bench frontier",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="movielens|criteo|avazu|planted|fm|shaped or a path")
+    p.add_argument("--format", default="", help="format of a --data path")
+    p.add_argument("--rows", type=int, default=None, help="rows of a synthetic dataset")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--budgets", default="0.1,0.2,0.3,0.5", help="fractions of the D_max model")
+    p.add_argument("--uniform", default="1,2,4,8,16")
+    p.add_argument("--methods", default="dimgrow,sseds,autodim,optembed")
+    p.add_argument("--no-unbudgeted", action="store_true", help="skip DimGrow without a budget")
+    p.add_argument("--search-seeds", default="0,1,2")
+    p.add_argument("--retrain-seeds", default="0,1,2")
+    p.add_argument("--d-max", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--search-epochs", type=int, default=10)
+    p.add_argument("--retrain-epochs", type=int, default=20)
+    p.add_argument("--set", action="append", default=[], help="DimGrowConfig override key=value")
+    p.add_argument("--label", default="", help="names this variant's DimGrow rows and cache")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("runs/bench/frontier"))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.retrain_seed_list = [int(s) for s in args.retrain_seeds.split(",") if s]
+    search_seeds = [int(s) for s in args.search_seeds.split(",") if s]
+    budgets = [float(b) for b in args.budgets.split(",") if b]
+    methods = [m for m in args.methods.split(",") if m]
+    args.dimgrow_set = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    quiet_logs()
+    import torch
+
+    from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
+
+    torch.set_num_threads(args.threads)
+    name, data = load(args)
+    vocab = dict(zip(data.fields, data.vocab_sizes))
+    work = args.work / f"{name}{'-' + str(args.rows) if args.rows else ''}-d{args.d_max}"
+    env = init_distributed("gloo")
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    try:
+        curve: list[tuple[float, float]] = []
+        for d in [int(x) for x in args.uniform.split(",") if x]:
+            dims = dict.fromkeys(data.fields, d)
+            r = cached(
+                work / f"uniform{d}-r{args.retrain_seeds}.json",
+                lambda dims=dims: {"dims": dims, "aucs": retrain_aucs(dims, data, args)},  # type: ignore[misc]
+            )
+            rows.append(
+                {**summarise("uniform", None, [r], vocab, []), "method": "uniform", "budget": f"dim {d}"}
+            )
+            curve.append((rows[-1]["bytes"], rows[-1]["auc"]))
+        points: list[tuple[str, float | None]] = []
+        if "dimgrow" in methods:
+            points += [("dimgrow", b) for b in budgets] + ([] if args.no_unbudgeted else [("dimgrow", None)])
+        if "sseds" in methods:
+            points += [("sseds", b) for b in budgets]
+        points += [(m, None) for m in ("autodim", "optembed") if m in methods]
+        for method, budget in points:
+            tag = f"{method}{'-' + args.label if args.label and method == 'dimgrow' else ''}"
+            runs = []
+            for seed in search_seeds:
+                key = work / f"{tag}-b{budget}-s{seed}-r{args.retrain_seeds}.json"
+
+                def compute(method: str = method, budget: float | None = budget, seed: int = seed) -> dict:
+                    dims = search(method, budget, seed, data, args, env)
+                    return {"dims": dims, "aucs": retrain_aucs(dims, data, args)}
+
+                runs.append(cached(key, compute))
+                print(f"  {tag} budget {budget} seed {seed}: {runs[-1]}", flush=True)
+            label = (
+                "DimGrow"
+                if method == "dimgrow"
+                else {"sseds": "SSEDS", "autodim": "AutoDim", "optembed": "OptEmbed-D"}[method]
+            )
+            label += f" {args.label}" if args.label and method == "dimgrow" else ""
+            label += " (no budget)" if method == "dimgrow" and budget is None else ""
+            rows.append(summarise(label, budget, runs, vocab, curve))
+    finally:
+        destroy_distributed()
+    stem = f"frontier_{name}{'_' + args.label if args.label else ''}"
+    command = "python -m torchrec_dimgrow bench frontier " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    meta = {"command": command, "fields": list(vocab), "wall_s": round(time.perf_counter() - start, 1)}
+    print(markdown_table(rows, COLUMNS))
+    write_rows(rows, args.out, stem, meta)
+    plot(rows, f"{name}: test AUC vs embedding bytes", args.out / f"{stem}.png")
+    print(f"\n{command} -> {args.out}/{stem}.{{csv,json,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

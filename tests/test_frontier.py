@@ -1,0 +1,60 @@
+"""The frontier benchmark: margin over the uniform curve, seed spread, an end-to-end CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import frontier  # noqa: E402
+
+
+def test_uniform_reference_interpolates_in_log_bytes_and_clamps_at_the_ends() -> None:
+    curve = [(100.0, 0.70), (400.0, 0.74), (200.0, 0.72)]  # unsorted on purpose
+    assert frontier.uniform_reference(curve, 200.0) == pytest.approx(0.72)
+    # halfway in log bytes between 100 and 200 is sqrt(2) * 100, not 150
+    assert frontier.uniform_reference(curve, 100 * math.sqrt(2)) == pytest.approx(0.71)
+    assert frontier.uniform_reference(curve, 150.0) > 0.71
+    assert frontier.uniform_reference(curve, 10.0) == 0.70
+    assert frontier.uniform_reference(curve, 1e6) == 0.74
+    with pytest.raises(ValueError):
+        frontier.uniform_reference([], 1.0)
+
+
+def test_dims_spread_is_the_mean_abs_difference_over_seed_pairs() -> None:
+    a, b, c = {"x": 1, "y": 4}, {"x": 3, "y": 4}, {"x": 1, "y": 0}
+    assert frontier.dims_spread([a]) == 0.0
+    assert frontier.dims_spread([a, b]) == 1.0  # |1-3| + |4-4| over 2 fields
+    assert frontier.dims_spread([a, b, c]) == pytest.approx((2 + 0 + 0 + 4 + 2 + 4) / 6)
+
+
+def test_bench_frontier_runs_end_to_end(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    args = ["--data", "fm", "--rows", "3000", "--uniform", "1,2", "--budgets", "0.3", "--methods", "dimgrow,sseds",
+            "--no-unbudgeted", "--search-seeds", "0,1", "--retrain-seeds", "0", "--search-epochs", "1",
+            "--retrain-epochs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "torchrec_dimgrow", "bench", "frontier", *args],
+        cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "frontier_fm.json").read_text())["rows"]
+    assert [(x["method"], x["budget"]) for x in rows] == [
+        ("uniform", "dim 1"), ("uniform", "dim 2"), ("DimGrow", 0.3), ("SSEDS", 0.3)
+    ]  # fmt: skip
+    from torchrec_dimgrow.data.synthetic import generate
+
+    full = 4 * 16 * sum(generate("fm", rows=3000).vocab_sizes)  # the d_max model, fp32
+    for row in rows[2:]:
+        assert max(row["per_search_bytes"]) <= 0.3 * full, row
+        assert isinstance(row["margin"], float) and row["dims_spread"] >= 0
+    assert (tmp_path / "out" / "frontier_fm.png").stat().st_size > 1000
+    assert "| DimGrow | 0.3" in r.stdout
