@@ -19,6 +19,7 @@ All fields that changed at one check are handled by one re-plan.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,9 +33,19 @@ from torchrec.distributed.model_parallel import DistributedModelParallel, get_un
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer
 
 from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
-from torchrec_dimgrow.distributed.shard_io import TableView, copy_block, fill_columns, state_view, view_of
+from torchrec_dimgrow.distributed.shard_io import (
+    Spill,
+    SpilledTable,
+    TableView,
+    copy_block,
+    fill_columns,
+    restore_block,
+    state_view,
+    view_of,
+)
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.table_store import ResizeResult
 
@@ -105,6 +116,7 @@ class ShardedTableStore:
         device: torch.device,
         group: dist.ProcessGroup | None = None,
         on_rebuild: Callable[[ShardedEmbeddingBagCollection], None] | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         self.dmp = dmp
         self.collection = collection
@@ -117,6 +129,8 @@ class ShardedTableStore:
         self.replans = 0
         self.replan_seconds = 0.0
         self.bytes_moved = 0
+        self.spill_dir = spill_dir  # scratch files of re-plans (None: the system temp dir)
+        self.spilled_bytes = 0
 
     # ------------------------------------------------------------------ tensors
     @property
@@ -178,8 +192,16 @@ class ShardedTableStore:
             fill_columns(s, [col], None)
 
     def resize(self, capacities: dict[str, int], std: float) -> ResizeResult:
+        """Rebuild the tables at ``capacities`` (table -> new width), keeping every kept column.
+
+        The old tables are freed *before* the new ones are allocated: the columns that
+        survive (weights and fused optimizer state) are spilled to a scratch file in row
+        chunks, the old sharded module and its fused optimizer are dropped, the new module
+        is sharded, and the kept columns are read back chunk by chunk (all-reduced only for
+        tables whose owners changed). The transient memory of a re-plan is therefore one
+        chunk, not a second copy of every table.
+        """
         start = time.perf_counter()
-        old = self.sharded
         configs = [
             replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim))
             for c in self.collection.physical_configs()
@@ -196,14 +218,21 @@ class ShardedTableStore:
         for name in module_plan:
             if name not in capacities and name in old_plan:  # keep untouched tables in place
                 module_plan[name] = old_plan[name]  # type: ignore[index]
-        env = ShardingEnv.from_process_group(self.group)
-        new = EmbeddingBagCollectionSharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
-        moved = self._copy_tables(old, new, std)
+        widths = {c.name: c.embedding_dim for c in configs}
+        spill = Spill(self.spill_dir)
+        try:
+            spilled = self._spill(widths, spill)
+            self._release_old()
+            env = ShardingEnv.from_process_group(self.group)
+            new = EmbeddingBagCollectionSharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
+            moved = self._restore(new, spilled, spill, std)
+            self.spilled_bytes += spill.bytes
+        finally:
+            spill.close()
         self.collection.ebc = new
         root = get_unwrapped_module(self.dmp)
         self.dmp._optim = self.dmp._init_optim(root)
         self.dmp._plan.plan[self.fqn] = module_plan
-        del old
         if self.on_rebuild is not None:
             self.on_rebuild(new)
         seconds = time.perf_counter() - start
@@ -212,23 +241,52 @@ class ShardedTableStore:
         self.bytes_moved += moved
         return ResizeResult(seconds, moved)
 
+    def _spill(self, widths: dict[str, int], spill: Spill) -> dict[str, dict[str, tuple[SpilledTable, int]]]:
+        """Write every table's surviving columns (weight + each optimizer state) to ``spill``.
+
+        Returns table -> {"weight" | state name: (spilled layout and pieces, kept columns)}.
+        """
+        weights, states = self.views()
+        rowwise = self.optimizer.state_kinds()
+        out: dict[str, dict[str, tuple[SpilledTable, int]]] = {}
+        for table in sorted(weights):
+            w = weights[table]
+            keep = min(w.cols, widths[table])
+            out[table] = {"weight": (spill.write(w, keep), keep)}
+            for name in sorted(states[table]):
+                v = states[table][name]
+                k = min(v.cols, 1 if rowwise[name] else widths[table])
+                out[table][name] = (spill.write(v, k), k)
+        return out
+
+    def _release_old(self) -> None:
+        """Drop every reference this package holds to the old sharded tables, then collect."""
+        self.collection.ebc = nn.Module()  # placeholder until the new module is in
+        self.dmp._optim = CombinedOptimizer([])
+        gc.collect()
+
     @torch.no_grad()
-    def _copy_tables(
-        self, old: ShardedEmbeddingBagCollection, new: ShardedEmbeddingBagCollection, std: float
+    def _restore(
+        self,
+        new: ShardedEmbeddingBagCollection,
+        spilled: dict[str, dict[str, tuple[SpilledTable, int]]],
+        spill: Spill,
+        std: float,
     ) -> int:
-        old_w, new_w = self._weights(old), self._weights(new)
-        old_s, new_s = self._states(old, old_w), self._states(new, new_w)
+        """New columns N(0, std) (states zero); kept columns read back from ``spill``."""
+        new_w = self._weights(new)
+        new_s = self._states(new, new_w)
         moved = 0
         for table in sorted(new_w):  # same order on every rank
-            src, dst = old_w[table], new_w[table]
-            keep = min(src.cols, dst.cols)
-            fill_columns(dst, list(range(dst.cols)), std)
-            moved += copy_block(src, dst, list(range(keep)), list(range(keep)), self.group, self.device)
+            dst = new_w[table]
+            src, keep = spilled[table]["weight"]
+            fill_columns(dst, list(range(keep, dst.cols)), std)
+            moved += restore_block(spill, src, dst, keep, self.group, self.device)
             for name in sorted(new_s[table]):
-                s_old, s_new = old_s[table][name], new_s[table][name]
-                fill_columns(s_new, list(range(s_new.cols)), None)
-                k = min(s_old.cols, s_new.cols)
-                moved += copy_block(s_old, s_new, list(range(k)), list(range(k)), self.group, self.device)
+                s_new = new_s[table][name]
+                src, k = spilled[table][name]
+                fill_columns(s_new, list(range(k, s_new.cols)), None)
+                moved += restore_block(spill, src, s_new, k, self.group, self.device)
         return moved
 
     @torch.no_grad()

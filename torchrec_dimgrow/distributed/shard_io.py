@@ -14,6 +14,9 @@ tables a rank owns, so optimizer-state layouts are derived from the weight's met
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -212,16 +215,163 @@ def _copy_local(s: TableView, d: TableView, src_cols: list[int], dst_cols: list[
                 pd.tensor[:, ld] = ps.tensor[:, ls]
 
 
+def draw_chunks(rows: int, cols: int, itemsize: int = 4) -> Iterator[tuple[int, int]]:
+    """Row chunks of about CHUNK_BYTES whose draws equal one draw over the whole block.
+
+    PyTorch's CPU ``normal_`` fills groups of 16 values (and redraws the last 16 of a
+    tensor whose size is not a multiple of 16), so drawing a ``rows x cols`` block chunk by
+    chunk gives the same numbers as one draw exactly when every chunk but the last holds a
+    multiple of 16 values and the last holds at least 16: chunks are a multiple of 16 rows
+    and a short tail is merged into the chunk before it. This keeps initialisation
+    bit-identical to a whole-table draw without a whole-table temporary.
+    """
+    step = max(16, (CHUNK_BYTES // max(1, cols * itemsize)) // 16 * 16)
+    r0 = 0
+    while r0 < rows:
+        r1 = min(rows, r0 + step)
+        if rows - r1 < step and (rows - r1) * cols < 16:
+            r1 = rows
+        yield r0, r1
+        r0 = r1
+
+
 @torch.no_grad()
 def fill_columns(t: torch.Tensor | TableView, cols: list[int], std: float | None) -> None:
-    """Re-draw (``std``) or zero (``None``) the given global columns where this rank owns them."""
+    """Re-draw (``std``) or zero (``None``) the given global columns where this rank owns them.
+
+    Draws go through a bounded row-chunk buffer (:func:`draw_chunks`), never a temporary
+    the size of the shard; the values equal one ``normal_`` over the ``rows x len(cols)``
+    block of each local piece.
+    """
     for p in view_of(t).pieces:
         local = [c - p.col for c in cols if 0 <= c - p.col < p.tensor.shape[1]]
         if not local:
             continue
-        block = torch.empty(p.tensor.shape[0], len(local), dtype=p.tensor.dtype, device=p.tensor.device)
+        contiguous = local == list(range(local[0], local[0] + len(local)))
+        target = p.tensor[:, local[0] : local[0] + len(local)] if contiguous else None
         if std is None:
-            block.zero_()
-        else:
+            if target is not None:
+                target.zero_()
+            else:
+                p.tensor[:, local] = 0.0
+            continue
+        for r0, r1 in draw_chunks(p.tensor.shape[0], len(local), p.tensor.element_size()):
+            block = torch.empty(r1 - r0, len(local), dtype=p.tensor.dtype, device=p.tensor.device)
             block.normal_(0.0, std)
-        p.tensor[:, local] = block
+            if target is not None:
+                target[r0:r1] = block
+            else:
+                p.tensor[r0:r1, local] = block
+
+
+# ----------------------------------------------------------------------------- spill
+@dataclass(frozen=True)
+class SpilledPiece:
+    """The first ``cols`` global-column-contiguous columns of one local piece, on disk."""
+
+    row: int
+    col: int
+    rows: int
+    cols: int
+    offset: int
+
+
+@dataclass
+class SpilledTable:
+    """A table's global layout (no local tensors) plus this rank's spilled pieces."""
+
+    layout: TableView
+    pieces: list[SpilledPiece]
+    dtype: torch.dtype
+
+
+class Spill:
+    """A scratch file that holds what a re-plan keeps while the old tables are freed.
+
+    Written and read in row chunks (``CHUNK_BYTES``) with plain file I/O, never mapped, so
+    neither direction needs memory beyond one chunk: the kernel's page cache, not the
+    process, holds the bytes in between. The file is deleted on :meth:`close`.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="dimgrow-replan-", suffix=".bin", dir=directory)
+        self._fh = os.fdopen(fd, "w+b")
+        self.bytes = 0
+
+    def write(self, view: TableView, keep: int) -> SpilledTable:
+        """Spill columns ``[0, keep)`` of every local piece of ``view``."""
+        out = []
+        dtype = view.pieces[0].tensor.dtype if view.pieces else torch.float32
+        for p in view.pieces:
+            n = max(0, min(p.tensor.shape[1], keep - p.col))
+            if n == 0:
+                continue
+            offset = self._fh.tell()
+            for r0, r1 in _row_chunks(p.tensor.shape[0], n, p.tensor.element_size()):
+                chunk = p.tensor[r0:r1, :n].contiguous()
+                self._fh.write(chunk.cpu().numpy().tobytes())
+            out.append(SpilledPiece(p.row, p.col, p.tensor.shape[0], n, offset))
+        self.bytes = self._fh.tell()
+        layout = TableView(view.rows, view.cols, view.signature, replicated=view.replicated)
+        return SpilledTable(layout, out, dtype)
+
+    def read(self, piece: SpilledPiece, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``[r0, r1)`` (piece-local) of a spilled piece, as a fresh ``(r1-r0, cols)`` tensor."""
+        itemsize = torch.finfo(dtype).bits // 8
+        out = torch.empty(r1 - r0, piece.cols, dtype=dtype)
+        self._fh.seek(piece.offset + r0 * piece.cols * itemsize)
+        got = self._fh.readinto(out.numpy().data.cast("B"))
+        if got != out.numel() * itemsize:
+            raise OSError(f"{self.path}: short read ({got} of {out.numel() * itemsize} bytes)")
+        self._fh.seek(0, os.SEEK_END)
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@torch.no_grad()
+def restore_block(
+    spill: Spill,
+    src: SpilledTable,
+    dst: TableView,
+    keep: int,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
+) -> int:
+    """Copy global columns ``[0, keep)`` from a spilled table into ``dst`` (same rows).
+
+    The same rule as :func:`copy_block`: a row chunk is assembled from the pieces this rank
+    spilled and all-reduced, unless the global layouts say every element stays on its rank
+    (then the chunk is written locally). Returns the bytes that went through the all-reduce.
+    Collective: every rank calls it with the same tables in the same order.
+    """
+    s = src.layout
+    if s.rows != dst.rows:
+        raise ValueError(f"restore_block: row counts differ ({s.rows} vs {dst.rows})")
+    if keep <= 0:
+        return 0
+    cols = list(range(keep))
+    local = s.replicated or _same_owners(s, dst, cols)
+    moved = 0
+    for r0, r1 in _row_chunks(s.rows, keep, torch.finfo(src.dtype).bits // 8):
+        buf = torch.zeros(r1 - r0, keep, dtype=src.dtype)
+        for sp in src.pieces:
+            a0, a1 = max(r0, sp.row), min(r1, sp.row + sp.rows)
+            if a0 < a1:
+                buf[a0 - r0 : a1 - r0, sp.col : sp.col + sp.cols] = spill.read(
+                    sp, a0 - sp.row, a1 - sp.row, src.dtype
+                )
+        if device is not None and device.type != "cpu":
+            buf = buf.to(device)
+        if not local:
+            _all_reduce(buf, group)
+            moved += buf.numel() * buf.element_size()
+        for p in dst.pieces:
+            a0, a1 = max(r0, p.row), min(r1, p.row + p.tensor.shape[0])
+            c0, c1 = max(0, p.col), min(keep, p.col + p.tensor.shape[1])
+            if a0 < a1 and c0 < c1:
+                p.tensor[a0 - p.row : a1 - p.row, c0 - p.col : c1 - p.col] = buf[a0 - r0 : a1 - r0, c0:c1]
+    return moved
