@@ -4,7 +4,7 @@
     python benchmarks/coldstart.py --seeds 0,1,2,3,4 --set initial_dim=4 --label init4
 
 Runs the 1-rank DimGrow search recipe on :func:`~torchrec_dimgrow.data.synthetic.fm_interactions`
-(a factorization-machine teacher over hidden per-field ranks 0,0,1,2,3,4,6,8, no main
+(a factorization-machine teacher over hidden per-field ranks 0,0,1,2,4,8, no main
 effects) once per search seed and reports, per seed, the found dims, their Spearman
 correlation with the hidden ranks, the epochs run and whether the search stalled (stopped
 with every field at <= 1 logical dim). ``--set key=value`` overrides a ``DimGrowConfig`` field.
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2,3,4", help="search seeds")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--rows", type=int, default=40_000)
+    p.add_argument("--rows", type=int, default=60_000)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--set", action="append", default=[], help="DimGrowConfig override key=value")
     p.add_argument("--label", default="")

@@ -230,10 +230,10 @@ class FMConfig:
     budget issue (cold start).
     """
 
-    rows: int = 40_000
-    vocab: int = 40
-    ranks: tuple[int, ...] = (0, 0, 1, 2, 3, 4, 6, 8)
-    signal: float = 2.5
+    rows: int = 60_000
+    vocab: int = 20
+    ranks: tuple[int, ...] = (0, 0, 1, 2, 4, 8)
+    signal: float = 3.0
     seed: int = 0
     split: tuple[float, float] = (0.8, 0.1)
 

@@ -326,7 +326,7 @@ class DimGrowSearch:
             st.best_gates = self._selection_gates().tolist()
             st.best_dims = self.coll.post.dims_list()
             st.bad_epochs = 0
-        else:
+        elif not self._at_start():
             st.bad_epochs += 1
         if self.env.is_main:
             log.info(
@@ -342,6 +342,17 @@ class DimGrowSearch:
         if st.bad_epochs >= self.tc.early_stop_patience:
             st.done = True
         self.save_checkpoint()
+
+    def _at_start(self) -> bool:
+        """Every field still at its starting dim: no epoch then counts toward early stopping.
+
+        Why: with little signal per dim (e.g. only interactions, one dim each) validation
+        AUC can stay flat until the first field grows; stopping then would end the search
+        before its dims had any chance to move (the cold-start stall, issue 10 item 4). The
+        epoch cap still bounds the run.
+        """
+        start = [min(self.dg.initial_dim, m) for m in self.coll.post.d_max]
+        return self.coll.post.dims_list() == start
 
     def _selection_gates(self) -> torch.Tensor:
         """The gate table the exported dims are read from (see ``DimGrowConfig.final_gates``)."""
