@@ -233,3 +233,25 @@ def build_dlrm_copy(model: torch.nn.Module, dims: dict[str, int]) -> torch.nn.Mo
     copy = export(dlrm_train(), dims, align="project").eval()
     copy.load_state_dict(model.state_dict())
     return copy
+
+
+def test_served_model_shards_over_two_cpu_ranks_with_shard_quant_model() -> None:
+    from torchrec_dimgrow.serving import shard_for_inference
+
+    spec = spec_for(FIELDS, VOCAB, DIMS)
+    model = _model(spec)
+    with torch.no_grad():
+        for p in model.sparse.parameters():
+            p.normal_(0.0, 0.5)
+    served, _ = quantize_model(build_copy(model, spec), "int8")
+    sharded, plan = shard_for_inference(served, world_size=2)
+    placements = {
+        name: [str(s.placement) for s in ps.sharding_spec.shards]  # type: ignore[union-attr]
+        for ps in plan.plan.values()
+        for name, ps in ps.items()  # type: ignore[union-attr]
+    }
+    assert set(placements) == {"a", "c", "d"}
+    assert {p for ranks in placements.values() for p in ranks} == {"rank:0/cpu", "rank:1/cpu"}
+    kjt = _kjt(seed=6)
+    with torch.no_grad():
+        assert torch.equal(sharded(kjt), served(kjt))

@@ -35,11 +35,16 @@ import torchrec.fx
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import nn
-from torchrec.distributed.types import ShardedModule
+from torchrec.distributed.global_settings import set_propogate_device
+from torchrec.distributed.types import ShardedModule, ShardingPlan
+from torchrec.inference.modules import shard_quant_model
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
-from torchrec.quant.embedding_modules import quant_prep_customize_row_alignment
+from torchrec.quant.embedding_modules import (
+    quant_prep_customize_row_alignment,
+    quant_prep_enable_quant_state_dict_split_scale_bias,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
@@ -111,12 +116,20 @@ class ServedCollection(nn.Module):
         self.keys = keys
         self.dims = dims
         self.padded = keep is not None
+        # Sharded (shard_for_inference) the lookup returns the features grouped by rank, so
+        # they are picked by key; unsharded their order is the tables' and a slice suffices.
+        self.by_key = False
         self.register_buffer("keep", keep if keep is not None else torch.zeros(0, dtype=torch.long))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        values = self.tables(features).values()
-        if self.padded:
-            values = values.index_select(1, self.keep)
+        pooled = self.tables(features)
+        if self.by_key:
+            by_key = pooled.to_dict()
+            values = torch.cat([by_key[k][:, :d] for k, d in zip(self.keys, self.dims)], dim=1)
+        elif self.padded:
+            values = pooled.values().index_select(1, self.keep)
+        else:
+            values = pooled.values()
         return KeyedTensor(keys=self.keys, length_per_key=self.dims, values=values)
 
 
@@ -146,6 +159,9 @@ def quantize_collection(
         weight=tq.PlaceholderObserver.with_args(dtype=dtype),
     )
     quant_prep_customize_row_alignment(wide, [EmbeddingBagCollection], row_alignment)
+    # Scale/bias as separate state-dict entries: the layout TorchRec's sharded quant modules
+    # load (shard_for_inference copies the weights into them through the state dict).
+    quant_prep_enable_quant_state_dict_split_scale_bias(wide)
     quant = QuantEmbeddingBagCollection.from_float(wide)
     keys: list[str] = []
     dims: list[int] = []
@@ -226,6 +242,33 @@ def quantize_at_dims(
                     )
     quantize_model(model, serving, row_alignment)
     return model
+
+
+def shard_for_inference(served: nn.Module, world_size: int = 2) -> tuple[nn.Module, ShardingPlan]:
+    """``served`` (after :func:`quantize_model`) sharded by TorchRec's ``shard_quant_model`` on CPU.
+
+    TorchRec's inference sharding runs in one process and places each table on one of
+    ``world_size`` devices (``rank:r/cpu`` here, table-wise, quant kernel). On CPU it needs
+    ``set_propogate_device(True)`` (a process-wide TorchRec setting, left on, as
+    ``torchrec/inference/dlrm_predict.py`` does): without
+    it the sharded lookups are built for ``cuda`` and fail with "Torch not compiled with CUDA
+    enabled". The sharded tables start uninitialised; the weights are copied in through the
+    state dict (scale/bias split, see :func:`quantize_collection`).
+    """
+    # Left on: the sharded module builds its input distribution at its first forward and
+    # reads the flag then (dlrm_predict.py sets it once for the process, too).
+    set_propogate_device(True)
+    sharded, plan = shard_quant_model(
+        copy.deepcopy(served), world_size=world_size, compute_device="cpu", sharding_device="cpu"
+    )
+    weights = {k: v for k, v in served.state_dict().items() if ".embedding_bags." in k}
+    result = sharded.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"shard_for_inference: sharded model has no {result.unexpected_keys[:3]}")
+    for m in sharded.modules():
+        if isinstance(m, ServedCollection):
+            m.by_key = True
+    return sharded, plan
 
 
 class ServingModel(nn.Module):
