@@ -24,9 +24,9 @@ lint: install
 # retrain of a plain TorchRec model with the found dims.
 search: install
 	PYTHONHASHSEED=0 $(VENV)/bin/torchrun --nproc_per_node=2 -m torchrec_dimgrow search \
-		--data $(CRITEO) --format criteo --out $(OUT) --batch-size 64 --epochs 20 --quiet
+		--data $(CRITEO) --format criteo --out $(OUT) --batch-size 64 --epochs 20 --quiet --overwrite
 	$(PY) -m torchrec_dimgrow retrain --dims $(OUT)/dims.json --data $(CRITEO) --format criteo \
-		--out $(OUT)/retrain --batch-size 64 --quiet
+		--out $(OUT)/retrain --batch-size 64 --quiet --overwrite
 
 clean:
 	rm -rf runs .pytest_cache

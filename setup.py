@@ -19,6 +19,6 @@ setup(
         "pyarrow==21.0.0",
         "numpy==2.3.4",
     ],
-    extras_require={"plot": ["matplotlib==3.10.7"]},
+    extras_require={"plot": ["matplotlib==3.10.7"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["torchrec-dimgrow=torchrec_dimgrow.cli:main"]},
 )

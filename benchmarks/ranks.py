@@ -56,7 +56,7 @@ def retrain_all(
     def one(s: int) -> dict:
         rt = out / f"retrain-{s}"
         run([py, "-m", "torchrec_dimgrow", "retrain", *spec, *data, "--out", str(rt),
-             "--cache-dir", str(out / "data"), "--seed", str(s), "--quiet"])  # fmt: skip
+             "--cache-dir", str(out / "data"), "--seed", str(s), "--quiet", "--overwrite"])  # fmt: skip
         return json.loads((rt / "metrics.json").read_text())
 
     if (out / "data" / "meta.json").exists():
@@ -71,7 +71,7 @@ def search_row(
     py = sys.executable
     data = ["--data", args.data, "--format", args.format]
     launcher = [py] if ranks == 1 else [py, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    run([*launcher, "-m", "torchrec_dimgrow", "search", *data, "--out", str(out), "--quiet", "--seed", str(seed),
+    run([*launcher, "-m", "torchrec_dimgrow", "search", *data, "--out", str(out), "--quiet", "--overwrite", "--seed", str(seed),
          "--batch-size", str(args.batch_size // ranks), *shlex.split(args.search_args)])  # fmt: skip
     dims = json.loads((out / "dims.json").read_text())
     search = json.loads((out / "metrics.json").read_text())

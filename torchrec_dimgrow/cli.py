@@ -3,6 +3,11 @@
 ``search`` runs on 1 rank as a plain command and on N ranks under
 ``torchrun --nproc_per_node=N -m torchrec_dimgrow search ...`` (gloo on CPU, nccl on GPU,
 ``--backend`` overrides).
+
+Exit codes: 0 success; 2 an expected failure (bad flag, data, output dir or checkpoint, or
+a diverged run), reported as one ``error:`` line on stderr by rank 0 and with code 2 on
+every rank; 3 the search finished but kept no field and ``--strict`` was given; 1 (with a
+traceback) a bug.
 """
 
 from __future__ import annotations
@@ -12,8 +17,8 @@ import json
 import logging
 import os
 import runpy
-import shutil
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,8 +27,28 @@ import torch.distributed as dist
 
 from torchrec_dimgrow.config import BudgetError, DimGrowConfig, TrainConfig, parse_budget
 from torchrec_dimgrow.data import DataError, PreparedData, load_prepared, prepare
+from torchrec_dimgrow.data.store import read_meta
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
+from torchrec_dimgrow.errors import CheckpointError, DimGrowError, NonFiniteError, UsageError
+from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, select
+from torchrec_dimgrow.validation import (
+    RETRAIN_OUTPUTS,
+    SEARCH_OUTPUTS,
+    OutputGuard,
+    apply_saved_config,
+    check_out_dir,
+    check_ranges,
+    clear_previous,
+    explicit_dests,
+    run_config,
+)
+
+log = logging.getLogger("torchrec_dimgrow")
+
+EXIT_USAGE = 2
+EXIT_STRICT = 3
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 FORMATS = ["criteo", "avazu", "movielens", "parquet", "csv"]
 
@@ -44,7 +69,14 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of dense layers")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--patience", type=int, default=2, help="early-stopping patience (epochs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="only results, warnings and errors")
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help="package log level (default INFO: one line per epoch; WARNING with --quiet; $DIMGROW_LOG)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out")
     p.add_argument(
         "--threads",
         type=int,
@@ -69,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(s)
     _add_train_args(s, epochs=10)
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument(
+        "--strict", action="store_true", help="exit 3 when the search keeps no field (default: warn)"
+    )
     s.add_argument("--d-max", type=int, default=16)
     s.add_argument("--alpha", type=float, default=None, help="penalty knob (default per --penalty-mode)")
     s.add_argument("--penalty-mode", choices=["auto", "fixed"], default="auto")
@@ -110,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", type=Path, default=None, help="run dir (or its checkpoint/) to continue")
     s.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     s.add_argument("--log-every", type=int, default=50)
+    s.add_argument(
+        "--tensorboard", type=Path, default=None, help="also log to this TensorBoard dir (needs tensorboard)"
+    )
 
     r = sub.add_parser("retrain", help="train a plain TorchRec model with found or uniform dims")
     _add_data_args(r)
@@ -117,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_mutually_exclusive_group(required=True)
     g.add_argument("--dims", type=Path, help="dims.json from a search")
     g.add_argument("--uniform-dim", type=int, help="same dim for every field")
-    r.add_argument("--out", type=Path, required=True)
+    r.add_argument(
+        "--out", type=Path, default=None, help="default: DIMS_DIR/retrain (required with --uniform-dim)"
+    )
 
     ev = sub.add_parser("evaluate", help="test AUC of a model saved by retrain")
     ev.add_argument("--model", type=Path, required=True, help="retrain --out directory (or its model/)")
@@ -152,19 +192,51 @@ def _prepare_on_rank0(args: argparse.Namespace, cache: Path, env: DistEnv) -> Pr
                 min_count=args.min_count,
             )
         except (DataError, OSError, ValueError) as exc:
-            error = [f"{type(exc).__name__}: {exc}"]
+            error = [str(exc)]
+    _agree(error, env)
+    data = load_prepared(cache)
+    _check_meaningful(data, cache, args.batch_size, env.world_size)
+    return data
+
+
+def _agree(error: list[str | None], env: DistEnv) -> None:
+    """Share rank 0's error (or None) with every rank, so all stop together with one message."""
     if env.world_size > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise DataError(str(error[0]).split(": ", 1)[-1])
-    return load_prepared(cache)
+        raise DataError(str(error[0]))
 
 
-def _cmd_search(args: argparse.Namespace) -> int:
-    from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+def _check_meaningful(data: PreparedData, cache: Path, batch_size: int, world: int) -> None:
+    """Refuse runs whose result would mean nothing: no training step, undefined AUC."""
+    steps = data.train.num_batches(batch_size, world, drop_last=True)
+    if steps == 0:
+        raise UsageError(
+            f"--batch-size {batch_size} x {world} rank(s) exceeds the {len(data.train)} train rows: "
+            "no training step would run"
+        )
+    meta = read_meta(cache)
+    for split in ("val", "test"):
+        rows, pos = int(meta["rows"][split]), int(meta["positives"][split])
+        if pos in (0, rows):
+            raise DataError(
+                f"the {split} split has only label {0 if pos == 0 else 1} ({rows} rows): AUC is undefined, "
+                "so no epoch could be judged"
+            )
 
-    alpha = args.alpha if args.alpha is not None else (0.1 if args.penalty_mode == "auto" else 0.01)
-    dg = DimGrowConfig(
+
+def _search_configs(args: argparse.Namespace) -> tuple[DimGrowConfig, TrainConfig]:
+    if args.alpha is None:  # recorded resolved, so a resume compares the value actually used
+        args.alpha = 0.1 if args.penalty_mode == "auto" else 0.01
+    alpha = args.alpha
+    try:
+        return _dimgrow_config(args, alpha), _train_config(args)
+    except ValueError as exc:  # a cross-field rule of the dataclasses the flag table cannot see
+        raise UsageError(str(exc)) from exc
+
+
+def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
+    return DimGrowConfig(
         d_max=args.d_max,
         alpha=alpha,
         penalty_mode=args.penalty_mode,
@@ -179,33 +251,77 @@ def _cmd_search(args: argparse.Namespace) -> int:
         final_gates=args.final_gates,
         budget=args.budget,
     )
-    tc = TrainConfig(
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        embedding_optimizer=args.embedding_optimizer,
-        embedding_lr=args.embedding_lr,
+        embedding_optimizer=getattr(args, "embedding_optimizer", "adagrad"),
+        embedding_lr=getattr(args, "embedding_lr", 0.05),
         early_stop_patience=args.patience,
         seed=args.seed,
         max_steps=args.max_steps,
     )
-    env = init_distributed(args.backend)
+
+
+def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
+    """Verify the checkpoint and adopt its settings before anything is written (every rank)."""
+    found = select(args.resume)
+    apply_saved_config(args, found.config, explicit)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if found.world_size != world:
+        raise UsageError(
+            f"--resume: {found.path} was written by {found.world_size} rank(s), this run has {world}; "
+            f"resume with torchrun --nproc_per_node={found.world_size} (the data order and the "
+            "sharding plan depend on the world size)"
+        )
+    return found
+
+
+def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
+    from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+
     out: Path = args.out
-    created = not out.exists()
+    resumed = _resume_preflight(args, explicit) if args.resume is not None else None
+    check_ranges(args)  # again: the saved settings are now in args
+    check_out_dir(out, SEARCH_OUTPUTS, args.overwrite, resuming=resumed is not None)
+    _check_tensorboard(args)
+    dg, tc = _search_configs(args)
+    guard = OutputGuard(out)
+    env = init_distributed(args.backend)
     try:
-        data = _prepare_on_rank0(args, args.cache_dir or out / "data", env)
+        cache = args.cache_dir or out / "data"
+        data = _prepare_on_rank0(args, cache, env)
+        fingerprint = data_fingerprint(data.source, cache)
+        if resumed is not None:
+            error: list[str | None] = [None]
+            try:
+                compare_data(resumed.manifest["data"], fingerprint)
+            except CheckpointError as exc:
+                error = [str(exc)]
+            _agree(error, env)
+        elif args.overwrite and env.is_main:
+            clear_previous(out, SEARCH_OUTPUTS)
         planning = PlanningConfig(sharding=args.sharding, batch_size=args.batch_size)
         opts = SearchOptions(
             out,
             log_every=args.log_every,
             checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
+            resume=resumed.path if resumed is not None else None,
             quiet=args.quiet,
+            run_config=run_config(args),
+            data_fingerprint=fingerprint,
+            discard_latest=resumed is not None and resumed.fell_back,
+            tensorboard=args.tensorboard,
         )
         result = run_search(data, dg, tc, planning, env, opts)
-    except (DataError, BudgetError):
-        if created and env.is_main:
-            shutil.rmtree(out, ignore_errors=True)
+    except NonFiniteError:
+        raise  # keeps the last good checkpoint for inspection or --resume
+    except (DimGrowError, BudgetError):
+        if env.is_main:
+            guard.discard_new()
         raise
     finally:
         destroy_distributed()
@@ -216,38 +332,50 @@ def _cmd_search(args: argparse.Namespace) -> int:
             f"val_auc {m['val_auc']:.4f}  total_dim {m['found_total_dim']}  replans {m['replans']}  "
             f"world_size {m['world_size']}  -> {out / 'dims.json'}"
         )
+    if result["metrics"]["found_total_dim"] == 0:
+        if env.is_main:
+            log.warning(
+                "the search kept no field (every dim is 0): the penalty won; lower --alpha or train longer%s",
+                "" if args.strict else " (--strict makes this exit 3)",
+            )
+        if args.strict:
+            return EXIT_STRICT
     return 0
 
 
+def _check_tensorboard(args: argparse.Namespace) -> None:
+    if getattr(args, "tensorboard", None) is None:
+        return
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(
+            "--tensorboard needs the tensorboard package: pip install 'torchrec-dimgrow[tensorboard]'"
+        ) from exc
+
+
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from torchrec_dimgrow.export import read_dims_json
     from torchrec_dimgrow.recipes.retrain import retrain
 
-    out: Path = args.out
+    out = _retrain_out(args)
+    check_out_dir(out, RETRAIN_OUTPUTS, args.overwrite)
+    if args.overwrite:
+        clear_previous(out, RETRAIN_OUTPUTS)  # never a new metrics.json beside an old model/
+    if args.dims is not None:
+        _read_dims(args.dims, None)  # malformed/negative dims fail before any data is prepared
     cache = args.cache_dir
     if cache is None and args.dims is not None and (args.dims.parent / "data" / "meta.json").is_file():
         cache = args.dims.parent / "data"  # reuse the search's vocab
-    created = not out.exists()
+    guard = OutputGuard(out)
     try:
         env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
         data = _prepare_on_rank0(args, cache or out / "data", env)
-        dims = (
-            read_dims_json(args.dims, data.fields)
-            if args.dims
-            else {f: args.uniform_dim for f in data.fields}
-        )
-        tc = TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            early_stop_patience=args.patience,
-            seed=args.seed,
-            max_steps=args.max_steps,
-        )
-        metrics = retrain(dims, data, tc, out, quiet=args.quiet)
-    except (DataError, ValueError, FileNotFoundError):
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        dims = _read_dims(args.dims, data.fields) if args.dims else {f: args.uniform_dim for f in data.fields}
+        if not any(dims.values()):
+            raise UsageError(f"--dims {args.dims}: every field has dim 0, nothing to retrain")
+        metrics = retrain(dims, data, _train_config(args), out, quiet=args.quiet)
+    except DimGrowError:
+        guard.discard_new()
         raise
     print(
         f"test_auc {metrics['test_auc']:.4f}  test_logloss {metrics['test_logloss']:.4f}  embedding_bytes {metrics['embedding_bytes']}"
@@ -291,6 +419,30 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain_out(args: argparse.Namespace) -> Path:
+    """``--out``, by default ``DIMS_DIR/retrain``; never the search directory itself."""
+    if args.out is None:
+        if args.dims is None:
+            raise UsageError("--out is required with --uniform-dim")
+        return Path(args.dims).parent / "retrain"
+    out: Path = args.out
+    if args.dims is not None and out.resolve() == Path(args.dims).parent.resolve():
+        raise UsageError(
+            f"--out {out} is the search directory of --dims; retrain would replace the search's "
+            "metrics.json (leave --out out to write to DIMS_DIR/retrain)"
+        )
+    return out
+
+
+def _read_dims(path: Path, fields: Sequence[str] | None) -> dict[str, int]:
+    from torchrec_dimgrow.export import read_dims_json
+
+    try:
+        return read_dims_json(path, fields)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--dims: {exc}") from exc
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
@@ -301,21 +453,81 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _LineFormatter(logging.Formatter):
+    """INFO lines as they are; warnings and errors prefixed with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def configure_logging(level: str | None, quiet: bool, rank: int) -> None:
+    """Give the package logger its own stderr handler.
+
+    Importing torchrec installs a handler on the root logger, which makes
+    ``logging.basicConfig`` a no-op; so the package logger is configured directly and does
+    not propagate. Ranks other than 0 only report warnings and errors.
+    """
+    name = level or os.environ.get("DIMGROW_LOG") or ("WARNING" if quiet else "INFO")
+    if name.upper() not in LOG_LEVELS:
+        raise UsageError(f"--log-level / DIMGROW_LOG must be one of {LOG_LEVELS}, got {name!r}")
+    value = getattr(logging, name.upper())
+    pkg = logging.getLogger("torchrec_dimgrow")
+    for handler in [h for h in pkg.handlers if getattr(h, "dimgrow_cli", False)]:
+        pkg.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.dimgrow_cli = True  # type: ignore[attr-defined]
+    handler.setFormatter(_LineFormatter())
+    pkg.addHandler(handler)
+    pkg.propagate = False
+    pkg.setLevel(value if rank == 0 else max(value, logging.WARNING))
+
+
+KNOWN_WARNINGS: list[tuple[str, str]] = [
+    # (message regex, module regex) of library warnings that say nothing a user can act on
+    (".*", r"torchrec(\.|$)"),
+    (".*", r"fbgemm_gpu(\.|$)"),
+    (".*", r"torch\.distributed(\.|$)"),
+    (".*TypedStorage is deprecated.*", ".*"),
+    (".*Please use DTensor instead and we are deprecating ShardedTensor.*", ".*"),
+]
+
+
+def silence_library_warnings() -> None:
+    """Drop the known, unactionable library warnings (once per process, every rank).
+
+    Filters are process-wide, so they also cover the warnings a re-plan triggers later.
+    ``PYTHONWARNINGS`` / ``-W`` still win for anyone debugging the stack.
+    """
+    if sys.warnoptions:
+        return
+    for message, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("DIMGROW_LOG", "WARNING"))
+    """Parse, run, and turn every expected failure into one ``error:`` line and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    rank = int(os.environ.get("RANK", "0"))
+    silence_library_warnings()
     try:
+        configure_logging(getattr(args, "log_level", None), getattr(args, "quiet", False), rank)
+        if args.command == "bench":
+            return _cmd_bench(args)
+        check_ranges(args)
+        if getattr(args, "threads", None) is not None:
+            torch.set_num_threads(args.threads)
         if args.command == "search":
-            return _cmd_search(args)
+            return _cmd_search(args, explicit_dests(build_parser(), argv))
         if args.command == "retrain":
             return _cmd_retrain(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
-        if args.command == "export":
-            return _cmd_export(args)
-        return _cmd_bench(args)
-    except (DataError, FileNotFoundError, BudgetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _cmd_export(args)
+    except (DimGrowError, BudgetError) as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE

@@ -17,8 +17,10 @@ from torchrec_dimgrow.data.errors import DataError
 MISSING = "<missing>"
 """Token of an empty/null value; it gets a vocab id like any value (if frequent enough)."""
 
-_TRUE_LABELS = ["1", "1.0"]
-_FALSE_LABELS = ["0", "0.0"]
+LABEL_PATTERN = r"^\s*(?:[01](?:\.0*)?|true|false)\s*$"
+"""Text labels accepted as 0/1 (case-insensitive): ``0``/``1`` with an optional all-zero
+decimal part (``1.``, ``1.0``, ``1.00``) and ``true``/``false``; surrounding spaces are
+ignored. Typed (Parquet) labels: integers, floats and booleans equal to 0 or 1."""
 
 
 def as_tokens(column: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -39,14 +41,16 @@ def first_false(mask: pa.Array) -> int | None:
 
 def text_labels(column: pa.Array, path: Path, first_line: int, unit: str = "line") -> np.ndarray:
     """Parse a string label column that must hold 0/1; errors name the file line (or row)."""
-    valid = pc.is_in(column, value_set=pa.array(_TRUE_LABELS + _FALSE_LABELS))
+    valid = pc.match_substring_regex(column, LABEL_PATTERN, ignore_case=True)
     bad = first_false(valid)
     if bad is not None:
         value = column[bad].as_py()
-        raise DataError(f"{path}: {unit} {first_line + bad}: label must be 0 or 1, got {value!r}")
-    return (
-        pc.is_in(column, value_set=pa.array(_TRUE_LABELS)).to_numpy(zero_copy_only=False).astype(np.float32)
-    )
+        raise DataError(
+            f"{path}: {unit} {first_line + bad}: label must be 0 or 1, got {value!r} "
+            "(accepted: 0, 1, 0.0, 1.00, true, false)"
+        )
+    ones = pc.match_substring_regex(column, r"^\s*(?:1(?:\.0*)?|true)\s*$", ignore_case=True)
+    return ones.to_numpy(zero_copy_only=False).astype(np.float32)
 
 
 def numeric_labels(column: pa.Array, path: Path, first_row: int) -> np.ndarray:

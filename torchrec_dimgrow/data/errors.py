@@ -6,6 +6,8 @@ instead of a traceback, so every check in this package raises :class:`DataError`
 
 from __future__ import annotations
 
+from torchrec_dimgrow.errors import DimGrowError
 
-class DataError(ValueError):
+
+class DataError(DimGrowError, ValueError):
     """Bad input data or arguments; the message names the file (and line/field when known)."""

@@ -65,6 +65,9 @@ def _first_existing(candidates: list[Path], split: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    for path in candidates:
+        if path.is_dir():
+            raise DataError(f"{split} split: {path} is a directory, expected a file")
     names = ", ".join(str(p) for p in candidates)
     raise DataError(f"missing {split} split file: {candidates[0]} (tried {names})")
 

@@ -9,6 +9,7 @@ never leaves a half-written cache that a later run could mistake for a good one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -39,6 +40,8 @@ from torchrec_dimgrow.data.store import (
 )
 from torchrec_dimgrow.data.tabular import CsvTableReader, ParquetReader
 from torchrec_dimgrow.data.vocab import FieldVocab, ValueCounter
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("criteo", "avazu", "movielens", "csv", "parquet")
 _TABULAR = ("csv", "parquet")
@@ -178,7 +181,12 @@ def _count_train(reader: FormatReader, layout: Layout, source: dict[str, Any]) -
         counter.add(chunk.fields if train.all() else chunk.select(train).fields)
     if counter.rows == 0:
         raise DataError(f"{layout.file_of('train')}: split 'train' has no data rows")
-    return counter.vocabs(source["min_count"])
+    vocabs = counter.vocabs(source["min_count"])
+    for name, vocab in zip(reader.fields, vocabs, strict=True):
+        problem = vocab.degenerate(name, source["min_count"])
+        if problem is not None:  # once per column: a reused cache is not counted again
+            log.warning("%s", problem)
+    return vocabs
 
 
 class _SplitWriter:

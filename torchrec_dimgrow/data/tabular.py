@@ -23,6 +23,9 @@ _DIALECT = CsvDialect(delimiter=",", quoting=True)
 
 def select_fields(names: list[str], label_col: str, drop_cols: Sequence[str], path: Path) -> list[str]:
     """Field columns of a table: all but the label and ``drop_cols`` (both must exist)."""
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate column name(s) {duplicates}; every column needs its own name")
     if label_col not in names:
         raise DataError(f"{path}: label column {label_col!r} not found (columns: {names})")
     unknown = [c for c in drop_cols if c not in names]

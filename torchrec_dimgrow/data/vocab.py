@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from torchrec_dimgrow.data.columns import MISSING
+
 _COMPACT_EVERY = 16
 _INDEX_IN_MAX_RATIO = 4
 
@@ -52,9 +54,15 @@ class ValueCounter:
         if not parts:
             return FieldVocab(pa.array([], type=pa.string()))
         table = _merge(parts)
+        rows = int(pc.sum(table.column("count")).as_py() or 0)
+        missing = table.filter(pc.equal(table.column("value"), MISSING)).column("count")
         table = table.filter(pc.greater_equal(table.column("count"), min_count))
         table = table.sort_by([("count", "descending"), ("value", "ascending")])
-        return FieldVocab(table.column("value").combine_chunks())
+        vocab = FieldVocab(table.column("value").combine_chunks())
+        vocab.rows = rows
+        vocab.kept_rows = int(pc.sum(table.column("count")).as_py() or 0)
+        vocab.missing_rows = int(pc.sum(missing).as_py() or 0)
+        return vocab
 
 
 class FieldVocab:
@@ -63,6 +71,20 @@ class FieldVocab:
     def __init__(self, values: pa.Array) -> None:
         self.values = pc.cast(values, pa.string())
         self._lookup: dict[str, int] | None = None
+        # Train rows counted, rows whose value made the vocab, rows that were null/empty.
+        self.rows = self.kept_rows = self.missing_rows = 0
+
+    def degenerate(self, name: str, min_count: int) -> str | None:
+        """Why this field can carry no signal (all null, or mostly in the shared bucket 0)."""
+        if self.rows and self.missing_rows == self.rows:
+            return f"column {name!r} is empty/null on every train row: it carries no signal"
+        if self.rows and self.kept_rows * 2 < self.rows:
+            share = 100.0 * (self.rows - self.kept_rows) / self.rows
+            return (
+                f"column {name!r}: --min-count {min_count} maps {share:.0f}% of train rows into the "
+                "shared bucket 0 (nearly unique values: an id or timestamp column?)"
+            )
+        return None
 
     def __len__(self) -> int:
         return len(self.values)

@@ -11,7 +11,9 @@ Layout of ``DIR/checkpoint/``:
   table where the interrupted one had it and continues bit-exactly.
 
 A checkpoint is written to ``checkpoint.tmp`` and swapped in only when every rank has
-finished, so killing the job mid-save leaves the previous checkpoint intact.
+finished, so killing the job mid-save leaves the previous checkpoint intact. Rank 0 then
+writes ``manifest.json`` (sha256 of every file, run config, data fingerprint: see
+``torchrec_dimgrow/manifest.py``) and keeps the replaced checkpoint as ``checkpoint.prev``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torchrec.distributed.model_parallel import get_unwrapped_module
 from torchrec.distributed.types import ShardingPlan
 
 from torchrec_dimgrow.distributed.replan import find_fqn
+from torchrec_dimgrow.manifest import write_manifest
 from torchrec_dimgrow.policy import PolicyState
 
 if TYPE_CHECKING:
@@ -98,18 +101,40 @@ def save_checkpoint(search: DimGrowSearch, path: Path) -> None:
         (tmp / "search_state.json").write_text(json.dumps(meta))
     _barrier()
     if rank == 0:
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        opts = search.opts
+        write_manifest(
+            tmp,
+            config=opts.run_config,
+            data=opts.data_fingerprint,
+            world_size=search.env.world_size,
+            step=search.state.step,
+        )
+        rotate(tmp, path, discard_latest=opts.discard_latest)
+        opts.discard_latest = False
     _barrier()
+
+
+def rotate(tmp: Path, path: Path, discard_latest: bool = False) -> None:
+    """Publish ``tmp`` as ``path``, keeping the one before as ``path.prev`` (two checkpoints).
+
+    ``discard_latest``: the current ``path`` failed verification at resume; it is set
+    aside as ``path.damaged`` instead of replacing the intact previous checkpoint.
+    """
+    prev = path.with_name(path.name + ".prev")
+    if path.exists():
+        if discard_latest:
+            damaged = path.with_name(path.name + ".damaged")
+            shutil.rmtree(damaged, ignore_errors=True)
+            path.rename(damaged)
+        else:
+            shutil.rmtree(prev, ignore_errors=True)
+            path.rename(prev)
+    tmp.rename(path)
 
 
 def resolve(path: Path) -> Path:
     """Accept a run directory or the checkpoint directory itself."""
-    for candidate in (path, path / "checkpoint", path / "checkpoint.old"):
+    for candidate in (path, path / "checkpoint", path / "checkpoint.prev"):
         if (candidate / "search_state.json").is_file():
             return candidate
     raise FileNotFoundError(f"no DimGrow checkpoint under {path} (expected search_state.json)")

@@ -19,8 +19,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
+import shutil
+import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,7 @@ from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, SlotG
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
+from torchrec_dimgrow.errors import NonFiniteError
 from torchrec_dimgrow.export import embedding_params, gate_table, write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
@@ -57,6 +62,10 @@ class SearchOptions:
     checkpoint_every: int = 0
     resume: Path | None = None
     quiet: bool = False
+    run_config: dict[str, Any] = field(default_factory=dict)  # recorded in each checkpoint's manifest
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)
+    discard_latest: bool = False  # resume fell back past a damaged latest checkpoint
+    tensorboard: Path | None = None  # rank 0 also logs loss, val AUC, dims and gates here
 
 
 @dataclass
@@ -80,6 +89,7 @@ class SearchState:
     replans: int = 0
     replan_seconds: float = 0.0
     bytes_moved: int = 0
+    wall_seconds: float = 0.0  # up to the last checkpoint, so a resumed run reports the whole run
     done: bool = False
 
 
@@ -178,6 +188,7 @@ class DimGrowSearch:
             torch.manual_seed(tc.seed * 1000 + env.rank)
         self.val_stream = ValStream(data.val, tc.batch_size, tc.seed, env, self.state)
         self._note_memory()
+        self.board = _summary_writer(opts.tensorboard) if env.is_main else None
 
     # ------------------------------------------------------------------ pieces
     def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
@@ -263,15 +274,40 @@ class DimGrowSearch:
         )
 
     # ------------------------------------------------------------------ main loop
+    def elapsed(self) -> float:
+        """Wall seconds of the whole run, including the parts before any resume."""
+        return self._wall_before + time.perf_counter() - self._wall_start
+
+    def _check_finite(self, loss: float) -> None:
+        """Stop on a NaN/inf loss or gate, on every rank at the same step (one tiny all-reduce)."""
+        bad = torch.tensor([0 if math.isfinite(loss) else 1], dtype=torch.int64)
+        if not bool(torch.isfinite(self.coll.post.gate.theta.detach()).all()):
+            bad[0] = 2
+        if self.env.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if int(bad.item()):
+            what = "training loss" if int(bad.item()) == 1 else "gate logits"
+            raise NonFiniteError(f"step {self.state.step}: non-finite {what}; {self._kept()}")
+
+    def _kept(self) -> str:
+        """Where the last good checkpoint is, for the NaN guard's message."""
+        ckpt = self.opts.out_dir / "checkpoint"
+        if not ckpt.is_dir():
+            return "no checkpoint was written yet (try a smaller --lr / --gate-lr)"
+        return f"the last good checkpoint stays in {ckpt} (try a smaller --lr / --gate-lr)"
+
     def run(self) -> dict[str, Any]:
-        start = time.perf_counter()
         st, tc = self.state, self.tc
+        self._wall_before, self._wall_start = st.wall_seconds, time.perf_counter()
         if st.step == 0:
             self._log_trajectory()
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
         total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
         bar = tqdm(
-            total=total, initial=st.step, disable=self.opts.quiet or not self.env.is_main, desc="search"
+            total=total,
+            initial=st.step,
+            disable=self.opts.quiet or not self.env.is_main or not sys.stderr.isatty(),
+            desc="search",
         )
         while not st.done and st.epoch < tc.epochs:
             batches = self.data.train.batches(
@@ -288,12 +324,15 @@ class DimGrowSearch:
                 loss = self.train_step(batch, self.val_stream.next())
                 st.step += 1
                 st.batch_in_epoch += 1
+                self._check_finite(loss)
                 bar.update(1)
                 self.after_check(self.controller.end_step())
                 if self.dg.final_gates == "epoch":  # the default export never reads the means
                     self.epoch_gates.add(self.coll.gate_values(), self.coll.post.dims_list())
                 if self.opts.log_every and st.step % self.opts.log_every == 0:
                     self._log_trajectory()
+                    if self.board is not None:
+                        self.board.add_scalar("train/loss", loss, st.step)
                     bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.post.dims_list()))
                 if tc.max_steps is not None and st.step >= tc.max_steps:
                     break
@@ -303,10 +342,11 @@ class DimGrowSearch:
             if tc.max_steps is not None and st.step >= tc.max_steps:
                 st.done = True
         bar.close()
+        if self.board is not None:
+            self.board.close()
         if not st.done:
             st.done = True
-        wall = time.perf_counter() - start
-        return self._finish(wall)
+        return self._finish(self.elapsed())
 
     def _end_epoch(self) -> None:
         st = self.state
@@ -330,12 +370,17 @@ class DimGrowSearch:
             st.bad_epochs += 1
         if self.env.is_main:
             log.info(
-                "epoch %d step %d val_auc %.4f dims %s",
+                "epoch %d  step %d  val_auc %.4f  logloss %.4f  total_dim %d  bytes %d  replans %d",
                 st.epoch,
                 st.step,
                 metrics["auc"],
+                metrics["logloss"],
                 sum(self.coll.post.dims_list()),
+                self.coll.embedding_bytes(physical=False),
+                st.replans,
             )
+        if self.board is not None:
+            self._board_epoch(metrics)
         st.epoch += 1
         st.batch_in_epoch = 0
         self.epoch_gates.reset()
@@ -354,6 +399,18 @@ class DimGrowSearch:
         start = [min(self.dg.initial_dim, m) for m in self.coll.post.d_max]
         return self.coll.post.dims_list() == start
 
+    def _board_epoch(self, metrics: dict[str, float]) -> None:
+        assert self.board is not None
+        step, dims, gates = self.state.step, self.coll.post.dims_list(), self.coll.gate_values()
+        self.board.add_scalar("val/auc", metrics["auc"], step)
+        self.board.add_scalar("val/logloss", metrics["logloss"], step)
+        self.board.add_scalar("dims/total", sum(dims), step)
+        for t, name in enumerate(self.coll.table_names):
+            self.board.add_scalar(f"dims/{name}", dims[t], step)
+            if dims[t]:
+                self.board.add_scalar(f"gates/{name}/min_active", float(gates[t, : dims[t]].min()), step)
+        self.board.flush()
+
     def _selection_gates(self) -> torch.Tensor:
         """The gate table the exported dims are read from (see ``DimGrowConfig.final_gates``)."""
         current = self.coll.gate_values()
@@ -364,6 +421,9 @@ class DimGrowSearch:
     def save_checkpoint(self) -> None:
         from torchrec_dimgrow.recipes.checkpoint import save_checkpoint
 
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.dense_opt.param_groups[0]["params"]):
+            raise NonFiniteError(f"step {self.state.step}: non-finite dense weights; {self._kept()}")
+        self.state.wall_seconds = self.elapsed()
         save_checkpoint(self, self.opts.out_dir / "checkpoint")
 
     def found_dims(self) -> dict[str, int]:
@@ -400,8 +460,19 @@ class DimGrowSearch:
             "history": st.history,
         }
         if self.env.is_main:
-            out = self.opts.out_dir
-            out.mkdir(parents=True, exist_ok=True)
+            self._publish(found, metrics)
+        return {"dims": found, "metrics": metrics}
+
+    def _publish(self, found: dict[str, int], metrics: dict[str, Any]) -> None:
+        """Write the result files into a staging dir, then move each into ``out_dir``.
+
+        A failure while writing leaves the staging dir (removed) and never a mix of this
+        run's and an earlier run's files.
+        """
+        final = self.opts.out_dir
+        out = final / f".results-{uuid.uuid4().hex}"
+        out.mkdir(parents=True)
+        try:
             write_dims_json(out / "dims.json", found)
             write_json_atomic(out / "metrics.json", metrics)
             write_json_atomic(out / "gates.json", gate_table(self.coll))
@@ -414,13 +485,23 @@ class DimGrowSearch:
                     "data": self.data.source,
                 },
             )
-            tmp = out / "trajectory.csv.tmp"
-            with tmp.open("w", newline="") as fh:
+            with (out / "trajectory.csv").open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
                 writer.writeheader()
                 writer.writerows(self.trajectory)
-            os.replace(tmp, out / "trajectory.csv")
-        return {"dims": found, "metrics": metrics}
+            for item in sorted(out.iterdir()):
+                os.replace(item, final / item.name)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _summary_writer(directory: Path | None) -> Any:
+    """A TensorBoard writer, or None; the CLI has checked that the package is installed."""
+    if directory is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(directory))
 
 
 def run_search(

@@ -1,0 +1,330 @@
+"""Bad flags, bad files, bad checkpoints: one ``error:`` line, exit code 2, nothing left behind.
+
+Flag and file checks call ``main([...])`` in-process (they fail before any process group
+or model exists); the few runs that must train reuse one prepared Criteo sample and one
+small finished search (module fixtures). Multi-rank cases are in tests/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from torchrec_dimgrow.cli import main
+from torchrec_dimgrow.data import prepare
+from torchrec_dimgrow.manifest import verify
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CRITEO = str(DATA / "criteo" / "criteo_head8k")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Criteo sample prepared once; every run below reuses it through --cache-dir."""
+    path = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(CRITEO, "criteo", path)
+    return path
+
+
+def search_args(cache: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "search", "--data", CRITEO, "--format", "criteo", "--cache-dir", str(cache), "--out", str(out),
+        "--epochs", "1", "--batch-size", "64", "--quiet", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 1-rank search with two checkpoints kept (steps 10 and 12)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    rc = main(search_args(cache, out, "--max-steps", "12", "--checkpoint-every", "5", "--alpha", "0.05"))
+    assert rc == 0
+    return out
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ------------------------------------------------------------------ 5/6: flag ranges
+@pytest.mark.parametrize(
+    ("flag", "value", "expect"),
+    [
+        ("--d-max", "0", "--d-max must be in [1, 256], got 0"),
+        ("--d-max", "1000", "--d-max must be in [1, 256], got 1000"),
+        ("--alpha", "-1", "--alpha must be >= 0, got -1"),
+        ("--check-interval", "0", "--check-interval must be >= 1, got 0"),
+        ("--grow-threshold", "2", "--grow-threshold must be in (0, 1], got 2"),
+        ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
+        ("--lr", "-1", "--lr must be > 0, got -1"),
+        ("--lr", "nan", "--lr must be > 0, got nan"),
+        ("--threads", "-1", "--threads must be in [1, 4096], got -1"),
+        ("--threads", "0", "--threads must be in [1, 4096], got 0"),
+        ("--max-steps", "0", "--max-steps must be >= 1, got 0"),
+        ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0, got -1"),
+        ("--epochs", "0", "--epochs must be >= 1, got 0"),
+        ("--shrink-threshold", "0.7", "--shrink-threshold (0.7) must be below --grow-threshold (0.6)"),
+    ],
+)
+def test_out_of_range_flag_is_one_line_naming_it_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str, expect: str
+) -> None:
+    out = tmp_path / "out"
+    args = ["search", "--data", CRITEO, "--format", "criteo", "--out", str(out), flag, value]
+    assert main(args) == 2
+    assert one_error_line(capsys) == f"error: {expect}"
+    assert not out.exists()
+
+
+def test_bad_resume_path_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert (
+        main(["search", "--data", CRITEO, "--format", "criteo", "--out", str(out), "--resume", str(out)]) == 2
+    )
+    assert "no DimGrow checkpoint" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_directory_given_as_a_split_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for split in ("train", "val", "test"):
+        (tmp_path / f"d_{split}.tsv").mkdir()
+    out = tmp_path / "out"
+    assert main(["search", "--data", str(tmp_path / "d"), "--format", "criteo", "--out", str(out)]) == 2
+    assert "is a directory, expected a file" in one_error_line(capsys)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ 3: meaningless runs
+def test_batch_larger_than_train_split_is_refused(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert main(search_args(cache, out, "--batch-size", "100000")) == 2
+    assert "no training step would run" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def _csv_splits(tmp_path: Path, val_labels: list[str], train_labels: list[str] | None = None) -> str:
+    train_labels = train_labels or ["0", "1"] * 40
+    for split, labels in (("train", train_labels), ("val", val_labels), ("test", ["0", "1"] * 5)):
+        rows = [f"{lab},{'ab'[i % 2]},{i % 3}" for i, lab in enumerate(labels)]
+        (tmp_path / f"t_{split}.csv").write_text("label,f1,f2\n" + "\n".join(rows) + "\n")
+    return str(tmp_path / "t")
+
+
+def test_one_class_validation_split_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _csv_splits(tmp_path, ["0"] * 10)
+    out = tmp_path / "out"
+    assert main(["search", "--data", data, "--format", "csv", "--out", str(out), "--batch-size", "8"]) == 2
+    assert "the val split has only label 0 (10 rows): AUC is undefined" in one_error_line(capsys)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ 6: labels, degenerate columns
+def test_csv_labels_accept_exactly_the_documented_spellings(tmp_path: Path) -> None:
+    labels = ["1.00", "0.", "true", "FALSE", " 1 ", "0.0"] * 10
+    data = _csv_splits(tmp_path, ["0", "1"] * 5, train_labels=labels)
+    prepared = prepare(data, "csv", tmp_path / "cache")
+    assert prepared.train.labels[:6].tolist() == [1, 0, 1, 0, 1, 0]
+    (tmp_path / "t_train.csv").write_text("label,f1,f2\n0,a,1\n2,b,1\n")
+    with pytest.raises(ValueError, match=r"line 3: label must be 0 or 1, got '2'"):
+        prepare(data, "csv", tmp_path / "cache2")
+
+
+def _parquet_splits(tmp_path: Path, table: pa.Table) -> str:
+    for split in ("train", "val", "test"):
+        pq.write_table(table, tmp_path / f"p_{split}.parquet")
+    return str(tmp_path / "p")
+
+
+def test_parquet_string_and_bool_labels_match_csv(tmp_path: Path) -> None:
+    text = pa.table({"label": ["1.00", "0", "true", "false"] * 4, "f": ["a", "b"] * 8})
+    flags = pa.table({"label": [True, False, True, False] * 4, "f": ["a", "b"] * 8})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = prepare(_parquet_splits(tmp_path / "a", text), "parquet", tmp_path / "ca")
+    b = prepare(_parquet_splits(tmp_path / "b", flags), "parquet", tmp_path / "cb")
+    assert a.train.labels.tolist() == b.train.labels.tolist() == [1, 0, 1, 0] * 4
+
+
+def test_parquet_duplicate_column_names_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = pa.Table.from_arrays(
+        [pa.array([0, 1] * 4), pa.array(["a"] * 8), pa.array(["b"] * 8)], ["label", "f", "f"]
+    )
+    data = _parquet_splits(tmp_path, table)
+    out = tmp_path / "out"
+    assert main(["search", "--data", data, "--format", "parquet", "--out", str(out)]) == 2
+    assert "duplicate column name(s) ['f']" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_degenerate_columns_warn_once_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    n = 40
+    table = pa.table(
+        {
+            "label": [0, 1] * (n // 2),
+            "empty": pa.array([None] * n, type=pa.string()),
+            "uid": [f"u{i}" for i in range(n)],
+            "ok": ["a", "b", "c", "d"] * (n // 4),
+        }
+    )
+    data = _parquet_splits(tmp_path, table)
+    out = tmp_path / "out"
+    args = ["search", "--data", data, "--format", "parquet", "--out", str(out), "--batch-size", "8"]
+    assert main([*args, "--max-steps", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    warned = [line for line in err if line.startswith("warning: column")]
+    assert len(warned) == 2, err
+    assert "'empty' is empty/null on every train row" in warned[0]
+    assert "'uid': --min-count 2 maps 100% of train rows into the shared bucket 0" in warned[1]
+
+
+# ------------------------------------------------------------------ 4: output directories
+def test_finished_run_is_not_replaced_without_overwrite(
+    cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(finished, tmp_path)
+    before = (run / "metrics.json").read_bytes()
+    assert main(search_args(cache, run, "--max-steps", "3")) == 2
+    assert "holds a previous run (dims.json); pass --overwrite" in one_error_line(capsys)
+    assert (run / "metrics.json").read_bytes() == before
+    assert main(search_args(cache, run, "--max-steps", "3", "--overwrite")) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["steps"] == 3
+    assert not (run / "checkpoint.prev").exists(), "the old run's checkpoints must not survive --overwrite"
+    assert not list(run.glob(".results-*")), "no staging dir left"
+
+
+def test_retrain_never_writes_into_the_search_dir(
+    cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(finished, tmp_path)
+    before = (run / "metrics.json").read_bytes()
+    base = ["retrain", "--data", CRITEO, "--format", "criteo", "--dims", str(run / "dims.json"), "--quiet"]
+    assert main([*base, "--out", str(run)]) == 2
+    assert "is the search directory of --dims" in one_error_line(capsys)
+    assert main([*base, "--max-steps", "2", "--epochs", "1"]) == 0
+    assert (run / "metrics.json").read_bytes() == before
+    assert json.loads((run / "retrain" / "metrics.json").read_text())["steps"] == 2
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "2", "--epochs", "1"]) == 2
+    assert "holds a previous run (metrics.json); pass --overwrite" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("content", "expect"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"I1": -1}', "field 'I1' has invalid dim -1"),
+        ('{"user_id": 4, "item_id": 2}', "fields do not match the data"),
+    ],
+)
+def test_bad_dims_file_is_one_line(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, expect: str
+) -> None:
+    dims = tmp_path / "dims.json"
+    dims.write_text(content)
+    out = tmp_path / "rt"
+    args = ["retrain", "--data", CRITEO, "--format", "criteo", "--dims", str(dims), "--out", str(out)]
+    args += ["--cache-dir", str(cache)]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: --dims: {dims}") and expect in line
+    assert not out.exists() and not (tmp_path / "data").exists()
+
+
+# ------------------------------------------------------------------ 1/2: checkpoints and resume
+def test_resume_takes_the_saved_settings_and_refuses_contradictions(
+    cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(finished, tmp_path)
+    assert main(search_args(cache, run, "--resume", str(run), "--alpha", "0.2")) == 2
+    assert one_error_line(capsys) == (
+        "error: --alpha 0.2 contradicts the checkpoint's --alpha 0.05; --resume continues with the "
+        "saved settings (drop the flag, or start a new run)"
+    )
+    assert main(search_args(cache, run, "--resume", str(run), "--d-max", "8")) == 2
+    assert "--d-max 8 contradicts the checkpoint's --d-max 16" in one_error_line(capsys)
+    # flags left out take the saved values (here --alpha 0.05 and --max-steps 12)
+    assert main(search_args(cache, run, "--resume", str(run))) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["dimgrow"]["alpha"] == 0.05 and config["train"]["max_steps"] == 12
+
+
+def test_damaged_checkpoint_file_is_named(
+    cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "checkpoint.prev")
+    state = run / "checkpoint" / "search_state.json"
+    state.write_bytes(state.read_bytes()[:100])
+    before = sorted(p.name for p in run.iterdir())
+    assert main(search_args(cache, run, "--resume", str(run))) == 2
+    assert one_error_line(capsys) == (
+        f"error: {state}: 100 bytes, the manifest says {json.loads((run / 'checkpoint' / 'manifest.json').read_text())['files']['search_state.json']['bytes']} (truncated?)"
+    )
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(
+    cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_run(finished, tmp_path)
+    rank0 = run / "checkpoint" / "rank0.pt"
+    blob = bytearray(rank0.read_bytes())
+    blob[200:220] = bytes(20)
+    rank0.write_bytes(bytes(blob))
+    assert main(search_args(cache, run, "--resume", str(run))) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {rank0}: sha256 mismatch" in err and "resuming from the previous checkpoint" in err
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 12
+    assert verify(run / "checkpoint").manifest["step"] == 12
+    assert (run / "checkpoint.damaged").is_dir() and verify(run / "checkpoint.prev").manifest["step"] == 10
+
+
+def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    # Adam moves every dense weight by ~lr per step: at 1e13 the activations overflow at step 2
+    assert main(search_args(cache, out, "--lr", "1e13", "--max-steps", "5", "--checkpoint-every", "1")) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: step 2: non-finite") and "last good checkpoint stays in" in line
+    assert verify(out / "checkpoint").manifest["step"] == 1
+    assert not (out / "dims.json").exists()
+
+
+def test_tensorboard_without_the_package_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed: nothing to refuse")
+    out = tmp_path / "out"
+    args = [
+        "search",
+        "--data",
+        CRITEO,
+        "--format",
+        "criteo",
+        "--out",
+        str(out),
+        "--tensorboard",
+        str(tmp_path),
+    ]
+    assert main(args) == 2
+    assert "--tensorboard needs the tensorboard package" in one_error_line(capsys)
+    assert not out.exists()

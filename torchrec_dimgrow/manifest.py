@@ -1,0 +1,170 @@
+"""Checkpoint manifests: what a checkpoint holds, and proof that it still holds it.
+
+``manifest.json`` sits inside each checkpoint directory and records the sha256 and size
+of every other file, the run's full config (the flags that decide its result), the world
+size and a fingerprint of the data (input files, their sizes, the vocab's hash). Resume
+verifies it *before* loading anything: a flipped byte, a truncated ``rank1.pt`` or a
+missing DCP shard becomes one error naming the file instead of a silently different run
+or a traceback from deep inside ``torch.load``.
+
+Two checkpoints are kept (``checkpoint`` and ``checkpoint.prev``); when the latest fails
+verification, resume falls back to the previous one and says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torchrec_dimgrow.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+LATEST = "checkpoint"
+PREVIOUS = "checkpoint.prev"
+VERSION = 1
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def data_fingerprint(source: dict[str, Any], cache_dir: Path | None) -> dict[str, Any]:
+    """Input files (path, size) and the vocab's sha256: what the run was trained on."""
+    files = {
+        name: {"path": info.get("path"), "size": info.get("size")}
+        for name, info in source.get("files", {}).items()
+    }
+    vocab = cache_dir / "vocab.json" if cache_dir is not None else None
+    return {
+        "format": source.get("format"),
+        "files": files,
+        "vocab_sha256": sha256_file(vocab) if vocab is not None and vocab.is_file() else None,
+    }
+
+
+def write_manifest(
+    directory: Path, *, config: dict[str, Any], data: dict[str, Any], world_size: int, step: int
+) -> None:
+    """Hash every file under ``directory`` (all ranks must have finished writing)."""
+    entries = {
+        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in _files(directory)
+    }
+    payload = {
+        "version": VERSION,
+        "step": step,
+        "world_size": world_size,
+        "config": config,
+        "data": data,
+        "files": entries,
+    }
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, directory / MANIFEST)
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A checkpoint directory whose every file matched its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    fell_back: bool = False
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.manifest.get("config", {}))
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (not a checkpoint, or written by an older version)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION or "files" not in manifest:
+        raise CheckpointError(f"{path}: not a version-{VERSION} DimGrow manifest")
+    return manifest
+
+
+def verify(directory: Path) -> Verified:
+    """Check size and sha256 of every file the manifest lists; raise on the first mismatch."""
+    manifest = read_manifest(directory)
+    for rel, entry in sorted(manifest["files"].items()):
+        path = directory / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from the checkpoint")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated?)")
+        if sha256_file(path) != entry["sha256"]:
+            raise CheckpointError(f"{path}: sha256 mismatch (the file changed after it was written)")
+    return Verified(directory, manifest)
+
+
+def candidates(path: Path) -> list[Path]:
+    """Checkpoint dirs to try, newest first, for a run dir or a checkpoint dir."""
+    if (path / MANIFEST).is_file() or (path / "search_state.json").is_file():
+        sibling = path.with_name(PREVIOUS) if path.name == LATEST else None
+        return [path, *([sibling] if sibling is not None and sibling.is_dir() else [])]
+    return [p for p in (path / LATEST, path / PREVIOUS) if p.is_dir()]
+
+
+def select(path: Path) -> Verified:
+    """The newest intact checkpoint under ``path``; falls back to the previous one, loudly."""
+    options = candidates(path)
+    if not options:
+        raise CheckpointError(f"--resume {path}: no DimGrow checkpoint there (expected {path / LATEST})")
+    first_error: CheckpointError | None = None
+    for option in options:
+        try:
+            found = verify(option)
+        except CheckpointError as err:
+            first_error = first_error or err
+            continue
+        if first_error is not None:
+            log.warning("%s; resuming from the previous checkpoint %s instead", first_error, option)
+            return Verified(found.path, found.manifest, fell_back=True)
+        return found
+    assert first_error is not None
+    raise first_error
+
+
+def compare_data(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume on data other than the checkpoint's (named file, both values)."""
+    if saved.get("format") != current.get("format"):
+        raise CheckpointError(
+            f"data format {current.get('format')} differs from the checkpoint's {saved.get('format')}"
+        )
+    old, new = saved.get("files", {}), current.get("files", {})
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            raise CheckpointError(
+                f"input {name!r} changed since the checkpoint: now {new.get(name)}, was {old.get(name)}"
+            )
+    if saved.get("vocab_sha256") != current.get("vocab_sha256"):
+        raise CheckpointError(
+            "the prepared vocab differs from the checkpoint's (different data or --min-count)"
+        )
