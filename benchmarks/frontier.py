@@ -177,7 +177,7 @@ def summarise(
         "per_search_bytes": sizes,
     }
     if method != "uniform":
-        row["margin"] = round(auc - uniform_reference(curve, mean_bytes), 4)
+        row["margin"] = round(auc - uniform_reference(curve, mean_bytes), 4) if curve else ""
         row["dims_spread"] = round(dims_spread([r["dims"] for r in runs]), 3)
         row["bytes_spread"] = max(sizes) - min(sizes)
     return row

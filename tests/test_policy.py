@@ -211,3 +211,13 @@ def test_budget_below_every_field_at_dim_1_is_refused() -> None:
     _budgeted(460.0)
     with pytest.raises(ValueError, match="starting dims"):
         _budgeted(900.0, initial_dim=2)
+
+
+def test_initial_dim_none_starts_at_the_storage_block_within_the_budget() -> None:
+    assert _budgeted(None, initial_dim=None).post.dims_list() == [4, 4]
+    # 460 bytes per dim: a budget of 3 dims' worth lowers the start to 3 (and the capacity stays 4)
+    coll = _budgeted(3 * 460.0 + 10, initial_dim=None)
+    assert coll.post.dims_list() == [3, 3] and coll.post.capacity_list() == [4, 4]
+    assert coll.post.start_dims == [3, 3]
+    assert _budgeted(460.0, initial_dim=None).post.dims_list() == [1, 1]
+    assert DimGrowConfig(d_max=2, initial_dim=None).initial_dim is None

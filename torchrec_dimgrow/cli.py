@@ -93,6 +93,15 @@ def _budget_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _initial_dim_arg(text: str) -> int | None:
+    if text == "block":
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an int or 'block', got {text!r}") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torchrec_dimgrow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_budget_arg,
         default=None,
         help="embedding memory cap: bytes (48MiB, 2.5GB, 1000000) or a fraction of the d_max model (0.3)",
+    )
+    s.add_argument(
+        "--initial-dim",
+        type=_initial_dim_arg,
+        default=DimGrowConfig().initial_dim,
+        help="starting dim of every field: an int, or 'block' = the 4 columns storage holds anyway",
     )
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
@@ -250,6 +265,7 @@ def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
         shrink_slot=args.shrink_slot,
         final_gates=args.final_gates,
         budget=args.budget,
+        initial_dim=args.initial_dim,
     )
 
 

@@ -23,7 +23,13 @@ class DimGrowConfig:
 
     Attributes:
         d_max: most dimensions any field may reach (slots 1..d_max carry a gate each).
-        initial_dim: logical dim every field starts with (the paper: 1).
+        initial_dim: logical dim every field starts with (the paper: 1). ``None``: the
+            columns a field's storage block holds anyway (``capacity_block``, capped by
+            ``d_max`` and, under a ``budget``, lowered until every field fits). Why: at one
+            dim a model sees only the rank-1 part of each field interaction; on data whose
+            signal is only in interactions the gates then barely rise and the search can
+            stop before any field grew (issue 10 item 4), while the fused kernel stores 4
+            columns anyway, so starting at the block costs no memory.
         tau: gate temperature, ``g = sigmoid(tau * theta)``.
         theta_init: initial gate logit (0 -> g = 0.5, the authors' value).
         grow_threshold: a field grows when *all* its active gates exceed this ...
@@ -84,7 +90,7 @@ class DimGrowConfig:
     """
 
     d_max: int = 16
-    initial_dim: int = 1
+    initial_dim: int | None = 1
     tau: float = 5.0
     theta_init: float = 0.0
     grow_threshold: float = 0.6
@@ -115,7 +121,7 @@ class DimGrowConfig:
         checks: list[tuple[bool, str]] = [
             (self.d_max >= 1, f"d_max must be >= 1, got {self.d_max}"),
             (
-                1 <= self.initial_dim <= self.d_max,
+                self.initial_dim is None or 1 <= self.initial_dim <= self.d_max,
                 f"initial_dim must be in [1, d_max={self.d_max}], got {self.initial_dim}",
             ),
             (self.tau > 0, f"tau must be > 0, got {self.tau}"),

@@ -82,6 +82,7 @@ class DimGrowPostProcess(nn.Module):
         config: DimGrowConfig,
         align: AlignMode,
         table_rows: list[int] | None = None,
+        initial: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -93,7 +94,10 @@ class DimGrowPostProcess(nn.Module):
         self.d_max = list(d_max)
         n = len(table_names)
         self.gate = ShuffleGate(n, max(d_max), config.tau, config.theta_init)
-        initial = [min(config.initial_dim, m) for m in d_max]
+        if initial is None:
+            initial = [min(config.initial_dim or 1, m) for m in d_max]
+        # The dims the search started from (early stopping waits until they moved).
+        self.start_dims = list(initial)
         self.register_buffer("dims", torch.tensor(initial, dtype=torch.int64))
         self.register_buffer(
             "capacity", torch.tensor([capacity_for(d, 0, config) for d in initial], dtype=torch.int64)
@@ -321,6 +325,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
             cfg,
             align,
             table_rows=[t.num_embeddings for t in self._user_configs],
+            initial=self._start_dims(d_max),
         )
         self._check_budget()
         dev = torch.device(device) if device is not None else None
@@ -405,6 +410,19 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         """``config.budget`` in bytes (a fraction applies to the ``d_max`` model), or ``None``."""
         full = sum(c * m for c, m in zip(self.dim_costs(), self.post.d_max))
         return resolve_budget(self.config.budget, full)
+
+    def _start_dims(self, d_max: list[int]) -> list[int]:
+        """Starting logical dims (see ``DimGrowConfig.initial_dim``; ``None`` = the block)."""
+        cfg = self.config
+        if cfg.initial_dim is not None:
+            return [min(cfg.initial_dim, m) for m in d_max]
+        costs = self.dim_costs()
+        budget = resolve_budget(cfg.budget, sum(c * m for c, m in zip(costs, d_max)))
+        for k in range(min(cfg.capacity_block, max(d_max)), 0, -1):
+            dims = [min(k, m) for m in d_max]
+            if budget is None or sum(c * d for c, d in zip(costs, dims)) <= budget:
+                return dims
+        return [1] * len(d_max)  # below every field at dim 1: _check_budget refuses it
 
     def _check_budget(self) -> None:
         """Refuse a budget that cannot hold every field at dim 1, or the starting dims."""

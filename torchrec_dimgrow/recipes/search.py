@@ -396,8 +396,7 @@ class DimGrowSearch:
         before its dims had any chance to move (the cold-start stall, issue 10 item 4). The
         epoch cap still bounds the run.
         """
-        start = [min(self.dg.initial_dim, m) for m in self.coll.post.d_max]
-        return self.coll.post.dims_list() == start
+        return self.coll.post.dims_list() == self.coll.post.start_dims
 
     def _board_epoch(self, metrics: dict[str, float]) -> None:
         assert self.board is not None
