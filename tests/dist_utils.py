@@ -64,3 +64,32 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float
     if alive or len(results) != world:
         raise AssertionError(f"ranks did not finish (alive={len(alive)}, results={sorted(results)})")
     return [results[r] for r in range(world)]
+
+
+def dcp_tensors(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every tensor of a ``torch.distributed.checkpoint`` dir, by flattened key (any world size)."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(directory, os.path.join(tmp, "all.pt"))
+        state = torch.load(os.path.join(tmp, "all.pt"), weights_only=False)
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}/{key}").items()}
+        return {prefix: value}
+
+    return flat(state, "")
+
+
+def same_tensors(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (or exist on one side only); [] when identical."""
+    import torch
+
+    def equal(x: Any, y: Any) -> bool:
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else bool(x == y)
+
+    return [k for k in sorted(set(a) | set(b)) if k not in a or k not in b or not equal(a[k], b[k])]

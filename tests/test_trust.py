@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.dist_utils import dcp_tensors, same_tensors
 from torchrec_dimgrow.cli import main
 from torchrec_dimgrow.data import prepare
 from torchrec_dimgrow.manifest import verify
@@ -328,3 +332,48 @@ def test_tensorboard_without_the_package_is_one_line(
     assert main(args) == 2
     assert "--tensorboard needs the tensorboard package" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks(cache: Path, finished: Path, tmp_path: Path) -> None:
+    """Elastic resume the other way: the 1-rank step-10 checkpoint continues on 2 real ranks."""
+    run = copy_run(finished, tmp_path)
+    shutil.rmtree(run / "checkpoint")  # as if the run died after its step-10 checkpoint
+    original = dcp_tensors(run / "checkpoint.prev" / "dcp")
+    args = [a for a in search_args(cache, run) if a != "--quiet"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "torchrec_dimgrow",
+         *args, "--resume", str(run)],
+        env={**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("warning: resuming a 1-rank checkpoint on 2 rank(s)") == 1, r.stderr
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 12 and 0 < m["val_auc"] < 1
+    resharded = verify(run / "checkpoint.prev")  # the step-10 state, rewritten by 2 ranks
+    assert resharded.manifest["world_size"] == 2 and resharded.manifest["step"] == 10
+    assert same_tensors(dcp_tensors(run / "checkpoint.prev" / "dcp"), original) == []
+
+
+def test_search_that_keeps_no_field_warns_and_fails_under_strict(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    heavy = ["--penalty-mode", "fixed", "--alpha", "1000", "--max-steps", "3"]  # every gate falls below 0.5
+    assert main(search_args(cache, tmp_path / "a", *heavy)) == 0
+    err = capsys.readouterr().err
+    assert "warning: the search kept no field (every dim is 0)" in err and "--strict makes this exit 3" in err
+    assert set(json.loads((tmp_path / "a" / "dims.json").read_text()).values()) == {0}
+    assert main(search_args(cache, tmp_path / "b", *heavy, "--strict")) == 3
+
+
+def test_log_level_beats_quiet_and_dimgrow_log_works(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(search_args(cache, tmp_path / "a", "--max-steps", "2", "--log-level", "INFO")) == 0
+    assert [
+        line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 0  step 2  val_auc")
+    ]
+    monkeypatch.setenv("DIMGROW_LOG", "ERROR")
+    heavy = ["--penalty-mode", "fixed", "--alpha", "1000", "--max-steps", "2"]
+    assert main([a for a in search_args(cache, tmp_path / "b", *heavy) if a != "--quiet"]) == 0
+    assert capsys.readouterr().err == "", "ERROR hides the epoch line and the no-field warning"

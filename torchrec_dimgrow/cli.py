@@ -287,11 +287,14 @@ def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
     found = select(args.resume)
     apply_saved_config(args, found.config, explicit)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if found.world_size != world:
-        raise UsageError(
-            f"--resume: {found.path} was written by {found.world_size} rank(s), this run has {world}; "
-            f"resume with torchrun --nproc_per_node={found.world_size} (the data order and the "
-            "sharding plan depend on the world size)"
+    if found.world_size != world and int(os.environ.get("RANK", "0")) == 0:
+        log.warning(
+            "resuming a %d-rank checkpoint on %d rank(s): the tables are re-planned and the data "
+            "continues from the rows consumed so far, so the result will not match an "
+            "uninterrupted %d-rank run exactly",
+            found.world_size,
+            world,
+            found.world_size,
         )
     return found
 
@@ -331,6 +334,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             data_fingerprint=fingerprint,
             discard_latest=resumed is not None and resumed.fell_back,
             tensorboard=args.tensorboard,
+            resave=resumed is not None and resumed.world_size != env.world_size,
         )
         result = run_search(data, dg, tc, planning, env, opts)
     except NonFiniteError:
@@ -482,7 +486,7 @@ def configure_logging(level: str | None, quiet: bool, rank: int) -> None:
 
     Importing torchrec installs a handler on the root logger, which makes
     ``logging.basicConfig`` a no-op; so the package logger is configured directly and does
-    not propagate. Ranks other than 0 only report warnings and errors.
+    not propagate. Ranks other than 0 only report errors (their warnings repeat rank 0's).
     """
     name = level or os.environ.get("DIMGROW_LOG") or ("WARNING" if quiet else "INFO")
     if name.upper() not in LOG_LEVELS:
@@ -496,7 +500,7 @@ def configure_logging(level: str | None, quiet: bool, rank: int) -> None:
     handler.setFormatter(_LineFormatter())
     pkg.addHandler(handler)
     pkg.propagate = False
-    pkg.setLevel(value if rank == 0 else max(value, logging.WARNING))
+    pkg.setLevel(value if rank == 0 else max(value, logging.ERROR))
 
 
 KNOWN_WARNINGS: list[tuple[str, str]] = [

@@ -146,17 +146,16 @@ def load_checkpoint(search: DimGrowSearch, path: Path) -> None:
 
     path = resolve(path)
     meta = json.loads((path / "search_state.json").read_text())
-    world = search.env.world_size
-    if meta["world_size"] != world:
-        raise ValueError(
-            f"{path}: checkpoint was written by {meta['world_size']} ranks, this run has {world}; "
-            "resume with the same world size (the data order depends on it)"
-        )
-    state = _tensor_state(search)
+    saved_world, world = int(meta["world_size"]), search.env.world_size
+    elastic = saved_world != world
+    state = _tensor_state(search)  # DCP reshards the saved tables onto this run's plan
     dcp.load(state, checkpoint_id=str(path / "dcp"))
     search.dmp.load_state_dict(state["model"])
     search.dmp.fused_optimizer.load_state_dict(state["emb_optim"])
-    local = torch.load(path / f"rank{search.env.rank}.pt", weights_only=False)
+    # On another world size, rank r takes rank (r mod saved) 's local state: the dense and
+    # gate Adam states are replicated anyway; importance windows and BatchNorm statistics
+    # are one rank's instead of this rank's (a small, documented approximation).
+    local = torch.load(path / f"rank{search.env.rank % saved_world}.pt", weights_only=False)
     search.dense_opt.load_state_dict(local["dense_opt"])
     search.gate_opt.load_state_dict(local["gate_opt"])
     search.importance.total.copy_(local["importance_total"])
@@ -168,8 +167,11 @@ def load_checkpoint(search: DimGrowSearch, path: Path) -> None:
     for name, value in local.get("buffers", {}).items():
         buffers[name].copy_(value)
     raw = meta["state"]
+    if elastic:  # continue each split where the rows consumed so far end
+        raw = {**raw, **{k: raw[k] * saved_world // world for k in ("batch_in_epoch", "val_batch")}}
     search.state = SearchState(**raw)
     search.policy = PolicyState(**meta["policy"])
     search.trajectory = list(meta["trajectory"])
-    torch.set_rng_state(local["rng"])
-    search.restored_rng = True
+    if not elastic:  # with other ranks the RNG streams differ anyway: reseed per rank
+        torch.set_rng_state(local["rng"])
+        search.restored_rng = True

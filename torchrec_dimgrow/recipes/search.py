@@ -66,6 +66,7 @@ class SearchOptions:
     data_fingerprint: dict[str, Any] = field(default_factory=dict)
     discard_latest: bool = False  # resume fell back past a damaged latest checkpoint
     tensorboard: Path | None = None  # rank 0 also logs loss, val AUC, dims and gates here
+    resave: bool = False  # resumed on another world size: rewrite the checkpoint at this one first
 
 
 @dataclass
@@ -202,6 +203,8 @@ class DimGrowSearch:
         from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
         self.coll.ebc = EmbeddingBagCollection(self.coll.physical_configs(), device=torch.device("meta"))
+        if int(meta["world_size"]) != self.env.world_size:
+            return None  # another world size: the planner places the restored tables afresh
         return saved_plan(resolve(ckpt), self.env.rank)
 
     def _note_memory(self) -> None:
@@ -299,6 +302,8 @@ class DimGrowSearch:
     def run(self) -> dict[str, Any]:
         st, tc = self.state, self.tc
         self._wall_before, self._wall_start = st.wall_seconds, time.perf_counter()
+        if self.opts.resave:  # a later resume then needs no resharding (and the old one is kept)
+            self.save_checkpoint()
         if st.step == 0:
             self._log_trajectory()
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
@@ -309,7 +314,7 @@ class DimGrowSearch:
             disable=self.opts.quiet or not self.env.is_main or not sys.stderr.isatty(),
             desc="search",
         )
-        while not st.done and st.epoch < tc.epochs:
+        while not st.done and st.epoch < tc.epochs and (tc.max_steps is None or st.step < tc.max_steps):
             batches = self.data.train.batches(
                 tc.batch_size,
                 shuffle=True,
