@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +28,16 @@ from torchrec_dimgrow.manifest import verify
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO = str(DATA / "criteo" / "criteo_head8k")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_package_logger() -> Iterator[None]:
+    """main() gives the package logger its own handler; later test files get it back as it was."""
+    pkg = logging.getLogger("torchrec_dimgrow")
+    handlers, propagate, level = list(pkg.handlers), pkg.propagate, pkg.level
+    yield
+    pkg.handlers[:], pkg.propagate = handlers, propagate
+    pkg.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +93,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
         ("--max-steps", "0", "--max-steps must be >= 1, got 0"),
         ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0, got -1"),
         ("--epochs", "0", "--epochs must be >= 1, got 0"),
+        ("--initial-dim", "0", "--initial-dim must be in [1, 256], got 0"),
         ("--shrink-threshold", "0.7", "--shrink-threshold (0.7) must be below --grow-threshold (0.6)"),
     ],
 )

@@ -70,6 +70,7 @@ RANGES: dict[str, Bound] = {
     "threads": Bound(1, 4096),
     # search
     "d_max": Bound(1, MAX_DIM),
+    "initial_dim": Bound(1, MAX_DIM),  # None = "block"
     "alpha": NON_NEGATIVE,
     "gate_lr": POSITIVE,
     "check_interval": AT_LEAST_1,
