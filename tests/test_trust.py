@@ -390,3 +390,14 @@ def test_log_level_beats_quiet_and_dimgrow_log_works(
     heavy = ["--penalty-mode", "fixed", "--alpha", "1000", "--max-steps", "2"]
     assert main([a for a in search_args(cache, tmp_path / "b", *heavy) if a != "--quiet"]) == 0
     assert capsys.readouterr().err == "", "ERROR hides the epoch line and the no-field warning"
+
+
+def test_resume_into_another_finished_run_is_refused(
+    cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    before = (other / "metrics.json").read_bytes()
+    assert main(search_args(cache, other, "--resume", str(finished))) == 2
+    assert "holds a previous run" in one_error_line(capsys)
+    assert (other / "metrics.json").read_bytes() == before

@@ -305,7 +305,9 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     out: Path = args.out
     resumed = _resume_preflight(args, explicit) if args.resume is not None else None
     check_ranges(args)  # again: the saved settings are now in args
-    check_out_dir(out, SEARCH_OUTPUTS, args.overwrite, resuming=resumed is not None)
+    # resuming writes into the run it continues; any other --out must not hold a previous run
+    continuing = resumed is not None and out.resolve() == resumed.path.parent.resolve()
+    check_out_dir(out, SEARCH_OUTPUTS, args.overwrite, resuming=continuing)
     _check_tensorboard(args)
     dg, tc = _search_configs(args)
     guard = OutputGuard(out)
@@ -321,7 +323,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             except CheckpointError as exc:
                 error = [str(exc)]
             _agree(error, env)
-        elif args.overwrite and env.is_main:
+        if args.overwrite and not continuing and env.is_main:
             clear_previous(out, SEARCH_OUTPUTS)
         planning = PlanningConfig(sharding=args.sharding, batch_size=args.batch_size)
         opts = SearchOptions(
