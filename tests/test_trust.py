@@ -401,3 +401,25 @@ def test_resume_into_another_finished_run_is_refused(
     assert main(search_args(cache, other, "--resume", str(finished))) == 2
     assert "holds a previous run" in one_error_line(capsys)
     assert (other / "metrics.json").read_bytes() == before
+
+
+def test_tensorboard_logs_val_auc_dims_and_gates(cache: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")  # optional extra; CI does not install it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "tb"
+    assert (
+        main(
+            search_args(
+                cache, tmp_path / "out", "--max-steps", "4", "--log-every", "2", "--tensorboard", str(board)
+            )
+        )
+        == 0
+    )
+    events = EventAccumulator(str(board))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/auc", "val/logloss", "dims/total", "dims/C1", "gates/C1/min_active"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert events.Scalars("val/auc")[0].value == pytest.approx(metrics["val_auc"])
