@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout)")
-    b.add_argument("name", choices=["memory", "quality", "overhead", "replan", "dlrm", "frontier"])
+    b.add_argument("name", choices=["memory", "quality", "overhead", "replan", "dlrm", "frontier", "serving"])
     b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
