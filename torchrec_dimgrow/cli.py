@@ -409,17 +409,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
     from torchrec_dimgrow.recipes.evaluate import evaluate_saved
-    from torchrec_dimgrow.saved_model import ModelError, read_spec
+    from torchrec_dimgrow.saved_model import read_spec
 
-    try:
-        read_spec(args.model)  # a bad model dir fails before the data is prepared
-        with tempfile.TemporaryDirectory(prefix="dimgrow-eval-") as tmp:
-            env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
-            data = _prepare_on_rank0(args, args.cache_dir or Path(tmp) / "data", env)
-            metrics = evaluate_saved(args.model, data, args.batch_size)
-    except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    read_spec(args.model)  # a bad model dir fails before the data is prepared (ModelError: one line)
+    with tempfile.TemporaryDirectory(prefix="dimgrow-eval-") as tmp:
+        env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
+        data = _prepare_on_rank0(args, args.cache_dir or Path(tmp) / "data", env)
+        metrics = evaluate_saved(args.model, data, args.batch_size)
     print(
         f"test_auc {metrics['test_auc']:.6f}  test_logloss {metrics['test_logloss']:.6f}  val_auc {metrics['val_auc']:.6f}"
     )
@@ -429,11 +425,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from torchrec_dimgrow.recipes.export import export_saved
 
-    try:
-        meta = export_saved(args.model, args.serving, args.out, args.row_alignment)
-    except ValueError as exc:  # ModelError included
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    meta = export_saved(args.model, args.serving, args.out, args.row_alignment)
     print(
         f"serving {meta['serving']}  serving_bytes {meta['serving_bytes']}  padding_bytes {meta['padding_bytes']}  "
         f"dropped {meta['dropped_fields']}  -> {args.out / 'serving.pt'}"

@@ -30,6 +30,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_dimgrow.errors import DimGrowError
 from torchrec_dimgrow.modules.backbone import CTRModel
 
 MODEL_SUBDIR = "model"
@@ -38,7 +39,7 @@ WEIGHTS_SUBDIR = "dcp"
 SPEC_VERSION = 1
 
 
-class ModelError(ValueError):
+class ModelError(DimGrowError, ValueError):
     """A saved model that is missing, malformed or does not match its spec (one-line message)."""
 
 

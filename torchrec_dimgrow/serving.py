@@ -47,6 +47,7 @@ from torchrec.quant.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_dimgrow.errors import UsageError
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
 SERVING_DTYPES: dict[str, torch.dtype] = {
@@ -73,7 +74,7 @@ META = "serving.json"
 
 def check_serving(serving: str) -> str:
     if serving not in SERVING_DTYPES:
-        raise ValueError(f"--serving: unknown value {serving!r} (choose from {', '.join(SERVING_DTYPES)})")
+        raise UsageError(f"--serving: unknown value {serving!r} (choose from {', '.join(SERVING_DTYPES)})")
     return serving
 
 
@@ -320,7 +321,7 @@ def export_serving(
     check_serving(serving)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META).is_file())):
-        raise ValueError(f"--out {out}: exists and is not an earlier serving export; refusing to overwrite")
+        raise UsageError(f"--out {out}: exists and is not an earlier serving export; refusing to overwrite")
     served, report = quantize_model(copy.deepcopy(model), serving, row_alignment)
     scripted = script(ServingModel(served, input_features))
     meta: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torchrec_dimgrow.errors import UsageError
 from torchrec_dimgrow.saved_model import load_model, resolve_model_dir
 from torchrec_dimgrow.serving import CPU_ROW_ALIGNMENT, check_serving, export_serving
 
@@ -15,7 +16,7 @@ def export_saved(
     """Write ``out_dir/serving.pt`` + ``serving.json`` from ``model_dir``; every check runs before any write."""
     check_serving(serving)
     if row_alignment < 1:
-        raise ValueError(f"--row-alignment must be >= 1, got {row_alignment}")
+        raise UsageError(f"--row-alignment must be >= 1, got {row_alignment}")
     root = resolve_model_dir(model_dir)
     model, spec = load_model(root)
     extra = {
