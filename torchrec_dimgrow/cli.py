@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from torchrec_dimgrow.config import BudgetError, DimGrowConfig, TrainConfig, parse_budget
 from torchrec_dimgrow.data import DataError, PreparedData, load_prepared, prepare
-from torchrec_dimgrow.data.store import read_meta
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.errors import CheckpointError, DimGrowError, NonFiniteError, UsageError
@@ -210,7 +209,9 @@ def _prepare_on_rank0(args: argparse.Namespace, cache: Path, env: DistEnv) -> Pr
             error = [str(exc)]
     _agree(error, env)
     data = load_prepared(cache)
-    _check_meaningful(data, cache, args.batch_size, env.world_size)
+    _check_meaningful(
+        data, args.batch_size if args.command in ("search", "retrain") else None, env.world_size
+    )
     return data
 
 
@@ -222,17 +223,16 @@ def _agree(error: list[str | None], env: DistEnv) -> None:
         raise DataError(str(error[0]))
 
 
-def _check_meaningful(data: PreparedData, cache: Path, batch_size: int, world: int) -> None:
+def _check_meaningful(data: PreparedData, batch_size: int | None, world: int) -> None:
     """Refuse runs whose result would mean nothing: no training step, undefined AUC."""
-    steps = data.train.num_batches(batch_size, world, drop_last=True)
-    if steps == 0:
+    if batch_size is not None and data.train.num_batches(batch_size, world, drop_last=True) == 0:
         raise UsageError(
             f"--batch-size {batch_size} x {world} rank(s) exceeds the {len(data.train)} train rows: "
             "no training step would run"
         )
-    meta = read_meta(cache)
     for split in ("val", "test"):
-        rows, pos = int(meta["rows"][split]), int(meta["positives"][split])
+        labels = getattr(data, split).labels
+        rows, pos = len(labels), int(labels.sum())
         if pos in (0, rows):
             raise DataError(
                 f"the {split} split has only label {0 if pos == 0 else 1} ({rows} rows): AUC is undefined, "
