@@ -16,7 +16,8 @@ the point's AUC (mean over search seeds of the mean over retrain seeds) minus th
 AUC interpolated linearly in log bytes between the two neighbouring uniform dims (beyond the
 ends, the nearest end's AUC: a conservative reference). It also reports how far the found
 dims move between search seeds: the mean absolute per-field difference over seed pairs and
-the bytes spread (max - min).
+the bytes spread (max - min). Error bars: std over search seeds of the per-search mean
+AUC (over retrain seeds where a point has one search, e.g. uniform dims).
 
 ``--data`` takes a dataset name (movielens, criteo, avazu: the samples in ../shared/data;
 planted: the planted-hub data; fm: interaction-only; shaped: Criteo-shaped, ``--rows``) or a
@@ -164,6 +165,8 @@ def summarise(
     per_search = [mean_std(r["aucs"])[0] for r in runs]
     sizes = [embedding_bytes(vocab, r["dims"]) for r in runs]
     auc, std = mean_std(per_search)
+    if len(runs) == 1:  # uniform dims, or one search seed: the spread over retrain seeds
+        std = mean_std(runs[0]["aucs"])[1]
     mean_bytes = mean_std(sizes)[0]
     row: dict[str, Any] = {
         "method": method,
