@@ -32,10 +32,10 @@ from torchrec_dimgrow.data.split import make_kjt
 from torchrec_dimgrow.data.synthetic import CRITEO_CARDINALITIES, zipf_ids
 from torchrec_dimgrow.distributed.env import init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.distributed.runtime import shard_model
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import DimChange
 from torchrec_dimgrow.training import bce
 

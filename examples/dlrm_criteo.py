@@ -39,10 +39,9 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec_dimgrow import DimGrowConfig  # DimGrow
+from torchrec_dimgrow import DimGrowConfig, export, swap_in  # DimGrow
+from torchrec_dimgrow.artifacts import write_dims_json  # DimGrow
 from torchrec_dimgrow.data import PreparedData, Split, load_prepared, prepare
-from torchrec_dimgrow.export import write_dims_json  # DimGrow
-from torchrec_dimgrow.swap import export, swap_in  # DimGrow
 
 log = logging.getLogger("dlrm_criteo")
 

@@ -20,6 +20,7 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from torchrec_dimgrow.artifacts import read_dims_json
 from torchrec_dimgrow.baselines import BASELINES, make_baseline
 from torchrec_dimgrow.baselines.autodim import AutoDimPost, power_of_two_candidates
 from torchrec_dimgrow.baselines.base import SparseSuperNet
@@ -28,7 +29,6 @@ from torchrec_dimgrow.baselines.sseds import SSEDSConfig, keep_top
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.split import make_kjt
 from torchrec_dimgrow.data.synthetic import PlantedConfig, from_arrays, planted
-from torchrec_dimgrow.export import read_dims_json
 
 FIELDS = ["a", "b", "c"]
 VOCAB = {"a": 7, "b": 11, "c": 5}

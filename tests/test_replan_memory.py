@@ -28,10 +28,10 @@ def _grow_worker(rank: int, world: int) -> dict[str, Any]:
 
     from torchrec_dimgrow.config import DimGrowConfig
     from torchrec_dimgrow.distributed.planning import PlanningConfig
-    from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
     from torchrec_dimgrow.distributed.runtime import shard_model
     from torchrec_dimgrow.modules.backbone import CTRModel
     from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+    from torchrec_dimgrow.optim import EmbeddingOptimizer
     from torchrec_dimgrow.policy import DimChange
 
     shard_io.CHUNK_BYTES = 1 << 20  # small chunks: the transient must not scale with the table

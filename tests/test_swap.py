@@ -12,17 +12,15 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.swap import (
-    MixedDimEmbeddingBagCollection,
+from torchrec_dimgrow.modules.mixed_dim import MixedDimEmbeddingBagCollection, export_collection
+from torchrec_dimgrow.optim import (
+    EmbeddingOptimizer,
     embedding_optimizer_of,
-    export,
-    export_collection,
     remove_parameters,
     replace_optimizer,
-    swap_in,
 )
+from torchrec_dimgrow.swap import export, swap_in
 
 D = 8
 ROWS = [30, 50, 20, 40]

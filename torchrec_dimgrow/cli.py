@@ -449,7 +449,7 @@ def _retrain_out(args: argparse.Namespace) -> Path:
 
 
 def _read_dims(path: Path, fields: Sequence[str] | None) -> dict[str, int]:
-    from torchrec_dimgrow.export import read_dims_json
+    from torchrec_dimgrow.artifacts import read_dims_json
 
     try:
         return read_dims_json(path, fields)

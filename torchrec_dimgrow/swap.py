@@ -49,7 +49,6 @@ The penalty therefore never has to be written into the user's loss. Evaluate as 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -63,15 +62,21 @@ from torchrec.distributed.planner import ParameterConstraints
 from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.distributed.planning import AUTO_TYPES, PlanningConfig, constraints_for
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
+from torchrec_dimgrow.distributed.table_store import ShardedTableStore
+from torchrec_dimgrow.distributed.train_pipeline import PipelineReplanGuard, unpipelined
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
-from torchrec_dimgrow.pipeline import CheckReport, DimGrowController, PipelineReplanGuard, unpipelined
+from torchrec_dimgrow.modules.mixed_dim import export_collection
+from torchrec_dimgrow.optim import (
+    EmbeddingOptimizer,
+    embedding_optimizer_of,
+    leaf_optimizers,
+    remove_parameters,
+    replace_optimizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,38 +120,6 @@ def _dense_device(model: nn.Module, skip: Sequence[nn.Module]) -> torch.device:
         if id(p) not in skipped and p.device.type != "meta":
             return p.device
     return torch.device("cpu")
-
-
-_OPTIMIZER_NAMES: dict[str, str] = {
-    "Adagrad": "adagrad",
-    "SGD": "sgd",
-    "Adam": "adam",
-    "RowWiseAdagrad": "rowwise_adagrad",
-}
-
-
-def embedding_optimizer_of(params: Sequence[torch.Tensor]) -> EmbeddingOptimizer | None:
-    """The fused optimizer ``apply_optimizer_in_backward`` attached to ``params``, if any.
-
-    The re-plan rebuilds the tables and must re-attach the same optimizer to them.
-    """
-    for p in params:
-        classes = getattr(p, "_optimizer_classes", None)
-        if not classes:
-            continue
-        cls, kwargs = classes[0], dict(p._optimizer_kwargs[0])  # type: ignore[attr-defined]
-        name = _OPTIMIZER_NAMES.get(cls.__name__)
-        if name is None:
-            raise ValueError(
-                f"in-backward optimizer {cls.__name__} is not supported by the DimGrow re-plan "
-                f"(supported: {sorted(_OPTIMIZER_NAMES)})"
-            )
-        # TorchRec's sharder writes its own keys ("optimizer": EmbOptimType) into this very
-        # dict; keep only what the optimizer class itself accepts.
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params"}
-        lr = float(kwargs.pop("lr", EmbeddingOptimizer.lr))
-        return EmbeddingOptimizer(name, lr, {k: v for k, v in kwargs.items() if k in accepted})
-    return None
 
 
 def swap_in(
@@ -219,67 +192,6 @@ def _swap_targets(
     return found
 
 
-# ---------------------------------------------------------------------- optimizers
-def _leaf_optimizers(opt: torch.optim.Optimizer | None) -> list[torch.optim.Optimizer]:
-    """Torch optimizers inside ``opt`` (through CombinedOptimizer / KeyedOptimizerWrapper).
-
-    Fused embedding optimizers (other ``KeyedOptimizer`` kinds) are left out: their state
-    lives in the sharded tables and the re-plan store handles it.
-    """
-    if opt is None:
-        return []
-    if isinstance(opt, CombinedOptimizer):
-        return [leaf for _, sub in opt.optimizers for leaf in _leaf_optimizers(sub)]
-    if isinstance(opt, KeyedOptimizerWrapper):
-        return [opt._optimizer]
-    if isinstance(opt, KeyedOptimizer):
-        return []
-    return [opt]
-
-
-def _keyed_wrappers(opt: torch.optim.Optimizer | None) -> list[KeyedOptimizer]:
-    if isinstance(opt, CombinedOptimizer):
-        return [k for _, sub in opt.optimizers for k in _keyed_wrappers(sub)]
-    return [opt] if isinstance(opt, KeyedOptimizerWrapper) else []
-
-
-def remove_parameters(opt: torch.optim.Optimizer | None, params: Sequence[torch.Tensor]) -> int:
-    """Take ``params`` out of ``opt`` (and its state); returns how many entries were removed.
-
-    The gate logits are trained by the handle's own optimizer on the gate loss; left in
-    the user's dense optimizer they would also follow the training loss alone.
-    """
-    ids = {id(p) for p in params}
-    removed = 0
-    for leaf in _leaf_optimizers(opt):
-        for group in leaf.param_groups:
-            keep = [p for p in group["params"] if id(p) not in ids]
-            removed += len(group["params"]) - len(keep)
-            group["params"] = keep
-        for p in params:
-            leaf.state.pop(p, None)
-    for keyed in _keyed_wrappers(opt):
-        if isinstance(keyed.params, dict):
-            for key in [k for k, v in keyed.params.items() if id(v) in ids]:
-                del keyed.params[key]
-    return removed
-
-
-def replace_optimizer(opt: torch.optim.Optimizer | None, old: object, new: KeyedOptimizer) -> bool:
-    """Swap ``old`` for ``new`` inside a (nested) ``CombinedOptimizer``, in place."""
-    if not isinstance(opt, CombinedOptimizer):
-        return False
-    found = False
-    entries = opt.optimizers  # the live list
-    for i, (key, sub) in enumerate(entries):
-        if sub is old:
-            entries[i] = (key, new)
-            found = True
-        else:
-            found = replace_optimizer(sub, old, new) or found
-    return found
-
-
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """Loss of ``model(batch)``: the tensor itself, or the first item (``DLRMTrain``'s loss)."""
     out = model(batch)
@@ -349,7 +261,7 @@ class DimGrowHandle:
         Args:
             model: the ``DistributedModelParallel`` (or, single process, the unsharded model).
             pipeline: the train pipeline driving ``model``, if any; re-plans pause and
-                re-attach it (:class:`~torchrec_dimgrow.pipeline.PipelineReplanGuard`).
+                re-attach it (:class:`~torchrec_dimgrow.distributed.train_pipeline.PipelineReplanGuard`).
             optimizer: the optimizer the loop steps (default: the pipeline's). The gate
                 logits are removed from it; its dense state follows slot moves; under DMP
                 the fused optimizer inside it is replaced after every re-plan.
@@ -372,7 +284,7 @@ class DimGrowHandle:
                 "DimGrow: %d gate parameter(s) moved from the training optimizer to the gate optimizer",
                 removed,
             )
-        dense = _leaf_optimizers(optimizer)
+        dense = leaf_optimizers(optimizer)
         if isinstance(model, DistributedModelParallel):
             self.device = device or getattr(model, "device", None) or torch.device("cpu")
             self._attach_sharded(model, embedding_optimizer, planning or PlanningConfig())
@@ -574,133 +486,6 @@ def _flatten(per_path: dict[str, dict[str, int]]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- export
-class AlignToWidth(nn.Module):
-    """Presents each pooled feature at its configured width: zero-pad, or a learned projection.
-
-    A dense leaf (no sharded module inside), so a pipeline's fx tracer does not enter it.
-    Features of dropped tables (dim 0) come out as zeros, which keeps a DLRM's feature
-    count (and its interaction layer) unchanged.
-    """
-
-    def __init__(
-        self,
-        feature_names: list[str],
-        in_dims: list[int],
-        out_dims: list[int],
-        align: AlignMode,
-        device: torch.device | None = None,
-    ) -> None:
-        super().__init__()
-        if align not in ("pad", "project"):
-            raise ValueError(f"AlignToWidth: align must be 'pad' or 'project', got {align!r}")
-        for name, d, w in zip(feature_names, in_dims, out_dims):
-            if align == "pad" and d > w:
-                raise ValueError(
-                    f"feature {name!r}: dim {d} does not fit the width {w} (use align='project')"
-                )
-        self.feature_names, self.in_dims, self.out_dims, self.align = feature_names, in_dims, out_dims, align
-        # One (d x w) projection per kept feature, keyed by position; a dropped feature has
-        # none (an unused parameter would stall DDP). N(0, 1/d) keeps the output's scale.
-        self.projections = nn.ParameterDict()
-        if align == "project":
-            for i, (d, w) in enumerate(zip(in_dims, out_dims)):
-                if d > 0:
-                    weight = nn.init.normal_(torch.empty(d, w, device=device), 0.0, d**-0.5)
-                    self.projections[str(i)] = nn.Parameter(weight)
-
-    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
-        by_name = pooled.to_dict()
-        values = pooled.values()
-        parts = []
-        for i, (name, d, w) in enumerate(zip(self.feature_names, self.in_dims, self.out_dims)):
-            if d == 0:
-                parts.append(values.new_zeros(values.shape[0], w))
-            elif self.align == "pad":
-                parts.append(nn.functional.pad(by_name[name], (0, w - d)))
-            else:
-                parts.append(by_name[name] @ self.projections[str(i)])
-        return KeyedTensor(
-            keys=self.feature_names, length_per_key=self.out_dims, values=torch.cat(parts, dim=1)
-        )
-
-
-def _found_configs(tables: list[EmbeddingBagConfig], dims: Mapping[str, int]) -> list[EmbeddingBagConfig]:
-    """``tables`` at their found dims, tables at 0 left out; every table needs a dim."""
-    missing = [t.name for t in tables if t.name not in dims]
-    if missing:
-        raise ValueError(f"no dim for tables {missing}")
-    kept = [replace(t, embedding_dim=int(dims[t.name])) for t in tables if int(dims[t.name]) > 0]
-    if not kept:
-        raise ValueError("every table has dim 0: nothing to export")
-    return kept
-
-
-class MixedDimEmbeddingBagCollection(ComposedEmbeddingBagCollection):
-    """A stock ``EmbeddingBagCollection`` at per-table dims, presented at the configured widths.
-
-    What a DimGrow search exports for models that need one common width (``DLRM``): the
-    tables are a plain EBC child (``.ebc``, sharded by DMP's stock sharder like any EBC),
-    and ``.align`` pads or projects each feature to the width of its original config
-    (the mixed-dimension embeddings of the original DLRM code use the same projection).
-    ``embedding_bag_configs()`` reports the original configs, so DLRM's checks hold.
-
-    Args:
-        tables: the original configs (their ``embedding_dim`` is the presented width).
-        dims: found dim per table name; 0 drops the table (its features output zeros).
-    """
-
-    def __init__(
-        self,
-        tables: list[EmbeddingBagConfig],
-        dims: Mapping[str, int],
-        align: AlignMode = "project",
-        is_weighted: bool = False,
-        device: torch.device | str | None = None,
-    ) -> None:
-        nn.Module.__init__(self)
-        kept = _found_configs(tables, dims)
-        self._configs = [replace(t) for t in tables]
-        dev = torch.device(device) if device is not None else torch.device("cpu")
-        self._init_facade(is_weighted, dev)
-        self.ebc = EmbeddingBagCollection(tables=kept, is_weighted=is_weighted, device=dev)
-        names = [f for t in tables for f in t.feature_names]
-        in_dims = [int(dims[t.name]) for t in tables for _ in t.feature_names]
-        out_dims = [t.embedding_dim for t in tables for _ in t.feature_names]
-        self.align = AlignToWidth(names, in_dims, out_dims, align, None if dev.type == "meta" else dev)
-        self._embedding_names = names
-        self._feature_names = [list(t.feature_names) for t in tables]
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.align(self.ebc(features))
-
-    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
-        return self._configs
-
-    def table_dims(self) -> dict[str, int]:
-        """The stored (found) dim of every kept table."""
-        return {c.name: c.embedding_dim for c in self.ebc.embedding_bag_configs()}  # type: ignore[operator]
-
-    @property
-    def _lengths_per_embedding(self) -> list[int]:  # type: ignore[override]
-        return list(self.align.out_dims)
-
-
-def export_collection(
-    tables: list[EmbeddingBagConfig],
-    dims: Mapping[str, int],
-    align: AlignMode = "project",
-    is_weighted: bool = False,
-    device: torch.device | str | None = None,
-) -> EmbeddingBagCollection:
-    """A fresh collection at ``dims``: a plain EBC (``raw``) or a mixed-dim one (pad/project)."""
-    if align == "raw":
-        kept = _found_configs(tables, dims)
-        return EmbeddingBagCollection(
-            tables=kept, is_weighted=is_weighted, device=torch.device(device or "cpu")
-        )
-    return MixedDimEmbeddingBagCollection(tables, dims, align, is_weighted, device)
-
-
 def _source_configs(module: nn.Module) -> list[EmbeddingBagConfig]:
     if isinstance(module, DimGrowEmbeddingBagCollection):
         return [replace(t) for t in module._user_configs]
@@ -778,16 +563,10 @@ def gate_summary(handle: DimGrowHandle) -> dict[str, list[float]]:
 
 
 __all__ = [
-    "AlignToWidth",
     "DimGrowHandle",
-    "MixedDimEmbeddingBagCollection",
     "default_loss",
     "embedding_bytes",
-    "embedding_optimizer_of",
     "export",
-    "export_collection",
     "gate_summary",
-    "remove_parameters",
-    "replace_optimizer",
     "swap_in",
 ]

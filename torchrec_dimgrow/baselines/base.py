@@ -45,13 +45,13 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_dimgrow.artifacts import write_dims_json, write_json_atomic
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
-from torchrec_dimgrow.export import write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import Combine, CTRModel
+from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.training import bce, cycle_batches, evaluate, is_better
 
 

@@ -8,7 +8,7 @@ global batch plan.
 
 from torchrec_dimgrow.data.columns import MISSING
 from torchrec_dimgrow.data.errors import DataError
-from torchrec_dimgrow.data.pipeline import FORMATS, prepare
+from torchrec_dimgrow.data.prepare import FORMATS, prepare
 from torchrec_dimgrow.data.split import Split
 from torchrec_dimgrow.data.store import PreparedData, load_prepared, load_vocab, vocab_path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,13 @@ class ImportanceAccumulator:
     def reset(self) -> None:
         self.total.zero_()
         self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total.clone(), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total.copy_(state["total"])
+        self.count = int(state["count"])
 
 
 class SlotGateMean:
@@ -89,6 +97,13 @@ class SlotGateMean:
     def reset(self) -> None:
         self.total.zero_()
         self.count.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total.copy_(state["total"])
+        self.count.copy_(state["count"])
 
 
 def gather_importance(local: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

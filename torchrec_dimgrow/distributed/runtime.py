@@ -18,8 +18,9 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
 from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer, ShardedTableStore
+from torchrec_dimgrow.distributed.table_store import ShardedTableStore
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.optim import EmbeddingOptimizer
 
 
 def find_collections(model: nn.Module) -> list[tuple[str, DimGrowEmbeddingBagCollection]]:
@@ -30,7 +31,7 @@ def find_collections(model: nn.Module) -> list[tuple[str, DimGrowEmbeddingBagCol
 
 
 @dataclass
-class ShardedSearch:
+class ShardedModel:
     """The DMP plus one re-plan store per DimGrow collection (keyed by module path)."""
 
     dmp: DistributedModelParallel
@@ -50,7 +51,7 @@ def shard_model(
     optimizer: EmbeddingOptimizer | None = None,
     group: dist.ProcessGroup | None = None,
     saved_plan: ShardingPlan | None = None,
-) -> ShardedSearch:
+) -> ShardedModel:
     """Build the DMP for ``model``; DimGrow tables must still be on the meta device.
 
     ``saved_plan`` (a resumed search's ``dmp.plan``) places every collection exactly where
@@ -96,4 +97,4 @@ def shard_model(
         store = ShardedTableStore(dmp, coll, optimizer, planning, device, group)
         store.init_tables(coll.config.init_std)
         stores[path] = store
-    return ShardedSearch(dmp, stores)
+    return ShardedModel(dmp, stores)

@@ -2,7 +2,7 @@
 
 The collection decides *what* changes (a slot moves, a table widens); a ``TableStore``
 does it to the storage. :class:`LocalTableStore` works on an unsharded EBC and any torch
-optimizer; the sharded store (:mod:`torchrec_dimgrow.distributed.replan`) does the same to
+optimizer; the sharded store (:mod:`torchrec_dimgrow.distributed.table_store`) does the same to
 a ``DistributedModelParallel`` and its fused optimizer.
 """
 

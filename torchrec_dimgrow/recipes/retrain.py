@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from torchrec_dimgrow.artifacts import embedding_params, write_json_atomic
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.export import embedding_params, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.saved_model import ModelSpec, build_model, save_model, spec_for
 from torchrec_dimgrow.training import bce, evaluate, is_better

@@ -17,7 +17,6 @@ Per training step (the reference schedule, DARTS-style):
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -35,19 +34,20 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
+from torchrec_dimgrow.artifacts import embedding_params, gate_table, write_dims_json, write_json_atomic
+from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_plan
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, SlotGateMean
+from torchrec_dimgrow.distributed.importance import SlotGateMean
 from torchrec_dimgrow.distributed.planning import PlanningConfig
-from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
-from torchrec_dimgrow.distributed.runtime import ShardedSearch, shard_model
+from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import NonFiniteError
-from torchrec_dimgrow.export import embedding_params, gate_table, write_dims_json, write_json_atomic
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.pipeline import CheckReport, DimGrowController
-from torchrec_dimgrow.policy import PolicyState, final_dims
+from torchrec_dimgrow.optim import EmbeddingOptimizer
+from torchrec_dimgrow.policy import final_dims
 from torchrec_dimgrow.training import bce, evaluate, is_better
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,10 @@ class DimGrowSearch:
     ) -> None:
         self.data, self.dg, self.tc, self.planning, self.env, self.opts = data, dg, tc, planning, env, opts
         self.state = SearchState()
-        self.restored_rng = False
         torch.manual_seed(tc.seed)
         self.model, self.coll = build_search_model(data, dg, tc)
         saved_plan = self._restore_capacities(opts.resume) if opts.resume is not None else None
-        self.sharded: ShardedSearch = shard_model(
+        self.sharded: ShardedModel = shard_model(
             self.model,
             env.device,
             planning,
@@ -176,16 +175,27 @@ class DimGrowSearch:
         self.controller = DimGrowController(
             {"": self.coll}, stores={"": self.store}, dense_optimizers=[self.dense_opt]
         )
-        self.gate_opt = self.controller.gate_optimizer
         # Each slot's mean gate over the current epoch (config.final_gates="epoch").
         self.epoch_gates = SlotGateMean((len(self.coll.table_names), max(self.coll.post.d_max)))
         self.trajectory: list[dict[str, Any]] = []
-        if opts.resume is not None:
-            from torchrec_dimgrow.recipes.checkpoint import load_checkpoint
-
-            load_checkpoint(self, opts.resume)
-            self.controller.steps = self.state.step
-        if not getattr(self, "restored_rng", False):
+        self.checkpoints = CheckpointClient(
+            self.dmp,
+            {"dense_opt": self.dense_opt, "controller": self.controller, "epoch_gates": self.epoch_gates},
+            env.rank,
+            env.world_size,
+        )
+        restored = self.checkpoints.load(opts.resume) if opts.resume is not None else None
+        if restored is not None:
+            raw = restored.run_state["state"]
+            saved_world = restored.saved_world_size
+            if saved_world != env.world_size:  # continue each split where the rows consumed so far end
+                raw = {
+                    **raw,
+                    **{k: raw[k] * saved_world // env.world_size for k in ("batch_in_epoch", "val_batch")},
+                }
+            self.state = SearchState(**raw)
+            self.trajectory = list(restored.run_state["trajectory"])
+        if restored is None or not restored.rng_restored:  # with other ranks the RNG streams differ anyway
             torch.manual_seed(tc.seed * 1000 + env.rank)
         self.val_stream = ValStream(data.val, tc.batch_size, tc.seed, env, self.state)
         self._note_memory()
@@ -194,9 +204,7 @@ class DimGrowSearch:
     # ------------------------------------------------------------------ pieces
     def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
         """Rebuild the tables at the checkpoint's widths; return the plan they were sharded with."""
-        from torchrec_dimgrow.recipes.checkpoint import resolve, saved_plan
-
-        meta = json.loads((resolve(ckpt) / "search_state.json").read_text())
+        meta = read_run_state(ckpt)
         caps = meta["capacity"]
         self.coll.post.capacity.copy_(torch.tensor(caps, dtype=torch.int64))
         self.coll.post.dims.copy_(torch.tensor(meta["dims"], dtype=torch.int64))
@@ -205,7 +213,7 @@ class DimGrowSearch:
         self.coll.ebc = EmbeddingBagCollection(self.coll.physical_configs(), device=torch.device("meta"))
         if int(meta["world_size"]) != self.env.world_size:
             return None  # another world size: the planner places the restored tables afresh
-        return saved_plan(resolve(ckpt), self.env.rank)
+        return saved_plan(ckpt, self.env.rank)
 
     def _note_memory(self) -> None:
         st = self.state
@@ -227,18 +235,6 @@ class DimGrowSearch:
         self.controller.update_gates(add_penalty=False)  # the penalty is in vloss already
         self.dense_opt.zero_grad(set_to_none=True)  # the gate step's dense grads are discarded
         return float(loss.detach())
-
-    @property
-    def policy(self) -> PolicyState:
-        return self.controller.tracked[0].policy
-
-    @policy.setter
-    def policy(self, value: PolicyState) -> None:
-        self.controller.tracked[0].policy = value
-
-    @property
-    def importance(self) -> ImportanceAccumulator:
-        return self.controller.tracked[0].importance
 
     def after_check(self, check: CheckReport | None) -> None:
         """Book-keep what the controller's check did: re-plan stats, memory, trajectory."""
@@ -423,12 +419,19 @@ class DimGrowSearch:
         return current
 
     def save_checkpoint(self) -> None:
-        from torchrec_dimgrow.recipes.checkpoint import save_checkpoint
-
         if not all(bool(torch.isfinite(p.detach()).all()) for p in self.dense_opt.param_groups[0]["params"]):
             raise NonFiniteError(f"step {self.state.step}: non-finite dense weights; {self._kept()}")
         self.state.wall_seconds = self.elapsed()
-        save_checkpoint(self, self.opts.out_dir / "checkpoint")
+        run_state = {
+            "state": asdict(self.state),
+            "dims": self.coll.post.dims_list(),
+            "capacity": self.coll.post.capacity_list(),
+            "trajectory": self.trajectory,
+        }
+        opts = self.opts
+        manifest = {"config": opts.run_config, "data": opts.data_fingerprint, "step": self.state.step}
+        self.checkpoints.save(opts.out_dir / "checkpoint", run_state, manifest, opts.discard_latest)
+        opts.discard_latest = False
 
     def found_dims(self) -> dict[str, int]:
         """Dims of the best-validation checkpoint: active slots with gate > final_threshold."""

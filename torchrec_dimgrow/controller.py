@@ -1,23 +1,13 @@
 """The DimGrow search step, usable from any training loop, TorchRec train pipelines included.
 
-Three pieces, each usable alone:
-
-* :class:`DimGrowController` owns what the search adds to a training step: the gate
-  optimizer, the importance window, the policy state and the check (all-gather, decide,
-  apply, re-plan) of every DimGrow collection of a model. It never runs the user's
-  forward: the caller produces the gate gradient (validation batch, DARTS-style, or the
-  training batch's own backward in single-loader mode) and calls :meth:`~DimGrowController.update_gates`
-  and :meth:`~DimGrowController.end_step`.
-* :func:`unpipelined` temporarily gives sharded modules rewired by a
-  ``TrainPipelineSparseDist`` their own forward back, so an extra forward (the gate step
-  on a validation batch, an evaluation) can run on the model between two
-  ``pipeline.progress`` calls without consuming the pipeline's prefetched inputs.
-* :class:`PipelineReplanGuard` keeps a pipeline valid across a re-plan: before the
-  sharded tables are rebuilt it finishes the in-flight input distribution of the
-  prefetched batches and detaches the pipeline; afterwards it re-attaches it (re-tracing
-  the model, so the new sharded module is the one pipelined) and redoes the input
-  distribution of the next batch through the new module. No prefetched batch is lost and
-  no reference to the old sharded module is kept.
+:class:`DimGrowController` owns what the search adds to a training step: the gate
+optimizer, the importance window, the policy state and the check (all-gather, decide,
+apply, re-plan) of every DimGrow collection of a model. It never runs the user's
+forward: the caller produces the gate gradient (validation batch, DARTS-style, or the
+training batch's own backward in single-loader mode) and calls
+:meth:`~DimGrowController.update_gates` and :meth:`~DimGrowController.end_step`.
+Keeping a ``TrainPipelineSparseDist`` valid around that step is
+:mod:`torchrec_dimgrow.distributed.train_pipeline`'s job.
 """
 
 from __future__ import annotations
@@ -25,12 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torchrec.distributed.train_pipeline.runtime_forwards import BaseForward, KJTAllToAllForward
 
 from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, check_agreement, gather_importance
 from torchrec_dimgrow.modules.collection import ChangeReport, DimGrowEmbeddingBagCollection
@@ -233,6 +222,36 @@ class DimGrowController:
         check_agreement(coll.post.capacity_list(), what=f"{t.path or 'collection'} capacities")
         return result
 
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the controller adds to a run besides the model's own tensors.
+
+        Gate optimizer, step and re-plan counters, and per collection its policy counters
+        and the current importance window: with these (and the model) a resumed run takes
+        the same decisions as the uninterrupted one.
+        """
+        return {
+            "steps": self.steps,
+            "replans": self.replans,
+            "gate_optimizer": self.gate_optimizer.state_dict(),
+            "collections": {
+                t.path: {"policy": asdict(t.policy), "importance": t.importance.state_dict()}
+                for t in self.tracked
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = state["collections"]
+        missing = sorted({t.path for t in self.tracked} - set(saved))
+        if missing:
+            raise ValueError(f"DimGrowController.load_state_dict: no state for collections {missing}")
+        self.steps = int(state["steps"])
+        self.replans = int(state["replans"])
+        self.gate_optimizer.load_state_dict(state["gate_optimizer"])
+        for t in self.tracked:
+            t.policy = PolicyState(**saved[t.path]["policy"])
+            t.importance.load_state_dict(saved[t.path]["importance"])
+
     # ------------------------------------------------------------------ results
     def dims(self) -> dict[str, dict[str, int]]:
         return {t.path: t.collection.dims() for t in self.tracked}
@@ -240,110 +259,3 @@ class DimGrowController:
     def found_dims(self) -> dict[str, dict[str, int]]:
         """Exported dims (active slots whose gate exceeds ``final_threshold``) per collection."""
         return {t.path: t.collection.export_dims() for t in self.tracked}
-
-
-# ---------------------------------------------------------------------- pipelines
-def _rewired(model: nn.Module) -> list[tuple[Any, Any]]:
-    """(object, instance forward) pairs a train pipeline installed on ``model``.
-
-    ``TrainPipelineSparseDist`` replaces ``forward`` on each pipelined sharded module (a
-    ``BaseForward`` that consumes the prefetched input distribution) and on each of their
-    KJT all-to-alls (a ``KJTAllToAllForward`` returning split metadata). Both are
-    instance attributes, so deleting them restores the class forward.
-    """
-    found: list[tuple[Any, Any]] = []
-    for module in model.modules():
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, BaseForward):
-            found.append((module, fwd))
-        for input_dist in getattr(module, "_input_dists", None) or []:
-            kjt_dist = getattr(input_dist, "_dist", None)
-            fwd = getattr(kjt_dist, "__dict__", {}).get("forward")
-            if isinstance(fwd, KJTAllToAllForward):
-                found.append((kjt_dist, fwd))
-    return found
-
-
-@contextlib.contextmanager
-def unpipelined(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` with its sharded modules' own forwards, then re-install the pipeline's.
-
-    Between two ``pipeline.progress`` calls the pipeline's prefetched batches keep their
-    state untouched: the extra forward does its own (synchronous) input distribution.
-    Cheap (attribute swaps only), unlike ``pipeline.detach()``/``attach()``, which
-    re-trace the model and restart the next batch's input distribution.
-    """
-    patched = _rewired(model)
-    seen: set[int] = set()
-    for obj, _ in patched:
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            del obj.__dict__["forward"]
-    try:
-        yield model
-    finally:
-        for obj, fwd in patched:
-            obj.forward = fwd
-
-
-def _finish_input_dists(context: Any) -> None:
-    """Wait on every input-distribution request a pipeline context holds, then drop them.
-
-    They were issued through the sharded module about to be replaced; finishing them
-    keeps the collectives of every rank in step before the re-plan's own collectives.
-    """
-    for names, awaitable in list(getattr(context, "fused_splits_awaitables", [])):
-        for _, request in zip(names, awaitable.wait()):
-            request.wait()
-    for request in list(getattr(context, "input_dist_tensors_requests", {}).values()):
-        request.wait()
-    for name in (
-        "fused_splits_awaitables",
-        "input_dist_splits_requests",
-        "input_dist_tensors_requests",
-        "module_contexts",
-        "module_contexts_next_batch",
-    ):
-        value = getattr(context, name, None)
-        if value is not None:
-            value.clear()
-
-
-class PipelineReplanGuard:
-    """Pause/resume hooks that keep a ``TrainPipelineSparseDist`` valid across a re-plan.
-
-    Register :meth:`before` and :meth:`after` as the controller's replan hooks (the
-    :class:`~torchrec_dimgrow.swap.DimGrowHandle` does). ``model`` is the DMP the pipeline
-    drives. Only the public pipeline API is used (``contexts``, ``detach``, ``attach``,
-    ``wait_sparse_data_dist``); a pipeline without ``contexts`` (e.g. ``TrainPipelineBase``)
-    keeps no per-module state and needs nothing.
-    """
-
-    def __init__(self, pipeline: Any, model: nn.Module) -> None:
-        self.pipeline = pipeline
-        self.model = model
-        self.paused = False
-
-    def _supported(self) -> bool:
-        return all(
-            hasattr(self.pipeline, a) for a in ("contexts", "detach", "attach", "wait_sparse_data_dist")
-        )
-
-    def before(self) -> None:
-        if not self._supported():
-            return
-        for context in list(self.pipeline.contexts):
-            _finish_input_dists(context)
-        self.pipeline.detach()
-        self.paused = True
-
-    def after(self) -> None:
-        if not self.paused:
-            return
-        self.paused = False
-        self.pipeline.attach(self.model)
-        if self.pipeline.contexts:
-            # attach() re-traced the model and started the next batch's input
-            # distribution through the new sharded module; finish its first half as
-            # progress() would have done for a batch it prefetched itself.
-            self.pipeline.wait_sparse_data_dist(self.pipeline.contexts[0])

@@ -22,8 +22,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,6 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, Sha
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import ShardingEnv
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer
 
 from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
@@ -48,53 +46,7 @@ from torchrec_dimgrow.distributed.shard_io import (
 )
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.table_store import ResizeResult
-
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adagrad": torch.optim.Adagrad,
-    "sgd": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-}
-
-
-def _rowwise() -> type[torch.optim.Optimizer]:
-    from torchrec.optim import RowWiseAdagrad
-
-    return RowWiseAdagrad  # type: ignore[return-value]
-
-
-@dataclass
-class EmbeddingOptimizer:
-    """The fused (in-backward) optimizer of the tables, re-applied at every rebuild."""
-
-    name: str = "adagrad"
-    lr: float = 0.05
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def cls(self) -> type[torch.optim.Optimizer]:
-        if self.name == "rowwise_adagrad":
-            return _rowwise()
-        try:
-            return OPTIMIZERS[self.name]
-        except KeyError as exc:
-            raise ValueError(f"unknown embedding optimizer {self.name!r}") from exc
-
-    def rowwise(self) -> bool:
-        return any(self.optimizer_kinds_rowwise())
-
-    def optimizer_kinds_rowwise(self) -> list[bool]:
-        return list(self.state_kinds().values())
-
-    def state_kinds(self) -> dict[str, bool]:
-        """Fused optimizer states per table: name -> True if one value per row (row-wise)."""
-        return {
-            "adagrad": {"momentum1": False},
-            "rowwise_adagrad": {"momentum1": True},
-            "sgd": {},
-            "adam": {"momentum1": False, "momentum2": False},
-        }[self.name]
-
-    def apply(self, params: Any) -> None:
-        apply_optimizer_in_backward(self.cls(), params, {"lr": self.lr, **self.extra})
+from torchrec_dimgrow.optim import EmbeddingOptimizer
 
 
 def find_fqn(root: nn.Module, target: nn.Module) -> str:
