@@ -331,12 +331,12 @@ def worker(data_dir: Path, out: Path, rc: RunConfig) -> None:
     import torch
     import torch.distributed as dist
     from torchrec.optim.optimizers import in_backward_optimizer_filter
-    from torchrec_dimgrow.distributed.replan import EmbeddingOptimizer
-    from torchrec_dimgrow.pipeline import DimGrowController
 
+    from torchrec_dimgrow.controller import DimGrowController
     from torchrec_dimgrow.distributed.env import init_distributed
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.distributed.runtime import shard_model
+    from torchrec_dimgrow.optim import EmbeddingOptimizer
     from torchrec_dimgrow.training import bce
 
     torch.set_num_threads(1)

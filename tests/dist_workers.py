@@ -229,7 +229,7 @@ def budgeted_controller_search(rank: int, world: int, budget: float) -> dict[str
     A grow threshold below the initial gate (0.5) makes every field ask to grow at every
     check, so the budget, not the gates, is what stops growth.
     """
-    from torchrec_dimgrow.pipeline import DimGrowController
+    from torchrec_dimgrow.controller import DimGrowController
 
     torch.manual_seed(0)
     cfg = DimGrowConfig(
