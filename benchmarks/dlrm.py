@@ -118,9 +118,9 @@ def search(data: Any, cfg: BenchConfig, mode: str, seed: int, alpha: float) -> d
     from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+    from torchrec_dimgrow import swap_in
     from torchrec_dimgrow.config import DimGrowConfig
-    from torchrec_dimgrow.swap import swap_in
-    from torchrec_dimgrow.training import evaluate, is_better
+    from torchrec_dimgrow.training import EarlyStopping, evaluate
 
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -145,7 +145,7 @@ def search(data: Any, cfg: BenchConfig, mode: str, seed: int, alpha: float) -> d
     pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
     handle.attach(dmp, pipeline=pipeline, optimizer=optimizer)
     val_stream = endless(data.val, cfg, seed + 7919)
-    best_auc, best_dims, bad, steps, history = float("nan"), handle.found_dims(), 0, 0, []
+    early, best_dims, steps, history = EarlyStopping(cfg.patience), handle.found_dims(), 0, []
     for epoch in range(cfg.search_epochs):
         dmp.train()
         it = epoch_batches(data.train, cfg, seed, epoch)
@@ -159,15 +159,13 @@ def search(data: Any, cfg: BenchConfig, mode: str, seed: int, alpha: float) -> d
         with handle.unpipelined() as plain:
             auc = evaluate(plain, data.val, cfg.batch_size, device, forward=logits_of)["auc"]
         history.append({"epoch": epoch, "val_auc": auc, "total_dim": sum(handle.dims().values())})
-        if is_better(auc, best_auc):
-            best_auc, best_dims, bad = auc, handle.found_dims(), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+        if early.update(auc, epoch):
+            best_dims = handle.found_dims()
+        elif early.stop:
+            break
     return {
         "dims": best_dims,
-        "search_val_auc": best_auc,
+        "search_val_auc": early.best,
         "search_wall_s": round(time.perf_counter() - start, 2),
         "search_steps": steps,
         "replans": handle.replans,
@@ -185,8 +183,8 @@ def retrain(
     align: str = "project",
 ) -> dict[str, Any]:
     """Fresh DLRM at width ``dim``; with ``dims``, the found dims exported into it. Early-stopped."""
-    from torchrec_dimgrow.swap import export
-    from torchrec_dimgrow.training import evaluate, is_better
+    from torchrec_dimgrow import export
+    from torchrec_dimgrow.training import EarlyStopping, evaluate
 
     torch.manual_seed(seed)
     model = build_dlrm(data, dim)
@@ -196,7 +194,7 @@ def retrain(
     table_ids = {id(p) for p in tables}
     dense = [p for p in model.parameters() if id(p) not in table_ids]
     opts = [torch.optim.Adagrad(tables, lr=cfg.embedding_lr), torch.optim.Adam(dense, lr=cfg.dense_lr)]
-    best_auc, best_state, bad = float("nan"), copy.deepcopy(model.state_dict()), 0
+    early, best_state = EarlyStopping(cfg.patience), copy.deepcopy(model.state_dict())
     for epoch in range(cfg.retrain_epochs):
         model.train()
         for batch in epoch_batches(data.train, cfg, seed, epoch):
@@ -206,19 +204,17 @@ def retrain(
             for o in opts:
                 o.step()
         auc = evaluate(model, data.val, cfg.batch_size, forward=logits_of)["auc"]
-        if is_better(auc, best_auc):
-            best_auc, best_state, bad = auc, copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
+        if early.update(auc, epoch):
+            best_state = copy.deepcopy(model.state_dict())
+        elif early.stop:
+            break
     model.load_state_dict(best_state)
     test = evaluate(model, data.test, cfg.batch_size, forward=logits_of)
     proj = sum(p.numel() for n, p in model.named_parameters() if ".align.projections." in n)
     return {
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
-        "val_auc": best_auc,
+        "val_auc": early.best,
         "projection_params": proj,
     }
 

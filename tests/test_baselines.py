@@ -23,9 +23,9 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 from torchrec_dimgrow.artifacts import read_dims_json
 from torchrec_dimgrow.baselines import BASELINES, make_baseline
 from torchrec_dimgrow.baselines.autodim import AutoDimPost, power_of_two_candidates
-from torchrec_dimgrow.baselines.base import SparseSuperNet
 from torchrec_dimgrow.baselines.optembed import Evolution, OptEmbedPost, prefix_mask
 from torchrec_dimgrow.baselines.sseds import SSEDSConfig, keep_top
+from torchrec_dimgrow.baselines.supernet import SparseSuperNet
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.split import make_kjt
 from torchrec_dimgrow.data.synthetic import PlantedConfig, from_arrays, planted
@@ -292,3 +292,15 @@ def test_baselines_shard_with_the_stock_sharder_and_fused_optimizer() -> None:
         assert res["sharded"], name
         assert res["fields"] == fields
         assert res["state"] == res["params"], name  # fused Adagrad: one fp32 sum per table value
+
+
+def test_baseline_subcommand_writes_dims_and_rejects_unknown_knobs(tmp_path: Path, capsys) -> None:
+    from torchrec_dimgrow.cli import main
+
+    criteo = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "criteo_head8k")
+    common = ["baseline", "--data", criteo, "--format", "criteo", "--local", "--d-max", "4"]
+    assert main([*common, "--method", "uniform", "--out", str(tmp_path / "u")]) == 0
+    dims = read_dims_json(tmp_path / "u" / "dims.json")
+    assert len(dims) == 39 and set(dims.values()) == {4}
+    assert main([*common, "--method", "sseds", "--set", "no_such_knob=1", "--out", str(tmp_path / "s")]) == 2
+    assert "no_such_knob" in capsys.readouterr().err

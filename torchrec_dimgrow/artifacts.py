@@ -62,8 +62,3 @@ def read_dims_json(path: str | Path, fields: Sequence[str] | None = None) -> dic
         if missing or extra:
             raise ValueError(f"{path}: fields do not match the data (missing {missing}, unknown {extra})")
     return dims
-
-
-def embedding_params(vocab_sizes: Mapping[str, int], dims: Mapping[str, int]) -> int:
-    """Sum of vocab x dim over fields (dropped fields count 0): the size the issue compares."""
-    return int(sum(vocab_sizes[f] * dims.get(f, 0) for f in vocab_sizes))

@@ -1,4 +1,4 @@
-"""Command line: ``python -m torchrec_dimgrow {search,retrain,bench}``.
+"""Command line: ``python -m torchrec_dimgrow {search,retrain,baseline,bench}``.
 
 ``search`` runs on 1 rank as a plain command and on N ranks under
 ``torchrun --nproc_per_node=N -m torchrec_dimgrow search ...`` (gloo on CPU, nccl on GPU,
@@ -13,6 +13,7 @@ traceback) a bug.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
@@ -21,12 +22,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from torchrec_dimgrow.baselines import BASELINES
 from torchrec_dimgrow.config import BudgetError, DimGrowConfig, TrainConfig, parse_budget
-from torchrec_dimgrow.data import DataError, PreparedData, load_prepared, prepare
+from torchrec_dimgrow.data import FORMATS, DataError, PreparedData, load_prepared, prepare
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.errors import CheckpointError, DimGrowError, NonFiniteError, UsageError
@@ -48,8 +51,6 @@ log = logging.getLogger("torchrec_dimgrow")
 EXIT_USAGE = 2
 EXIT_STRICT = 3
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
-
-FORMATS = ["criteo", "avazu", "movielens", "parquet", "csv"]
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -186,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--row-alignment", type=int, default=1, help="bytes per row alignment (TorchRec: 1 CPU, 16 CUDA)"
     )
 
+    bl = sub.add_parser("baseline", help="run a SuperNet baseline search and write dims.json")
+    _add_data_args(bl)
+    _add_train_args(bl, epochs=10)
+    bl.add_argument("--method", required=True, choices=sorted(BASELINES))
+    bl.add_argument("--out", type=Path, required=True)
+    bl.add_argument("--d-max", type=int, default=16)
+    bl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config override")
+    bl.add_argument("--local", action="store_true", help="plain modules instead of a 1-rank DMP")
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout)")
     b.add_argument("name", choices=["memory", "quality", "overhead", "replan", "dlrm", "frontier", "serving"])
     b.add_argument("args", nargs=argparse.REMAINDER)
@@ -270,6 +280,7 @@ def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The ``TrainConfig`` of the training flags (one mapping for search, retrain, baseline)."""
     return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -457,6 +468,52 @@ def _read_dims(path: Path, fields: Sequence[str] | None) -> dict[str, int]:
         raise UsageError(f"--dims: {exc}") from exc
 
 
+def parse_value(text: str) -> Any:
+    """``3`` -> 3, ``0.1`` -> 0.1, ``true`` -> True, ``2,4,8`` -> (2, 4, 8), else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if "," in text:
+        return tuple(parse_value(t) for t in text.split(",") if t)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``--set key=value`` items -> method config overrides."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    """A SuperNet baseline search (1-rank DMP, N ranks under torchrun, or ``--local``)."""
+    from torchrec_dimgrow.baselines import Placement, make_baseline
+
+    try:
+        search = make_baseline(args.method, d_max=args.d_max, **parse_sets(args.set))
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"baseline {args.method}: {exc}") from exc
+    tc = _train_config(args)
+    env = None if args.local else init_distributed()
+    try:
+        cache = args.cache_dir or args.out / "data"
+        data = _prepare_on_rank0(args, cache, env or DistEnv(0, 1, 0, torch.device("cpu"), "none"))
+        result = search.search(data, tc, out_dir=args.out, placement=Placement(env))
+    finally:
+        if env is not None:
+            destroy_distributed()
+    if env is None or env.is_main:
+        total = sum(result.dims.values())
+        print(f"dims: {json.dumps(result.dims)}\ntotal_dim {total}  -> {args.out / 'dims.json'}")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
     if not script.is_file():
@@ -540,6 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_retrain(args)
         if args.command == "evaluate":
             return _cmd_evaluate(args)
+        if args.command == "baseline":
+            return _cmd_baseline(args)
         return _cmd_export(args)
     except (DimGrowError, BudgetError) as exc:
         if rank == 0:

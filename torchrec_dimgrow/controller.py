@@ -1,12 +1,12 @@
-"""The DimGrow search step, usable from any training loop, TorchRec train pipelines included.
+"""The DimGrow step, usable from any training loop, TorchRec train pipelines included.
 
-:class:`DimGrowController` owns what the search adds to a training step: the gate
-optimizer, the importance window, the policy state and the check (all-gather, decide,
-apply, re-plan) of every DimGrow collection of a model. It never runs the user's
-forward: the caller produces the gate gradient (validation batch, DARTS-style, or the
-training batch's own backward in single-loader mode) and calls
-:meth:`~DimGrowController.update_gates` and :meth:`~DimGrowController.end_step`.
-Keeping a ``TrainPipelineSparseDist`` valid around that step is
+:class:`DimGrowController` is the one place a DimGrow step happens: after the loop's own
+training step, :meth:`DimGrowController.step` runs the gate step (validation batch,
+DARTS-style, or the training batch's own gradient in single-loader mode), records the
+gates, and every ``check_interval`` steps runs :meth:`DimGrowController.check` (all-gather,
+decide, apply, re-plan, agree). It holds the gate optimizer, the importance windows, the
+policy state and the re-plan counters, and saves them with ``state_dict``. Keeping a
+``TrainPipelineSparseDist`` valid around that step is
 :mod:`torchrec_dimgrow.distributed.train_pipeline`'s job.
 """
 
@@ -20,15 +20,25 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_dimgrow.distributed.importance import ImportanceAccumulator, check_agreement, gather_importance
 from torchrec_dimgrow.modules.collection import ChangeReport, DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.modules.table_store import TableStore
+from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
 from torchrec_dimgrow.policy import DimChange, PolicyState, capacity_for, decide
 
 log = logging.getLogger(__name__)
 
 ReplanHook = Callable[[], None]
+LossFn = Callable[[Any], torch.Tensor]
+
+
+def total_penalty(collections: Sequence[DimGrowEmbeddingBagCollection]) -> torch.Tensor:
+    """Sum of the collections' gate penalties: the one regulariser of every gate loss."""
+    total = collections[0].penalty()
+    for coll in collections[1:]:
+        total = total + coll.penalty()
+    return total
 
 
 @dataclass
@@ -37,7 +47,7 @@ class TrackedCollection:
 
     path: str
     collection: DimGrowEmbeddingBagCollection
-    store: TableStore | None
+    store: TableStore
     policy: PolicyState
     importance: ImportanceAccumulator
 
@@ -60,18 +70,29 @@ class CheckReport:
 
 
 class DimGrowController:
-    """Gate optimizer, importance and grow/shrink/re-plan checks of a model's DimGrow collections.
+    """The DimGrow step of a training loop, for every DimGrow collection of a model.
+
+    One step, after the loop's own training step (forward, backward, optimizer step), is
+    :meth:`step`: the gate step (:meth:`gate_step`), then the gates are recorded and every
+    ``check_interval`` steps :meth:`check` runs (all-gather importance, decide, apply on
+    every rank, re-plan the tables whose capacity changed, verify agreement). The search
+    recipe, the DLRM :class:`~torchrec_dimgrow.swap.DimGrowHandle` and a user's own loop
+    all drive this one object; sharded and unsharded models differ only in their stores.
 
     Args:
         collections: module path -> collection (paths only name them in reports; every rank
             must pass the same paths, they fix the order of the collectives).
-        stores: path -> table store (``ShardedTableStore`` under DMP). ``None`` (or a
-            missing path) uses a ``LocalTableStore`` over ``local_optimizers``.
+        stores: path -> table store (``ShardedTableStore`` under DMP, e.g. from
+            ``shard_model(...).stores``). A missing path gets a ``LocalTableStore`` over
+            ``local_optimizers`` (the collection must then be unsharded).
         dense_optimizers: torch optimizers holding the collections' dense parameters
-            (projections); their per-slot state follows every slot move.
+            (projections); their per-slot state follows every slot move, and the gate
+            step discards the dense gradients of their parameters.
         local_optimizers: optimizers holding unsharded table weights (single process).
         gate_optimizer: optimizer of the gate logits; default one Adam parameter group per
             collection at that collection's ``config.gate_lr`` (the reference setting).
+        model: the module the gate loss runs through; the gate step discards every gradient
+            its backward leaves there (default: only ``dense_optimizers``' parameters).
     """
 
     def __init__(
@@ -81,44 +102,106 @@ class DimGrowController:
         dense_optimizers: Sequence[torch.optim.Optimizer] = (),
         local_optimizers: Sequence[torch.optim.Optimizer] = (),
         gate_optimizer: torch.optim.Optimizer | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         if not collections:
             raise ValueError("DimGrowController: no DimGrow collection to search")
         stores = stores or {}
+        self.local_optimizers = list(local_optimizers)
         self.tracked = [
             TrackedCollection(
                 path,
                 coll,
-                stores.get(path),
-                PolicyState(coll.post.dims_list()),
-                ImportanceAccumulator(tuple(coll.post.gate.theta.shape)),  # type: ignore[arg-type]
+                stores.get(path) or self._local_store(path, coll),
+                PolicyState(coll.dims_list()),
+                ImportanceAccumulator(tuple(coll.gate_values().shape)),  # type: ignore[arg-type]
             )
             for path, coll in sorted(collections.items())
         ]
         self.dense_optimizers = list(dense_optimizers)
-        self.local_optimizers = list(local_optimizers)
+        self.model = model
         self.gate_optimizer = gate_optimizer or torch.optim.Adam(
             [
-                {"params": [t.collection.post.gate.theta], "lr": t.collection.config.gate_lr}
+                {"params": t.collection.gate_parameters(), "lr": t.collection.config.gate_lr}
                 for t in self.tracked
             ]
         )
+        #: Wraps the gate step's forward and backward (the handle runs them outside a
+        #: train pipeline's rewired forwards: ``distributed.train_pipeline.unpipelined``).
+        self.forward_context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.steps = 0
         self.before_replan: list[ReplanHook] = []
         self.after_replan: list[ReplanHook] = []
         self.replans = 0
+        self.replan_seconds = 0.0
+        self.replan_bytes_moved = 0
         self.last_report: CheckReport | None = None
+
+    def _local_store(self, path: str, coll: DimGrowEmbeddingBagCollection) -> TableStore:
+        if not isinstance(coll.ebc, EmbeddingBagCollection):
+            raise ValueError(
+                f"DimGrowController: {path or 'the collection'} is sharded ({type(coll.ebc).__name__}); "
+                "pass its ShardedTableStore in stores= (shard_model(...).stores)"
+            )
+        return LocalTableStore(coll.ebc, self.local_optimizers)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, loss_fn: LossFn | None = None, batch: Any = None) -> CheckReport | None:
+        """The whole DimGrow step; call it once after every training step.
+
+        With ``batch``: the DARTS-style :meth:`gate_step` on it (``loss_fn(batch)`` is the
+        task loss, e.g. BCE on a validation batch). Without: the single-loader gate update
+        from the gradient the training backward already left on the gates. Then the gates
+        are recorded and, every ``check_interval`` steps, :meth:`check` runs. Returns the
+        check's report when one ran.
+        """
+        if batch is not None:
+            if loss_fn is None:
+                raise ValueError("DimGrowController.step: a gate batch needs its loss_fn")
+            self.gate_step(loss_fn, batch)
+        else:
+            self.gate_step_from_training_grad()
+        return self.end_step()
+
+    def gate_step(self, loss_fn: LossFn, batch: Any) -> float:
+        """DARTS-style gate update: ``loss_fn(batch) + penalty`` moves the gates only.
+
+        Whatever the training backward left on the gates is dropped first; inside, every
+        collection detaches its lookups (tables and their fused optimizer never see this
+        batch); the dense gradients of this backward are discarded afterwards. Returns the
+        task loss.
+        """
+        self.clear_gate_grads()
+        with self.forward_context(), self.gate_mode():
+            loss = loss_fn(batch)
+            (loss + self.penalty()).backward()
+        self.update_gates(add_penalty=False)  # the penalty is in this backward already
+        self._drop_dense_grads()
+        return float(loss.detach())
+
+    def gate_step_from_training_grad(self) -> None:
+        """Single-loader mode: step the gates on the training backward's gradient plus the penalty."""
+        if any(theta.grad is None for theta in self.gate_parameters()):
+            raise RuntimeError(
+                "DimGrow single-loader step: the gates have no gradient; call step() right after the "
+                "training backward, or pass a gate batch"
+            )
+        self.update_gates(add_penalty=True)
+
+    def _drop_dense_grads(self) -> None:
+        for opt in self.dense_optimizers:
+            opt.zero_grad(set_to_none=True)
+        if self.model is not None:
+            for p in self.model.parameters():
+                p.grad = None
 
     # ------------------------------------------------------------------ gate step pieces
     def gate_parameters(self) -> list[nn.Parameter]:
-        return [t.collection.post.gate.theta for t in self.tracked]
+        return [p for t in self.tracked for p in t.collection.gate_parameters()]
 
     def penalty(self) -> torch.Tensor:
         """Sum of the collections' gate penalties (the regulariser of the gate loss)."""
-        total = self.tracked[0].collection.penalty()
-        for t in self.tracked[1:]:
-            total = total + t.collection.penalty()
-        return total
+        return total_penalty([t.collection for t in self.tracked])
 
     @contextlib.contextmanager
     def gate_mode(self) -> Iterator[None]:
@@ -144,9 +227,9 @@ class DimGrowController:
             if pen.requires_grad:
                 pen.backward()
         for t in self.tracked:
-            theta = t.collection.post.gate.theta
-            if theta.grad is not None:
-                t.collection.post.observe_task_gradient(theta.grad)
+            for theta in t.collection.gate_parameters():
+                if theta.grad is not None:
+                    t.collection.observe_gate_gradient(theta.grad)
         self.gate_optimizer.step()
         self.gate_optimizer.zero_grad(set_to_none=True)
 
@@ -171,7 +254,7 @@ class DimGrowController:
         rows = [table[i].tolist() for i in range(len(t.policy.dims))]
         coll = t.collection
         t.policy, changes = decide(
-            rows, t.policy, coll.config, coll.post.d_max, coll.dim_costs(), coll.budget_bytes()
+            rows, t.policy, coll.config, coll.max_dims, coll.dim_costs(), coll.budget_bytes()
         )
         return changes
 
@@ -179,7 +262,7 @@ class DimGrowController:
     def _will_replan(t: TrackedCollection) -> bool:
         """Whether applying the policy's new dims changes any capacity (a rebuild)."""
         cfg = t.collection.config
-        caps = t.collection.post.capacity_list()
+        caps = t.collection.capacity_list()
         return any(capacity_for(d, c, cfg) != c for d, c in zip(t.policy.dims, caps))
 
     def check(self) -> CheckReport:
@@ -207,19 +290,16 @@ class DimGrowController:
                     hook()
         if report.replanned:
             self.replans += 1
+            self.replan_seconds += sum(r.replan_seconds for r in report.reports.values())
+            self.replan_bytes_moved += sum(r.bytes_moved for r in report.reports.values())
         self.last_report = report
         return report
 
     def _apply(self, t: TrackedCollection, changes: list[DimChange]) -> ChangeReport:
         coll = t.collection
-        store = t.store
-        if store is None:
-            from torchrec_dimgrow.modules.table_store import LocalTableStore
-
-            store = LocalTableStore(coll.ebc, self.local_optimizers)
-        result = coll.apply_changes(changes, store, [*self.dense_optimizers, self.gate_optimizer])
-        check_agreement(coll.post.dims_list(), what=f"{t.path or 'collection'} dims")
-        check_agreement(coll.post.capacity_list(), what=f"{t.path or 'collection'} capacities")
+        result = coll.apply_changes(changes, t.store, [*self.dense_optimizers, self.gate_optimizer])
+        check_agreement(coll.dims_list(), what=f"{t.path or 'collection'} dims")
+        check_agreement(coll.capacity_list(), what=f"{t.path or 'collection'} capacities")
         return result
 
     # ------------------------------------------------------------------ state
@@ -233,6 +313,8 @@ class DimGrowController:
         return {
             "steps": self.steps,
             "replans": self.replans,
+            "replan_seconds": self.replan_seconds,
+            "replan_bytes_moved": self.replan_bytes_moved,
             "gate_optimizer": self.gate_optimizer.state_dict(),
             "collections": {
                 t.path: {"policy": asdict(t.policy), "importance": t.importance.state_dict()}
@@ -247,6 +329,8 @@ class DimGrowController:
             raise ValueError(f"DimGrowController.load_state_dict: no state for collections {missing}")
         self.steps = int(state["steps"])
         self.replans = int(state["replans"])
+        self.replan_seconds = float(state["replan_seconds"])
+        self.replan_bytes_moved = int(state["replan_bytes_moved"])
         self.gate_optimizer.load_state_dict(state["gate_optimizer"])
         for t in self.tracked:
             t.policy = PolicyState(**saved[t.path]["policy"])

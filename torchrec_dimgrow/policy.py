@@ -217,11 +217,15 @@ def capacity_for(dim: int, current: int, config: DimGrowConfig) -> int:
     return current
 
 
-def final_dims(gates: Sequence[Sequence[float]], config: DimGrowConfig) -> list[int]:
+def final_dims(
+    gates: Sequence[Sequence[float]], config: DimGrowConfig, threshold: float | None = None
+) -> list[int]:
     """Exported dim per table: the number of slots whose gate exceeds ``final_threshold``.
 
-    Counted over all active slots only: a slot that was never active has never been
-    trained and says nothing. A table with 0 is dropped (DimGrow doubles as feature
-    selection).
+    ``gates`` holds each table's *active* slots only: a slot that was never active has
+    never been trained and says nothing. A table with 0 is dropped (DimGrow doubles as
+    feature selection). ``threshold`` overrides ``config.final_threshold``. The one
+    found-dims rule: the search recipe, the collection and the handle all count here.
     """
-    return [sum(1 for v in row if float(v) > config.final_threshold) for row in gates]
+    thr = config.final_threshold if threshold is None else threshold
+    return [sum(1 for v in row if float(v) > thr) for row in gates]

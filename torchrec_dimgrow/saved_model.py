@@ -32,6 +32,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_dimgrow.errors import DimGrowError
 from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.tables import normal_init
 
 MODEL_SUBDIR = "model"
 SPEC_FILE = "spec.json"
@@ -78,16 +79,11 @@ class ModelSpec:
 def build_model(spec: ModelSpec, device: torch.device | str = "cpu", init_std: float = 0.01) -> CTRModel:
     """The retrain model of ``spec``: a stock EBC at the found dims, concat, adapter, WideDeep."""
     dev = torch.device(device)
-
-    def init(w: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return w.normal_(0.0, init_std)
-
     configs = spec.table_configs()
     if not configs:
         raise ValueError("every field has dim 0: nothing to build")
     for c in configs:
-        c.init_fn = init
+        c.init_fn = normal_init(init_std)
     ebc = EmbeddingBagCollection(tables=configs, device=dev)
     in_dim = sum(c.embedding_dim for c in configs)
     model = CTRModel(ebc, "concat", spec.adapter_dim, in_dim=in_dim, hidden=spec.hidden, dropout=spec.dropout)

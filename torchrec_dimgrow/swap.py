@@ -64,8 +64,9 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
-from torchrec_dimgrow.controller import CheckReport, DimGrowController
-from torchrec_dimgrow.distributed.planning import AUTO_TYPES, PlanningConfig, constraints_for
+from torchrec_dimgrow.controller import CheckReport, DimGrowController, total_penalty
+from torchrec_dimgrow.distributed.planning import PlanningConfig, constraints_for
+from torchrec_dimgrow.distributed.runtime import attach_stores, find_collections, stock_collections
 from torchrec_dimgrow.distributed.table_store import ShardedTableStore
 from torchrec_dimgrow.distributed.train_pipeline import PipelineReplanGuard, unpipelined
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
@@ -82,20 +83,12 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
-#: Sharding types the re-plan store can copy shard-to-shard (``row_wise`` hand-built).
-SUPPORTED_SHARDING = (*AUTO_TYPES, "row_wise")
-
 
 # ---------------------------------------------------------------------- module surgery
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, leaf, module)
-
-
-def _plain_collections(model: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
-    """Every stock ``EmbeddingBagCollection`` (exact type: subclasses are someone else's)."""
-    return [(n, m) for n, m in model.named_modules() if type(m) is EmbeddingBagCollection]
 
 
 def _owned_by_torchrec(model: nn.Module, path: str) -> bool:
@@ -107,10 +100,6 @@ def _owned_by_torchrec(model: nn.Module, path: str) -> bool:
         if type(owner).__module__.startswith("torchrec.modules"):
             return True
     return False
-
-
-def _dimgrow_collections(model: nn.Module) -> list[tuple[str, DimGrowEmbeddingBagCollection]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DimGrowEmbeddingBagCollection)]
 
 
 def _dense_device(model: nn.Module, skip: Sequence[nn.Module]) -> torch.device:
@@ -175,7 +164,7 @@ def swap_in(
 def _swap_targets(
     model: nn.Module, targets: Sequence[str] | None
 ) -> list[tuple[str, EmbeddingBagCollection]]:
-    found = _plain_collections(model)
+    found = stock_collections(model)
     if targets is not None:
         unknown = sorted(set(targets) - {p for p, _ in found})
         if unknown:
@@ -228,7 +217,7 @@ class DimGrowHandle:
         return [p for ebc in self._unsharded.values() for p in ebc.parameters()]
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        return [coll.post.gate.theta for coll in self.collections.values()]
+        return [p for coll in self.collections.values() for p in coll.gate_parameters()]
 
     def constraints(self, planning: PlanningConfig | None = None) -> dict[str, ParameterConstraints]:
         """Planner constraints for the DimGrow tables: fused kernel, re-plannable sharding types.
@@ -288,7 +277,6 @@ class DimGrowHandle:
         if isinstance(model, DistributedModelParallel):
             self.device = device or getattr(model, "device", None) or torch.device("cpu")
             self._attach_sharded(model, embedding_optimizer, planning or PlanningConfig())
-            self.controller = DimGrowController(self.collections, self.stores, dense_optimizers=dense)
         else:
             self.device = device or torch.device("cpu")
             for path, coll in self.collections.items():
@@ -296,19 +284,24 @@ class DimGrowHandle:
                     raise ValueError(
                         f"{path}: tables are still on meta; shard the model or build it on a device"
                     )
-            self.controller = DimGrowController(
-                self.collections, None, dense_optimizers=dense, local_optimizers=dense
-            )
+        self.controller = DimGrowController(
+            self.collections,
+            self.stores,
+            dense_optimizers=dense,
+            local_optimizers=dense,
+            model=model,
+        )
+        self.controller.forward_context = lambda: unpipelined(model)
         self.controller.before_replan.append(self._before_replan)
         self.controller.after_replan.append(self._after_replan)
         return self
 
     def _check_no_fused_dense(self) -> None:
         for coll in self.collections.values():
-            for name, p in coll.post.named_parameters():
-                if hasattr(p, "_in_backward_optimizers"):
+            for name, p in coll.named_parameters():
+                if not name.startswith("ebc.") and hasattr(p, "_in_backward_optimizers"):
                     raise ValueError(
-                        f"DimGrow parameter post.{name} has an in-backward optimizer: apply_optimizer_in_backward "
+                        f"DimGrow parameter {name} has an in-backward optimizer: apply_optimizer_in_backward "
                         "was given the gates too (e.g. sparse_arch.parameters()); give it handle.embedding_parameters()"
                     )
 
@@ -322,26 +315,9 @@ class DimGrowHandle:
                 "(cls, handle.embedding_parameters(), kwargs) before DistributedModelParallel, or pass "
                 "embedding_optimizer="
             )
-        for path, coll in self.collections.items():
-            if not isinstance(coll.ebc, ShardedEmbeddingBagCollection):
-                raise ValueError(f"{path}.ebc was not sharded by the DMP (is its path in the plan?)")
-            store = ShardedTableStore(dmp, coll, spec, planning, self.device)
-            self._validate_plan(dmp, store)
-            store.init_tables(coll.config.init_std)
+        self.stores = attach_stores(dmp, self.collections, spec, planning, self.device).stores
+        for path, store in self.stores.items():
             store.on_rebuild = self._on_rebuild_for(path)
-            self.stores[path] = store
-
-    @staticmethod
-    def _validate_plan(dmp: DistributedModelParallel, store: ShardedTableStore) -> None:
-        """Refuse plans the re-plan cannot copy (data-parallel tables, non-fused kernels)."""
-        plan = dmp.plan.plan.get(store.fqn, {})
-        for table, ps in plan.items():  # type: ignore[union-attr]
-            if ps.sharding_type not in SUPPORTED_SHARDING or ps.compute_kernel != "fused":
-                raise ValueError(
-                    f"table {table!r} is planned as {ps.sharding_type}/{ps.compute_kernel}; DimGrow re-plans need "
-                    f"the fused kernel and one of {SUPPORTED_SHARDING}: pass constraints=handle.constraints() "
-                    "to the planner"
-                )
 
     # ------------------------------------------------------------------ re-plan hooks
     def _before_replan(self) -> None:
@@ -392,12 +368,7 @@ class DimGrowHandle:
 
     def penalty(self) -> torch.Tensor:
         """The gate regulariser; what a hand-written gate loss must add."""
-        if self.controller is not None:
-            return self.controller.penalty()
-        total = torch.zeros(())
-        for coll in self.collections.values():
-            total = total + coll.penalty()
-        return total
+        return total_penalty(list(self.collections.values()))
 
     @contextlib.contextmanager
     def unpipelined(self) -> Iterator[nn.Module]:
@@ -406,45 +377,29 @@ class DimGrowHandle:
         with unpipelined(model):
             yield model
 
+    def _loss(self, batch: Any) -> torch.Tensor:
+        assert self.trained is not None
+        return self.loss_fn(self.trained, batch)
+
     def gate_step(self, batch: Any) -> float:
-        """DARTS-style gate update on ``batch``: (loss + penalty) reaches the gates only.
+        """DARTS-style gate update on ``batch`` (:meth:`DimGrowController.gate_step`).
 
         Runs outside the pipeline (its prefetched batches are untouched); the dense
         gradients of this backward are discarded.
         """
-        ctrl = self._ctrl()
-        model = self.trained
-        assert model is not None
-        ctrl.clear_gate_grads()
-        batch = batch.to(self.device)
-        with unpipelined(model), ctrl.gate_mode():
-            loss = self.loss_fn(model, batch)
-            (loss + ctrl.penalty()).backward()
-        ctrl.update_gates(add_penalty=False)
-        for p in model.parameters():
-            p.grad = None
-        return float(loss.detach())
+        return self._ctrl().gate_step(self._loss, batch.to(self.device))
 
     def step(self, val_batch: Any = None) -> CheckReport | None:
         """Call after every training step (after ``pipeline.progress`` / ``optimizer.step()``).
 
-        With ``val_batch``: gate step on it (DARTS mode). Without: single-loader mode, the
-        gates step on the gradient the training backward left on them plus the penalty.
-        Then the gates are recorded and, every ``check_interval`` steps, importance is
-        all-gathered and the tables grow/shrink/re-plan. Returns the check's report when
-        one ran.
+        The controller's :meth:`~DimGrowController.step`: with ``val_batch`` a gate step on
+        it (DARTS mode); without, single-loader mode (the gates step on the gradient the
+        training backward left on them, plus the penalty). Then the gates are recorded
+        and, every ``check_interval`` steps, importance is all-gathered and the tables
+        grow/shrink/re-plan. Returns the check's report when one ran.
         """
-        ctrl = self._ctrl()
-        if val_batch is not None:
-            self.gate_step(val_batch)
-        else:
-            if any(theta.grad is None for theta in ctrl.gate_parameters()):
-                raise RuntimeError(
-                    "DimGrow single-loader step: the gates have no gradient; call step() right after the "
-                    "training backward, or pass a validation batch"
-                )
-            ctrl.update_gates(add_penalty=True)
-        return ctrl.end_step()
+        batch = val_batch.to(self.device) if val_batch is not None else None
+        return self._ctrl().step(self._loss, batch)
 
     def end_step(self) -> CheckReport | None:
         """For loops that update the gates themselves: record, count, check when due."""
@@ -519,9 +474,7 @@ def export(
         from torchrec_dimgrow.serving import quantize_at_dims
 
         return quantize_at_dims(model, dims, serving)
-    targets: list[tuple[str, nn.Module]] = list(_dimgrow_collections(model)) or list(
-        _plain_collections(model)
-    )
+    targets: list[tuple[str, nn.Module]] = list(find_collections(model)) or list(stock_collections(model))
     if not targets:
         raise ValueError("export: the model contains no DimGrow collection and no EmbeddingBagCollection")
     for path, module in targets:
@@ -540,18 +493,6 @@ def export(
     return model
 
 
-def embedding_bytes(
-    tables: Sequence[EmbeddingBagConfig], dims: Mapping[str, int] | None = None, itemsize: int = 4
-) -> int:
-    """Bytes of the table weights at ``dims`` (default: the configs' own widths)."""
-    return int(
-        sum(
-            itemsize * t.num_embeddings * (dims[t.name] if dims is not None else t.embedding_dim)
-            for t in tables
-        )
-    )
-
-
 def gate_summary(handle: DimGrowHandle) -> dict[str, list[float]]:
     """Gate values of the active slots, per table (for logs)."""
     out: dict[str, list[float]] = {}
@@ -565,7 +506,6 @@ def gate_summary(handle: DimGrowHandle) -> dict[str, list[float]]:
 __all__ = [
     "DimGrowHandle",
     "default_loss",
-    "embedding_bytes",
     "export",
     "gate_summary",
     "swap_in",

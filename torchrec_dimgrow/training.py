@@ -8,7 +8,8 @@ decisions agree without another broadcast).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -102,3 +103,74 @@ def cycle_batches(split: Split, batch_size: int, seed: int, rank: int, world_siz
 
 def is_better(value: float, best: float) -> bool:
     return not math.isnan(value) and (math.isnan(best) or value > best)
+
+
+@dataclass
+class EarlyStopping:
+    """Early stopping on a validation metric where higher is better (AUC): the one rule
+    of the search, the retrain, the baselines' trainer and the DLRM benchmark.
+
+    :meth:`update` returns True when the epoch is the new best (the caller snapshots
+    what it exports then). A NaN never improves on a number, but the first epoch is
+    always the best so far, so there is always a best epoch. Training stops once
+    ``patience`` epochs in a row did not improve.
+    """
+
+    patience: int
+    best: float = float("nan")
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int, counts: bool = True) -> bool:
+        """Record an epoch's metric; ``counts=False``: a non-improving epoch is not held
+        against the patience (the search's cold start, before any field has moved)."""
+        if is_better(value, self.best) or self.best_epoch < 0:
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        if counts:
+            self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def fit(
+    model: nn.Module,
+    epochs: int,
+    batches: Callable[[int], Iterable[Batch]],
+    step: Callable[[Batch, int], None],
+    validate: Callable[[], dict[str, float]],
+    early: EarlyStopping,
+    on_best: Callable[[], None] | None = None,
+    max_steps: int | None = None,
+) -> tuple[list[dict[str, float]], int]:
+    """The shared epoch loop of the retrain and the SuperNet baselines.
+
+    Per epoch: ``model.train()``, ``step(batch, step_index)`` over ``batches(epoch)``,
+    then ``validate()`` (AUC / log loss) and :class:`EarlyStopping`; ``on_best`` runs
+    when an epoch is the new best (snapshot what the caller restores or exports).
+    ``max_steps`` caps the total step count. Returns the per-epoch history (epoch, steps
+    so far, val AUC and log loss) and the step count. The search recipe keeps its own
+    loop: it checkpoints and resumes mid-epoch.
+    """
+    history: list[dict[str, float]] = []
+    steps = 0
+    for epoch in range(epochs):
+        model.train()
+        for batch in batches(epoch):
+            step(batch, steps)
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        val = validate()
+        history.append({"epoch": epoch, "step": steps, "val_auc": val["auc"], "val_logloss": val["logloss"]})
+        if early.update(val["auc"], epoch):
+            if on_best is not None:
+                on_best()
+        elif early.stop:
+            break
+        if max_steps is not None and steps >= max_steps:
+            break
+    return history, steps

@@ -15,13 +15,14 @@ from torchrec_dimgrow.baselines.base import (
     BaselineSearch,
     Placement,
     SearchResult,
-    SparseSuperNet,
-    embedding_bytes_for,
     write_dims,
 )
 from torchrec_dimgrow.baselines.dimreg import DimRegConfig, DimRegSearch
 from torchrec_dimgrow.baselines.optembed import Evolution, OptEmbedConfig, OptEmbedPost, OptEmbedSearch
 from torchrec_dimgrow.baselines.sseds import MaskPost, SSEDSConfig, SSEDSSearch
+from torchrec_dimgrow.baselines.supernet import (
+    SparseSuperNet,
+)
 from torchrec_dimgrow.baselines.uniform import UniformConfig, UniformSearch
 
 BASELINES: dict[str, type[BaselineSearch]] = {
@@ -67,7 +68,6 @@ __all__ = [
     "SparseSuperNet",
     "UniformConfig",
     "UniformSearch",
-    "embedding_bytes_for",
     "make_baseline",
     "write_dims",
 ]

@@ -25,21 +25,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
-    SparseSuperNet,
     Trained,
-    field_tables,
+)
+from torchrec_dimgrow.baselines.supernet import (
+    SparseSuperNet,
     keyed,
     table_config,
 )
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.backbone import Combine
 
 
 def power_of_two_candidates(d_max: int) -> tuple[int, ...]:
@@ -187,33 +188,36 @@ class AutoDimSearch(BaselineSearch):
     config_cls = AutoDimConfig
     config: AutoDimConfig
 
-    def build_sparse(
-        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
-    ) -> SparseSuperNet:
+    def _stored(self) -> list[int]:
         cfg = self.config
-        cands = cfg.resolved_candidates()
-        std = cfg.init_std
-        stored = [cfg.stored(cfg.d_max)] if cfg.weight_sharing else [cfg.stored(c) for c in cands]
         if cfg.weight_sharing:
-            tables = field_tables(fields, vocab, stored[0], std)
-        else:
-            tables = [
-                table_config(table_name(f, c), f, vocab[f], s, std)
-                for c, s in zip(cands, stored)
-                for f in fields
-            ]
-        post = AutoDimPost(
-            fields, cands, cfg.common_dim, cfg.weight_sharing, cfg.d_max, cfg.init_logit, stored
-        )
-        return SparseSuperNet(EmbeddingBagCollection(tables=tables, device=device), post)
+            return [cfg.stored(cfg.d_max)]
+        return [cfg.stored(c) for c in cfg.resolved_candidates()]
 
-    def output_width(self, sparse: SparseSuperNet) -> int:
-        return self.config.common_dim
+    def tables(self, fields: Sequence[str], vocab: dict[str, int]) -> list[EmbeddingBagConfig]:
+        cfg = self.config
+        if cfg.weight_sharing:
+            return super().tables(fields, vocab)
+        return [
+            table_config(table_name(f, c), f, vocab[f], s, cfg.init_std)
+            for c, s in zip(cfg.resolved_candidates(), self._stored())
+            for f in fields
+        ]
 
-    def build_model(self, sparse: SparseSuperNet, fields: Sequence[str], train_cfg: TrainConfig) -> CTRModel:
+    def build_post(self, fields: Sequence[str], vocab: dict[str, int]) -> nn.Module:
+        cfg = self.config
+        return AutoDimPost(
+            fields, cfg.resolved_candidates(), cfg.common_dim, cfg.weight_sharing, cfg.d_max, cfg.init_logit,
+            self._stored(),
+        )  # fmt: skip
+
+    def head_input(
+        self, sparse: SparseSuperNet, fields: Sequence[str], train_cfg: TrainConfig
+    ) -> tuple[Combine, int | None]:
         """Sum the projected fields when they already have the adapter's width (no extra layer)."""
-        self.combine = "sum" if self.config.common_dim == train_cfg.adapter_dim else "concat"
-        return super().build_model(sparse, fields, train_cfg)
+        if self.config.common_dim == train_cfg.adapter_dim:
+            return "sum", None
+        return "concat", self.config.common_dim * len(fields)
 
     def arch_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         return [sparse.post.alpha]

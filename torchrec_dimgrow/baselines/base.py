@@ -1,25 +1,23 @@
-"""Shared interface and training loop of the SuperNet baselines.
+"""The SuperNet baselines' template: the hooks each method implements, one shared search.
 
-Every baseline is built like :class:`~torchrec_dimgrow.DimGrowEmbeddingBagCollection`: a plain
-:class:`torchrec.EmbeddingBagCollection` child (``.ebc``, so TorchRec's stock sharder and planner
-shard it under ``DistributedModelParallel``) followed by a dense ``.post`` module holding
-whatever the method adds (projections, masks, architecture logits). ``post`` returns a
-``KeyedTensor`` keyed by field, so the same :class:`~torchrec_dimgrow.modules.backbone.CTRModel`
-backbone sits on top of every method.
-
-A search is a :class:`BaselineSearch`: it builds that module, trains it the way its paper does
-(weights on training batches; architecture parameters on validation batches where the paper
-says so) and returns the found dim per field. The dims are written in the same ``dims.json``
-format as the DimGrow search, so the retrain step is shared by all methods.
+A method is a :class:`BaselineSearch` subclass. It implements two hooks, :meth:`build_post`
+(the dense module on top of the tables: projections, masks, architecture logits) and
+:meth:`export_dims` (the found dim per field, read off the trained SuperNet), and overrides
+only what it changes among the optional ones (:meth:`tables`, :meth:`head_input`,
+:meth:`arch_parameters`, :meth:`frozen_parameters`, the regularisers, :meth:`on_step`,
+:meth:`extra_info`). Everything else is shared: the SuperNet module pattern and table helpers
+(:mod:`~torchrec_dimgrow.baselines.supernet`), the sharding (``shard_model``, exactly as the
+DimGrow search shards), the epoch loop and early stopping (``training.fit``), the
+first-order DARTS architecture step, and the ``dims.json`` output the shared retrain reads.
 
 Two placements, one loop:
 
 * ``env=None``: plain modules in this process, tables trained by a torch optimizer with dense
   gradients (what the unit tests use; cheap to build).
-* ``env=DistEnv``: exactly how the DimGrow search runs. The EBC is built on the meta device,
-  gets the same fused in-backward table optimizer, is planned by TorchRec's planner and
-  sharded by the stock sharder inside ``DistributedModelParallel``. Memory comparisons
-  between DimGrow and the baselines use this path, so they differ only in the method.
+* ``env=DistEnv``: the EBC is built on the meta device, gets the same fused in-backward table
+  optimizer, and is planned and sharded by ``shard_model`` like the DimGrow search's. Memory
+  comparisons between DimGrow and the baselines use this path, so they differ only in the
+  method.
 """
 
 from __future__ import annotations
@@ -34,112 +32,26 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.datasets.utils import Batch
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.artifacts import write_dims_json, write_json_atomic
+from torchrec_dimgrow.baselines.supernet import SparseSuperNet, all_reduce_mean, field_tables, round_up
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
+from torchrec_dimgrow.distributed.planning import PlanningConfig
+from torchrec_dimgrow.distributed.runtime import shard_model
 from torchrec_dimgrow.modules.backbone import Combine, CTRModel
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.training import bce, cycle_batches, evaluate, is_better
+from torchrec_dimgrow.training import EarlyStopping, bce, cycle_batches, evaluate, fit
 
 
 def vocab_dict(data: PreparedData) -> dict[str, int]:
     return {f: int(v) for f, v in zip(data.fields, data.vocab_sizes, strict=True)}
-
-
-# ----------------------------------------------------------------------------- module pattern
-class SparseSuperNet(nn.Module):
-    """``post(ebc(features))``: a plain EBC (sharded by the stock sharder) + a dense module.
-
-    ``table_bytes`` is fixed at construction from the configs (fp32), so it stays right after
-    DMP has replaced ``ebc`` by its sharded version.
-    """
-
-    post: Any  # the method's dense module (typed loosely: each method has its own)
-
-    def __init__(self, ebc: EmbeddingBagCollection, post: nn.Module) -> None:
-        super().__init__()
-        self.ebc = ebc
-        self.post = post
-        self.table_configs = list(ebc.embedding_bag_configs())
-        self.table_bytes = sum(4 * c.num_embeddings * c.embedding_dim for c in self.table_configs)
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.post(self.ebc(features))
-
-
-def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """N(0, std) table init, the DimGrow reference's (and its baselines') choice."""
-
-    def init(weight: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return weight.normal_(0.0, std)
-
-    return init
-
-
-def round_up(width: int, block: int) -> int:
-    return max(block, -(-width // block) * block)
-
-
-def table_config(name: str, feature: str, rows: int, dim: int, std: float) -> EmbeddingBagConfig:
-    return EmbeddingBagConfig(
-        name=name, embedding_dim=dim, num_embeddings=rows, feature_names=[feature], init_fn=normal_init(std)
-    )
-
-
-def field_tables(
-    fields: Sequence[str], vocab: dict[str, int], width: int, std: float
-) -> list[EmbeddingBagConfig]:
-    """One ``width``-wide table per field, named after it: the SuperNets' shared storage."""
-    return [table_config(f, f, vocab[f], width, std) for f in fields]
-
-
-def field_blocks(
-    pooled: KeyedTensor, fields: Sequence[str], width: int, stored: int | None = None
-) -> torch.Tensor:
-    """Pooled embeddings as (B, F, width), fields in ``fields`` order.
-
-    Each field is stored ``stored`` (default ``width``) columns wide; only the first
-    ``width`` are returned. A plain EBC (sharded or not) returns its keys in table order,
-    which is ``fields`` order for the one-table-per-field baselines; the dict fallback
-    covers any other order.
-    """
-    stored = stored or width
-    values = pooled.values()
-    if list(pooled.keys()) == list(fields):
-        x = values.view(values.shape[0], len(fields), stored)
-    else:
-        by_name = pooled.to_dict()
-        x = torch.stack([by_name[f] for f in fields], dim=1)
-    return x if stored == width else x[:, :, :width]
-
-
-def keyed(fields: Sequence[str], width: int, x: torch.Tensor) -> KeyedTensor:
-    """(B, F, width) -> KeyedTensor with one ``width``-wide key per field."""
-    return KeyedTensor(
-        keys=list(fields), length_per_key=[width] * len(fields), values=x.reshape(x.shape[0], -1)
-    )
-
-
-def all_reduce_mean(t: torch.Tensor, world_size: int) -> torch.Tensor:
-    """Average ``t`` over ranks (identity on one rank): keeps architecture state identical."""
-    if world_size > 1:
-        dist.all_reduce(t)
-        t = t / world_size
-    return t
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -200,11 +112,6 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def embedding_bytes_for(dims: dict[str, int], vocab: dict[str, int], bytes_per_value: int = 4) -> int:
-    """Σ vocab_f × dim_f × 4: the size of the model the dims describe."""
-    return sum(vocab[f] * d * bytes_per_value for f, d in dims.items())
 
 
 def write_dims(path: str | Path, dims: dict[str, int]) -> Path:
@@ -288,13 +195,13 @@ class Trained:
 class BaselineSearch(abc.ABC):
     """Template of a SuperNet dimension search.
 
-    Subclasses say how to build the SuperNet (:meth:`build_sparse`), which parameters are
-    architecture parameters, what extra loss the training step carries, and how to read the
-    dims off the trained SuperNet (:meth:`export_dims`). :meth:`search` runs the shared loop.
+    Subclasses implement :meth:`build_post` and :meth:`export_dims`; the optional hooks say
+    which tables to train, how the backbone takes the fields, which parameters are
+    architecture parameters and what extra loss each step carries. :meth:`search` runs the
+    shared build, train and export.
     """
 
     name: ClassVar[str]
-    combine: Combine = "concat"
     config_cls: ClassVar[type[BaselineConfig]] = BaselineConfig
 
     def __init__(self, config: BaselineConfig | None = None) -> None:
@@ -303,18 +210,23 @@ class BaselineSearch(abc.ABC):
 
     # -------------------------------------------------------------- per-method hooks
     @abc.abstractmethod
-    def build_sparse(
-        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
-    ) -> SparseSuperNet:
-        """The SuperNet's sparse module (plain EBC on ``device`` + dense post module)."""
-
-    @abc.abstractmethod
-    def output_width(self, sparse: SparseSuperNet) -> int:
-        """Width of one field in the KeyedTensor the sparse module returns."""
+    def build_post(self, fields: Sequence[str], vocab: dict[str, int]) -> nn.Module:
+        """The method's dense module on top of the tables (KeyedTensor in, KeyedTensor out)."""
 
     @abc.abstractmethod
     def export_dims(self, trained: Trained, data: PreparedData, train_cfg: TrainConfig) -> dict[str, int]:
         """Found dim per field, read off the trained SuperNet."""
+
+    def tables(self, fields: Sequence[str], vocab: dict[str, int]) -> list[EmbeddingBagConfig]:
+        """The SuperNet's tables: by default one ``d_max``-wide table per field (stored widths
+        rounded up to ``storage_block``), what OptEmbed, SSEDS and DimReg all train."""
+        return field_tables(fields, vocab, self.config.stored(self.config.d_max), self.config.init_std)
+
+    def head_input(
+        self, sparse: SparseSuperNet, fields: Sequence[str], train_cfg: TrainConfig
+    ) -> tuple[Combine, int | None]:
+        """How the backbone takes the fields: concatenated ``d_max``-wide fields by default."""
+        return "concat", self.config.d_max * len(fields)
 
     def arch_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         """Parameters updated on validation batches (none by default)."""
@@ -340,12 +252,18 @@ class BaselineSearch(abc.ABC):
         return {}
 
     # -------------------------------------------------------------- building
+    def build_sparse(
+        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
+    ) -> SparseSuperNet:
+        """The SuperNet: a plain EBC of :meth:`tables` on ``device`` + :meth:`build_post`."""
+        post = self.build_post(fields, vocab)
+        return SparseSuperNet(EmbeddingBagCollection(tables=self.tables(fields, vocab), device=device), post)
+
     def build_model(self, sparse: SparseSuperNet, fields: Sequence[str], train_cfg: TrainConfig) -> CTRModel:
-        width = self.output_width(sparse)
-        in_dim = width * len(fields) if self.combine == "concat" else None
+        combine, in_dim = self.head_input(sparse, fields, train_cfg)
         return CTRModel(
             sparse,
-            combine=self.combine,
+            combine=combine,
             adapter_dim=train_cfg.adapter_dim,
             in_dim=in_dim,
             hidden=tuple(train_cfg.hidden),
@@ -387,19 +305,8 @@ class BaselineSearch(abc.ABC):
         if isinstance(model.adapter, nn.Module):
             model.adapter.to(device)
         table_opt = EmbeddingOptimizer(train_cfg.embedding_optimizer, train_cfg.embedding_lr)
-        table_opt.apply(sparse.ebc.parameters())
         planning = placement.planning or PlanningConfig(batch_size=train_cfg.batch_size)
-        group = dist.GroupMember.WORLD
-        module_plan = plan_collection(
-            sparse.ebc, "sparse.ebc", placement.world_size, device, planning, group, table_opt.rowwise()
-        )
-        dmp = DistributedModelParallel(
-            model,
-            env=ShardingEnv.from_process_group(group),
-            device=device,
-            plan=ShardingPlan({"sparse.ebc": module_plan}),
-            sharders=[EmbeddingBagCollectionSharder()],  # type: ignore[list-item]
-        )
+        dmp = shard_model(model, device, planning, table_opt).dmp
         named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
         kept = {id(p) for p in named.values()}
         fused_params = [p for p in model.parameters() if id(p) not in kept]
@@ -429,11 +336,10 @@ class BaselineSearch(abc.ABC):
         val_stream = None
         if opts.arch is not None:
             val_stream = cycle_batches(data.val, train_cfg.batch_size, train_cfg.seed, p.rank, p.world_size)
-        history: list[dict[str, float]] = []
-        best_auc, best_state, bad, step = float("nan"), None, 0, 0
-        for epoch in range(train_cfg.epochs):
-            trained.runner.train()
-            batches = data.train.batches(
+        best_state: dict[str, torch.Tensor] | None = None
+
+        def batches(epoch: int) -> Iterable[Batch]:
+            return data.train.batches(
                 train_cfg.batch_size,
                 shuffle=True,
                 seed=train_cfg.seed,
@@ -442,33 +348,32 @@ class BaselineSearch(abc.ABC):
                 world_size=p.world_size,
                 drop_last=True,
             )
-            for batch in batches:
-                self._weight_step(trained, batch.to(p.device))
-                if val_stream is not None and step % self.config.arch_every == 0:
-                    self._arch_step(trained, next(val_stream).to(p.device))
-                self.on_step(trained.sparse, step)
-                if step_hook is not None:
-                    step_hook(step)
-                step += 1
-                if train_cfg.max_steps is not None and step >= train_cfg.max_steps:
-                    break
-            metrics = self.evaluate(trained, data.val, train_cfg.batch_size)
-            history.append(
-                {"epoch": epoch, "step": step, "val_auc": metrics["auc"], "val_logloss": metrics["logloss"]}
-            )
-            if is_better(metrics["auc"], best_auc):
-                best_auc, bad = metrics["auc"], 0
-                if train_cfg.epochs > 1:
-                    best_state = self._snapshot(trained)
-            else:
-                bad += 1
-            if bad >= train_cfg.early_stop_patience:
-                break
-            if train_cfg.max_steps is not None and step >= train_cfg.max_steps:
-                break
+
+        def step(batch: Batch, index: int) -> None:
+            self._weight_step(trained, batch.to(p.device))
+            if val_stream is not None and index % self.config.arch_every == 0:
+                self._arch_step(trained, next(val_stream).to(p.device))
+            self.on_step(trained.sparse, index)
+            if step_hook is not None:
+                step_hook(index)
+
+        def snapshot() -> None:
+            nonlocal best_state
+            best_state = self._snapshot(trained)
+
+        history, steps = fit(
+            trained.runner,
+            train_cfg.epochs,
+            batches,
+            step,
+            lambda: self.evaluate(trained, data.val, train_cfg.batch_size),
+            EarlyStopping(train_cfg.early_stop_patience),
+            on_best=snapshot if train_cfg.epochs > 1 else None,
+            max_steps=train_cfg.max_steps,
+        )
         if best_state is not None:
             self._restore(trained, best_state)
-        return history, step
+        return history, steps
 
     def _snapshot(self, trained: Trained) -> dict[str, torch.Tensor]:
         if trained.placement.sharded:

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
-    SparseSuperNet,
     Trained,
+)
+from torchrec_dimgrow.baselines.supernet import (
+    SparseSuperNet,
     field_blocks,
-    field_tables,
     keyed,
 )
 from torchrec_dimgrow.config import TrainConfig
@@ -65,21 +65,12 @@ class GatePost(nn.Module):
 
 class DimRegSearch(BaselineSearch):
     name = "dimreg"
-    combine = "concat"
     config_cls = DimRegConfig
     config: DimRegConfig
 
-    def build_sparse(
-        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
-    ) -> SparseSuperNet:
+    def build_post(self, fields: Sequence[str], vocab: dict[str, int]) -> nn.Module:
         cfg = self.config
-        stored = cfg.stored(cfg.d_max)
-        tables = field_tables(fields, vocab, stored, cfg.init_std)
-        post = GatePost(fields, cfg.d_max, cfg.tau, stored)
-        return SparseSuperNet(EmbeddingBagCollection(tables=tables, device=device), post)
-
-    def output_width(self, sparse: SparseSuperNet) -> int:
-        return self.config.d_max
+        return GatePost(fields, cfg.d_max, cfg.tau, cfg.stored(cfg.d_max))
 
     def arch_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         return [sparse.post.theta] if self.config.gates_on_val else []

@@ -24,16 +24,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
-    SparseSuperNet,
     Trained,
+)
+from torchrec_dimgrow.baselines.supernet import (
     field_blocks,
-    field_tables,
     keyed,
 )
 from torchrec_dimgrow.config import TrainConfig
@@ -157,7 +156,6 @@ class Evolution:
 
 class OptEmbedSearch(BaselineSearch):
     name = "optembed"
-    combine = "concat"
     config_cls = OptEmbedConfig
     config: OptEmbedConfig
 
@@ -165,17 +163,8 @@ class OptEmbedSearch(BaselineSearch):
         super().__init__(config)
         self._evolution: dict[str, Any] = {}
 
-    def build_sparse(
-        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
-    ) -> SparseSuperNet:
-        cfg = self.config
-        stored = cfg.stored(cfg.d_max)
-        tables = field_tables(fields, vocab, stored, cfg.init_std)
-        post = OptEmbedPost(fields, cfg.d_max, stored)
-        return SparseSuperNet(EmbeddingBagCollection(tables=tables, device=device), post)
-
-    def output_width(self, sparse: SparseSuperNet) -> int:
-        return self.config.d_max
+    def build_post(self, fields: Sequence[str], vocab: dict[str, int]) -> nn.Module:
+        return OptEmbedPost(fields, self.config.d_max, self.config.stored(self.config.d_max))
 
     @torch.no_grad()
     def _val_lookups(

@@ -21,19 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 from torchrec.datasets.utils import Batch
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
-    SparseSuperNet,
     Trained,
+    vocab_dict,
+)
+from torchrec_dimgrow.baselines.supernet import (
+    SparseSuperNet,
     all_reduce_mean,
     field_blocks,
-    field_tables,
     keyed,
-    vocab_dict,
 )
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
@@ -131,7 +131,6 @@ def keep_top(
 
 class SSEDSSearch(BaselineSearch):
     name = "sseds"
-    combine = "concat"
     config_cls = SSEDSConfig
     config: SSEDSConfig
 
@@ -139,18 +138,8 @@ class SSEDSSearch(BaselineSearch):
         super().__init__(config)
         self._saliency: torch.Tensor | None = None
 
-    def build_sparse(
-        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
-    ) -> SparseSuperNet:
-        cfg = self.config
-        stored = cfg.stored(cfg.d_max)
-        tables = field_tables(fields, vocab, stored, cfg.init_std)
-        return SparseSuperNet(
-            EmbeddingBagCollection(tables=tables, device=device), MaskPost(fields, cfg.d_max, stored)
-        )
-
-    def output_width(self, sparse: SparseSuperNet) -> int:
-        return self.config.d_max
+    def build_post(self, fields: Sequence[str], vocab: dict[str, int]) -> nn.Module:
+        return MaskPost(fields, self.config.d_max, self.config.stored(self.config.d_max))
 
     def frozen_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         return [sparse.post.mask]

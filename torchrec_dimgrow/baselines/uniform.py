@@ -12,19 +12,21 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
-    SparseSuperNet,
     Trained,
+)
+from torchrec_dimgrow.baselines.supernet import (
+    SparseSuperNet,
     table_config,
 )
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.backbone import Combine
 
 
 @dataclass
@@ -68,30 +70,26 @@ class UniformSearch(BaselineSearch):
             raise ValueError(f"UniformConfig.dims misses fields {missing}")
         return {f: int(self.config.dims[f]) for f in fields}
 
-    def build_sparse(
-        self, fields: Sequence[str], vocab: dict[str, int], device: torch.device | None = None
-    ) -> SparseSuperNet:
+    def _kept(self, fields: Sequence[str]) -> tuple[list[str], list[int], list[int]]:
+        """Fields with a dim > 0, their dims and their stored widths."""
         dims = self.dims_for(fields)
         kept = [f for f in fields if dims[f] > 0]
         if not kept:
             raise ValueError("UniformSearch: every field has dim 0")
-        stored = [self.config.stored(dims[f]) for f in kept]
-        tables = [table_config(f, f, vocab[f], s, self.config.init_std) for f, s in zip(kept, stored)]
-        post = SlicePost(kept, [dims[f] for f in kept], stored)
-        return SparseSuperNet(EmbeddingBagCollection(tables=tables, device=device), post)
+        return kept, [dims[f] for f in kept], [self.config.stored(dims[f]) for f in kept]
 
-    def output_width(self, sparse: SparseSuperNet) -> int:
-        raise NotImplementedError("uniform widths may differ per field; build_model sums them")
+    def tables(self, fields: Sequence[str], vocab: dict[str, int]) -> list[EmbeddingBagConfig]:
+        kept, _, stored = self._kept(fields)
+        return [table_config(f, f, vocab[f], s, self.config.init_std) for f, s in zip(kept, stored)]
 
-    def build_model(self, sparse: SparseSuperNet, fields: Sequence[str], train_cfg: TrainConfig) -> CTRModel:
-        return CTRModel(
-            sparse,
-            combine="concat",
-            adapter_dim=train_cfg.adapter_dim,
-            in_dim=sum(sparse.post.dims),
-            hidden=tuple(train_cfg.hidden),
-            dropout=train_cfg.dropout,
-        )
+    def build_post(self, fields: Sequence[str], vocab: dict[str, int]) -> nn.Module:
+        return SlicePost(*self._kept(fields))
+
+    def head_input(
+        self, sparse: SparseSuperNet, fields: Sequence[str], train_cfg: TrainConfig
+    ) -> tuple[Combine, int | None]:
+        """Widths may differ per field: the backbone takes their concatenation."""
+        return "concat", sum(sparse.post.dims)
 
     def train(
         self,

@@ -1,33 +1,44 @@
-"""Shard any model that contains DimGrow collections, and keep handles to re-plan them.
+"""The one sharding path: shard a model, and keep a re-plan store per DimGrow collection.
 
 ``shard_model`` is what a user calls instead of building ``DistributedModelParallel``
-themselves: it attaches the fused embedding optimizer, plans every DimGrow collection's
-tables with TorchRec's planner, builds the DMP with TorchRec's stock sharder, and returns
-one :class:`ShardedTableStore` per collection for later re-plans.
+themselves: it attaches the fused embedding optimizer to every table, plans every stock
+``EmbeddingBagCollection`` of the model (a DimGrow collection's ``.ebc`` child, a
+SuperNet baseline's, any other) with TorchRec's planner, builds the DMP with TorchRec's
+stock sharder, and returns one :class:`ShardedTableStore` per DimGrow collection for later
+re-plans. A script that builds its own DMP (the DLRM example, through
+:class:`~torchrec_dimgrow.swap.DimGrowHandle`) gets the same stores from
+:func:`attach_stores`. The search recipe, the handle and the baselines all shard here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
+from torchrec_dimgrow.distributed.planning import AUTO_TYPES, PlanningConfig, plan_collection
 from torchrec_dimgrow.distributed.table_store import ShardedTableStore
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 
+#: Sharding types the re-plan store can copy shard-to-shard (``row_wise`` hand-built).
+SUPPORTED_SHARDING = (*AUTO_TYPES, "row_wise")
+
 
 def find_collections(model: nn.Module) -> list[tuple[str, DimGrowEmbeddingBagCollection]]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, DimGrowEmbeddingBagCollection)]
-    if not found:
-        raise ValueError("model contains no DimGrowEmbeddingBagCollection")
-    return found
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DimGrowEmbeddingBagCollection)]
+
+
+def stock_collections(model: nn.Module) -> list[tuple[str, EmbeddingBagCollection]]:
+    """Every stock ``EmbeddingBagCollection`` (exact type: subclasses shard through their child)."""
+    return [(n, m) for n, m in model.named_modules() if type(m) is EmbeddingBagCollection]
 
 
 @dataclass
@@ -52,7 +63,7 @@ def shard_model(
     group: dist.ProcessGroup | None = None,
     saved_plan: ShardingPlan | None = None,
 ) -> ShardedModel:
-    """Build the DMP for ``model``; DimGrow tables must still be on the meta device.
+    """Build the DMP for ``model``; its tables must still be on the meta device.
 
     ``saved_plan`` (a resumed search's ``dmp.plan``) places every collection exactly where
     the interrupted run had it. Re-plans only move the tables whose width changed, so
@@ -65,11 +76,12 @@ def shard_model(
     optimizer = optimizer or EmbeddingOptimizer()
     group = group if group is not None else dist.GroupMember.WORLD
     world = dist.get_world_size(group)
-    collections = find_collections(model)
+    tables = stock_collections(model)
+    if not tables:
+        raise ValueError("shard_model: the model contains no EmbeddingBagCollection")
     plan = ShardingPlan({})
-    for path, coll in collections:
-        optimizer.apply(coll.ebc.parameters())
-        fqn = f"{path}.ebc" if path else "ebc"
+    for fqn, ebc in tables:
+        optimizer.apply(ebc.parameters())
         if saved_plan is not None:
             module_plan = saved_plan.get_plan_for_module(fqn)
             if module_plan is None:
@@ -77,7 +89,7 @@ def shard_model(
             plan.plan[fqn] = module_plan
             continue
         plan.plan[fqn] = plan_collection(  # type: ignore[assignment]
-            coll.ebc,
+            ebc,
             fqn,
             world,
             device,
@@ -92,9 +104,40 @@ def shard_model(
         plan=plan,
         sharders=[EmbeddingBagCollectionSharder()],  # type: ignore[list-item]
     )
-    stores = {}
-    for path, coll in collections:
+    return attach_stores(dmp, dict(find_collections(model)), optimizer, planning, device, group)
+
+
+def attach_stores(
+    dmp: DistributedModelParallel,
+    collections: Mapping[str, DimGrowEmbeddingBagCollection],
+    optimizer: EmbeddingOptimizer,
+    planning: PlanningConfig,
+    device: torch.device,
+    group: dist.ProcessGroup | None = None,
+) -> ShardedModel:
+    """One :class:`ShardedTableStore` per collection of an existing DMP, tables initialised.
+
+    Refuses plans the re-plan cannot copy (data-parallel tables, non-fused kernels), naming
+    the table; every table gets the DimGrow reference init, N(0, ``init_std``) weights and
+    zero optimizer state.
+    """
+    stores: dict[str, ShardedTableStore] = {}
+    for path, coll in collections.items():
+        if not isinstance(coll.ebc, ShardedEmbeddingBagCollection):
+            raise ValueError(f"{path}.ebc was not sharded by the DMP (is its path in the plan?)")
         store = ShardedTableStore(dmp, coll, optimizer, planning, device, group)
+        _validate_plan(dmp, store)
         store.init_tables(coll.config.init_std)
         stores[path] = store
     return ShardedModel(dmp, stores)
+
+
+def _validate_plan(dmp: DistributedModelParallel, store: ShardedTableStore) -> None:
+    plan = dmp.plan.plan.get(store.fqn, {})
+    for table, ps in plan.items():  # type: ignore[union-attr]
+        if ps.sharding_type not in SUPPORTED_SHARDING or ps.compute_kernel != "fused":
+            raise ValueError(
+                f"table {table!r} is planned as {ps.sharding_type}/{ps.compute_kernel}; DimGrow re-plans need "
+                f"the fused kernel and one of {SUPPORTED_SHARDING}: pass constraints=handle.constraints() "
+                "to the planner"
+            )

@@ -78,9 +78,6 @@ class ShardedTableStore:
         self.group = group if group is not None else dist.GroupMember.WORLD
         self.fqn = find_fqn(get_unwrapped_module(dmp), collection.ebc)
         self.on_rebuild = on_rebuild
-        self.replans = 0
-        self.replan_seconds = 0.0
-        self.bytes_moved = 0
         self.spill_dir = spill_dir  # scratch files of re-plans (None: the system temp dir)
         self.spilled_bytes = 0
 
@@ -135,7 +132,7 @@ class ShardedTableStore:
     # ------------------------------------------------------------------ TableStore API
     def move_column(self, table: str, src: int, dst: int) -> None:
         for t in self._column_tensors(table):
-            self.bytes_moved += copy_block(t, t, [src], [dst], self.group, self.device)
+            copy_block(t, t, [src], [dst], self.group, self.device)
 
     def reset_column(self, table: str, col: int, std: float) -> None:
         tensors = self._column_tensors(table)
@@ -187,11 +184,7 @@ class ShardedTableStore:
         self.dmp._plan.plan[self.fqn] = module_plan
         if self.on_rebuild is not None:
             self.on_rebuild(new)
-        seconds = time.perf_counter() - start
-        self.replans += 1
-        self.replan_seconds += seconds
-        self.bytes_moved += moved
-        return ResizeResult(seconds, moved)
+        return ResizeResult(time.perf_counter() - start, moved)
 
     def _spill(self, widths: dict[str, int], spill: Spill) -> dict[str, dict[str, tuple[SpilledTable, int]]]:
         """Write every table's surviving columns (weight + each optimizer state) to ``spill``.

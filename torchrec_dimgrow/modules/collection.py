@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, EmbeddingBagConfig
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -34,7 +35,8 @@ from torchrec_dimgrow.config import AlignMode, BudgetError, DimGrowConfig, resol
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
 from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix
 from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
-from torchrec_dimgrow.policy import DimChange, capacity_for
+from torchrec_dimgrow.modules.tables import dim_cost, embedding_bytes, normal_init
+from torchrec_dimgrow.policy import DimChange, capacity_for, final_dims
 
 
 @dataclass
@@ -49,14 +51,6 @@ class ChangeReport:
     @property
     def replanned(self) -> bool:
         return bool(self.capacity_changes)
-
-
-def _normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    def init(weight: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return weight.normal_(0.0, std)
-
-    return init
 
 
 class DimGrowPostProcess(nn.Module):
@@ -279,6 +273,14 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     ``embedding_bag_configs()`` describes what ``forward`` returns: in raw mode the
     ``embedding_dim`` of each config follows the logical dim. :meth:`physical_configs`
     describes storage (the capacities), :meth:`export_configs` the found dims.
+
+    It stays an ``EmbeddingBagCollection`` subclass, so code that looks for EBCs finds it,
+    including init hooks such as TorchRec's ``DistributedModelParallel`` docstring example
+    (``model.apply(fn)`` with ``fn`` re-drawing ``m.parameters()`` of every EBC ``m``). Such a
+    hook cannot silently re-initialise the gate logits or the projections: :meth:`apply`
+    visits the children first, so the tables (the stock EBC child ``.ebc``) get the hook
+    exactly as in a stock model; the hook then also sees this wrapper, and whatever it did
+    to the dense ``.post`` parameters is undone with a warning that names them.
     """
 
     def __init__(
@@ -340,6 +342,30 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.post(self.ebc(features))
 
+    def apply(self, fn: Callable[[nn.Module], None]) -> DimGrowEmbeddingBagCollection:
+        """``nn.Module.apply`` that keeps the gates and projections out of EBC init hooks.
+
+        Children first (the tables in ``.ebc`` get ``fn`` like any stock EBC), then ``fn``
+        on this wrapper; the ``.post`` parameters it changed are restored, with a warning.
+        """
+        for child in self.children():
+            child.apply(fn)
+        dense = {n: p for n, p in self.post.named_parameters() if p.device.type != "meta"}
+        saved = {n: p.detach().clone() for n, p in dense.items()}
+        fn(self)
+        changed = sorted(n for n, p in dense.items() if not torch.equal(p.detach(), saved[n]))
+        if changed:
+            with torch.no_grad():
+                for n in changed:
+                    dense[n].copy_(saved[n])
+            warnings.warn(
+                f"DimGrowEmbeddingBagCollection.apply: {getattr(fn, '__name__', fn)!r} changed the DimGrow "
+                f"parameters {['post.' + n for n in changed]}; restored (the tables in .ebc were initialised "
+                "as for any EmbeddingBagCollection)",
+                stacklevel=2,
+            )
+        return self
+
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """Configs describing the output: one per table, ``embedding_dim`` = output width."""
         if self.post.align != "raw":
@@ -367,7 +393,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
     def physical_configs(self) -> list[EmbeddingBagConfig]:
         """Configs of the tables as stored (capacity widths, N(0, init_std) init)."""
         caps = self.post.capacity_list()
-        init = _normal_init(self.config.init_std)
+        init = normal_init(self.config.init_std)
         return [replace(t, embedding_dim=c, init_fn=init) for t, c in zip(self._user_configs, caps)]
 
     def gate_values(self) -> torch.Tensor:
@@ -397,14 +423,53 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         """Parameters trained on validation batches (the DARTS-style gate step)."""
         return [self.post.gate.theta]
 
+    def dims_list(self) -> list[int]:
+        """Current logical dim per table, in table order."""
+        return self.post.dims_list()
+
+    def capacity_list(self) -> list[int]:
+        """Current physical width per table, in table order."""
+        return self.post.capacity_list()
+
+    @property
+    def start_dims(self) -> list[int]:
+        """The logical dim every table started the search at."""
+        return list(self.post.start_dims)
+
+    @property
+    def max_dims(self) -> list[int]:
+        """Most dims each table may reach (``d_max``, capped by the width in pad/project mode)."""
+        return list(self.post.d_max)
+
+    def observe_gate_gradient(self, grad: torch.Tensor) -> None:
+        """Feed the gate gradient of a gate step to the "auto" penalty scale."""
+        self.post.observe_task_gradient(grad)
+
+    def restore_widths(self, dims: Sequence[int], capacities: Sequence[int]) -> None:
+        """Set logical dims and capacities before sharding (a resumed run's saved widths).
+
+        The tables are rebuilt, empty, on their current device (``meta`` before DMP); the
+        caller loads their weights afterwards.
+        """
+        if len(dims) != len(self.table_names) or len(capacities) != len(self.table_names):
+            raise ValueError(
+                f"restore_widths: need one dim and one capacity per table ({len(self.table_names)})"
+            )
+        self.post.capacity.copy_(torch.tensor(list(capacities), dtype=torch.int64))
+        self.post.dims.copy_(torch.tensor(list(dims), dtype=torch.int64))
+        device = next(iter(self.ebc.parameters())).device
+        self.ebc = EmbeddingBagCollection(
+            self.physical_configs(), is_weighted=self.is_weighted(), device=device
+        )
+
     def embedding_bytes(self, physical: bool = True) -> int:
         """Stored bytes of the tables: at capacity (``physical``) or at the logical dims."""
         widths = self.post.capacity_list() if physical else self.post.dims_list()
-        return sum(c * w for c, w in zip(self.dim_costs(), widths))
+        return embedding_bytes(self._user_configs, dict(zip(self.table_names, widths)))
 
     def dim_costs(self) -> list[int]:
         """Bytes one logical dim of each table costs: rows x bytes per value of its data type."""
-        return [-(-t.num_embeddings * DATA_TYPE_NUM_BITS[t.data_type] // 8) for t in self._user_configs]
+        return [dim_cost(t) for t in self._user_configs]
 
     def budget_bytes(self) -> int | None:
         """``config.budget`` in bytes (a fraction applies to the ``d_max`` model), or ``None``."""
@@ -497,10 +562,9 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
     def export_dims(self, threshold: float | None = None) -> dict[str, int]:
         """Found dim per table: active slots whose gate exceeds the final threshold."""
-        thr = self.config.final_threshold if threshold is None else threshold
         gates = self.gate_values()
-        dims = self.post.dims_list()
-        return {n: int((gates[t, : dims[t]] > thr).sum()) for t, n in enumerate(self.table_names)}
+        rows = [gates[t, :d].tolist() for t, d in enumerate(self.post.dims_list())]
+        return dict(zip(self.table_names, final_dims(rows, self.config, threshold)))
 
     def export_configs(self, dims: dict[str, int] | None = None) -> list[EmbeddingBagConfig]:
         """Plain TorchRec configs at the found dims; tables with dim 0 are dropped."""

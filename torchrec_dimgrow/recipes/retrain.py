@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
-from torchrec_dimgrow.artifacts import embedding_params, write_json_atomic
+from torchrec_dimgrow.artifacts import write_json_atomic
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
 from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.tables import field_bytes, field_params
 from torchrec_dimgrow.saved_model import ModelSpec, build_model, save_model, spec_for
-from torchrec_dimgrow.training import bce, evaluate, is_better
+from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, fit
 
 
 def retrain_spec(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig) -> ModelSpec:
@@ -64,44 +66,48 @@ def retrain(
     torch.manual_seed(tc.seed)
     model = build_retrain_model(data, dims, tc)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    best_auc, best_state, bad, steps = float("nan"), copy.deepcopy(model.state_dict()), 0, 0
-    history = []
-    for epoch in range(tc.epochs):
-        model.train()
-        batches = data.train.batches(tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch, drop_last=True)
-        for batch in tqdm(batches, disable=quiet, desc=f"retrain epoch {epoch}"):
-            opt.zero_grad(set_to_none=True)
-            bce(model(batch.sparse_features), batch.labels).backward()
-            opt.step()
-            steps += 1
-            if tc.max_steps is not None and steps >= tc.max_steps:
-                break
-        val = evaluate(model, data.val, tc.batch_size)
-        history.append({"epoch": epoch, "val_auc": val["auc"], "val_logloss": val["logloss"]})
-        if is_better(val["auc"], best_auc):
-            best_auc, best_state, bad = val["auc"], copy.deepcopy(model.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= tc.early_stop_patience:
-                break
-        if tc.max_steps is not None and steps >= tc.max_steps:
-            break
+    early = EarlyStopping(tc.early_stop_patience)
+    best_state = copy.deepcopy(model.state_dict())
+
+    def batches(epoch: int) -> Iterable[Batch]:
+        split = data.train.batches(tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch, drop_last=True)
+        return tqdm(split, disable=quiet, desc=f"retrain epoch {epoch}")
+
+    def step(batch: Batch, _: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        bce(model(batch.sparse_features), batch.labels).backward()
+        opt.step()
+
+    def snapshot() -> None:
+        nonlocal best_state
+        best_state = copy.deepcopy(model.state_dict())
+
+    history, steps = fit(
+        model,
+        tc.epochs,
+        batches,
+        step,
+        lambda: evaluate(model, data.val, tc.batch_size),
+        early,
+        on_best=snapshot,
+        max_steps=tc.max_steps,
+    )
     model.load_state_dict(best_state)
     test = evaluate(model, data.test, tc.batch_size)
     vocab = dict(zip(data.fields, data.vocab_sizes))
-    params = embedding_params(vocab, {f: int(dims[f]) for f in data.fields})
+    found = {f: int(dims[f]) for f in data.fields}
     metrics: dict[str, Any] = {
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
-        "val_auc": best_auc,
-        "embedding_params": params,
-        "embedding_bytes": 4 * params,
+        "val_auc": early.best,
+        "embedding_params": field_params(vocab, found),
+        "embedding_bytes": field_bytes(vocab, found),
         "total_dim": int(sum(int(dims[f]) for f in data.fields)),
         "dims": {f: int(dims[f]) for f in data.fields},
         "seed": tc.seed,
         "steps": steps,
         "wall_seconds": round(time.perf_counter() - start, 3),
-        "history": history,
+        "history": [{k: v for k, v in h.items() if k != "step"} for h in history],
     }
     if out_dir is not None:
         out = Path(out_dir)

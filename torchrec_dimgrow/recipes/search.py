@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchrec.datasets.utils import Batch
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from torchrec_dimgrow.artifacts import embedding_params, gate_table, write_dims_json, write_json_atomic
+from torchrec_dimgrow.artifacts import gate_table, write_dims_json, write_json_atomic
 from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_plan
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
@@ -46,9 +47,10 @@ from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import NonFiniteError
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import final_dims
-from torchrec_dimgrow.training import bce, evaluate, is_better
+from torchrec_dimgrow.training import EarlyStopping, bce, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +80,18 @@ class SearchState:
     batch_in_epoch: int = 0
     val_epoch: int = 0
     val_batch: int = 0
-    policy: dict[str, list[int]] = field(default_factory=dict)
-    best_auc: float = float("nan")
-    best_epoch: int = -1
+    early: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=2))
     best_gates: list[list[float]] = field(default_factory=list)
     best_dims: list[int] = field(default_factory=list)
-    bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     peak_embedding_bytes: int = 0
     peak_rank_bytes: int = 0
-    replans: int = 0
-    replan_seconds: float = 0.0
-    bytes_moved: int = 0
     wall_seconds: float = 0.0  # up to the last checkpoint, so a resumed run reports the whole run
     done: bool = False
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SearchState:
+        return cls(**{**raw, "early": EarlyStopping(**raw["early"])})
 
 
 class ValStream:
@@ -154,7 +154,7 @@ class DimGrowSearch:
         opts: SearchOptions,
     ) -> None:
         self.data, self.dg, self.tc, self.planning, self.env, self.opts = data, dg, tc, planning, env, opts
-        self.state = SearchState()
+        self.state = SearchState(early=EarlyStopping(tc.early_stop_patience))
         torch.manual_seed(tc.seed)
         self.model, self.coll = build_search_model(data, dg, tc)
         saved_plan = self._restore_capacities(opts.resume) if opts.resume is not None else None
@@ -167,8 +167,10 @@ class DimGrowSearch:
         )
         self.dmp = self.sharded.dmp
         self.store = self.sharded.store_for(self.coll)
-        theta = self.coll.post.gate.theta
-        dense = [p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if p is not theta]
+        gates = {id(p) for p in self.coll.gate_parameters()}
+        dense = [
+            p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if id(p) not in gates
+        ]
         self.dense_opt = torch.optim.Adam(dense, lr=tc.lr)
         # The same controller a user drives in their own pipeline: gate optimizer (Adam at
         # gate_lr), importance window, policy counters, all-gather + decide + apply + agreement.
@@ -176,7 +178,7 @@ class DimGrowSearch:
             {"": self.coll}, stores={"": self.store}, dense_optimizers=[self.dense_opt]
         )
         # Each slot's mean gate over the current epoch (config.final_gates="epoch").
-        self.epoch_gates = SlotGateMean((len(self.coll.table_names), max(self.coll.post.d_max)))
+        self.epoch_gates = SlotGateMean(tuple(self.coll.gate_values().shape))  # type: ignore[arg-type]
         self.trajectory: list[dict[str, Any]] = []
         self.checkpoints = CheckpointClient(
             self.dmp,
@@ -193,7 +195,7 @@ class DimGrowSearch:
                     **raw,
                     **{k: raw[k] * saved_world // env.world_size for k in ("batch_in_epoch", "val_batch")},
                 }
-            self.state = SearchState(**raw)
+            self.state = SearchState.from_dict(raw)
             self.trajectory = list(restored.run_state["trajectory"])
         if restored is None or not restored.rng_restored:  # with other ranks the RNG streams differ anyway
             torch.manual_seed(tc.seed * 1000 + env.rank)
@@ -205,12 +207,7 @@ class DimGrowSearch:
     def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
         """Rebuild the tables at the checkpoint's widths; return the plan they were sharded with."""
         meta = read_run_state(ckpt)
-        caps = meta["capacity"]
-        self.coll.post.capacity.copy_(torch.tensor(caps, dtype=torch.int64))
-        self.coll.post.dims.copy_(torch.tensor(meta["dims"], dtype=torch.int64))
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-        self.coll.ebc = EmbeddingBagCollection(self.coll.physical_configs(), device=torch.device("meta"))
+        self.coll.restore_widths(meta["dims"], meta["capacity"])
         if int(meta["world_size"]) != self.env.world_size:
             return None  # another world size: the planner places the restored tables afresh
         return saved_plan(ckpt, self.env.rank)
@@ -220,21 +217,19 @@ class DimGrowSearch:
         st.peak_embedding_bytes = max(st.peak_embedding_bytes, self.coll.embedding_bytes(physical=True))
         st.peak_rank_bytes = max(st.peak_rank_bytes, _max_over_ranks(self.store.local_bytes()))
 
-    def train_step(self, batch, vbatch) -> float:  # type: ignore[no-untyped-def]
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        return bce(self.dmp(batch.sparse_features), batch.labels)
+
+    def train_step(self, batch: Batch, vbatch: Batch) -> tuple[float, CheckReport | None]:
+        """One training step on ``batch``, then the controller's DimGrow step on ``vbatch``."""
         dev = self.env.device
         batch, vbatch = batch.to(dev), vbatch.to(dev)
         self.dmp.train()
         self.dense_opt.zero_grad(set_to_none=True)
-        loss = bce(self.dmp(batch.sparse_features), batch.labels)
+        loss = self._loss(batch)
         loss.backward()
         self.dense_opt.step()
-        self.controller.clear_gate_grads()  # drop what the training backward left on the gates
-        with self.coll.gate_step():
-            vloss = bce(self.dmp(vbatch.sparse_features), vbatch.labels) + self.coll.penalty()
-            vloss.backward()
-        self.controller.update_gates(add_penalty=False)  # the penalty is in vloss already
-        self.dense_opt.zero_grad(set_to_none=True)  # the gate step's dense grads are discarded
-        return float(loss.detach())
+        return float(loss.detach()), self.controller.step(self._loss, vbatch)
 
     def after_check(self, check: CheckReport | None) -> None:
         """Book-keep what the controller's check did: re-plan stats, memory, trajectory."""
@@ -244,16 +239,13 @@ class DimGrowSearch:
         changes = check.changes[""]
         self.epoch_gates.apply(changes)
         if report.replanned:
-            self.state.replans += 1
-            self.state.replan_seconds += report.replan_seconds
-            self.state.bytes_moved += report.bytes_moved
             self._note_memory()
         self._log_trajectory(sorted({c.table for c in changes}))
 
     def _log_trajectory(self, tables: list[int] | None = None) -> None:
         gates = self.coll.gate_values()
-        dims = self.coll.post.dims_list()
-        caps = self.coll.post.capacity_list()
+        dims = self.coll.dims_list()
+        caps = self.coll.capacity_list()
         for t in tables if tables is not None else range(len(dims)):
             active = gates[t, : dims[t]]
             self.trajectory.append(
@@ -280,7 +272,7 @@ class DimGrowSearch:
     def _check_finite(self, loss: float) -> None:
         """Stop on a NaN/inf loss or gate, on every rank at the same step (one tiny all-reduce)."""
         bad = torch.tensor([0 if math.isfinite(loss) else 1], dtype=torch.int64)
-        if not bool(torch.isfinite(self.coll.post.gate.theta.detach()).all()):
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.coll.gate_parameters()):
             bad[0] = 2
         if self.env.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -322,19 +314,19 @@ class DimGrowSearch:
                 start_batch=st.batch_in_epoch,
             )
             for batch in batches:
-                loss = self.train_step(batch, self.val_stream.next())
+                loss, check = self.train_step(batch, self.val_stream.next())
                 st.step += 1
                 st.batch_in_epoch += 1
                 self._check_finite(loss)
                 bar.update(1)
-                self.after_check(self.controller.end_step())
+                self.after_check(check)
                 if self.dg.final_gates == "epoch":  # the default export never reads the means
-                    self.epoch_gates.add(self.coll.gate_values(), self.coll.post.dims_list())
+                    self.epoch_gates.add(self.coll.gate_values(), self.coll.dims_list())
                 if self.opts.log_every and st.step % self.opts.log_every == 0:
                     self._log_trajectory()
                     if self.board is not None:
                         self.board.add_scalar("train/loss", loss, st.step)
-                    bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.post.dims_list()))
+                    bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.dims_list()))
                 if tc.max_steps is not None and st.step >= tc.max_steps:
                     break
                 if self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0:
@@ -358,17 +350,12 @@ class DimGrowSearch:
                 "step": st.step,
                 "val_auc": metrics["auc"],
                 "val_logloss": metrics["logloss"],
-                "total_dim": sum(self.coll.post.dims_list()),
+                "total_dim": sum(self.coll.dims_list()),
             }
         )
-        if is_better(metrics["auc"], st.best_auc) or st.best_epoch < 0:
-            st.best_auc = metrics["auc"]
-            st.best_epoch = st.epoch
+        if st.early.update(metrics["auc"], st.epoch, counts=not self._at_start()):
             st.best_gates = self._selection_gates().tolist()
-            st.best_dims = self.coll.post.dims_list()
-            st.bad_epochs = 0
-        elif not self._at_start():
-            st.bad_epochs += 1
+            st.best_dims = self.coll.dims_list()
         if self.env.is_main:
             log.info(
                 "epoch %d  step %d  val_auc %.4f  logloss %.4f  total_dim %d  bytes %d  replans %d",
@@ -376,16 +363,16 @@ class DimGrowSearch:
                 st.step,
                 metrics["auc"],
                 metrics["logloss"],
-                sum(self.coll.post.dims_list()),
+                sum(self.coll.dims_list()),
                 self.coll.embedding_bytes(physical=False),
-                st.replans,
+                self.controller.replans,
             )
         if self.board is not None:
             self._board_epoch(metrics)
         st.epoch += 1
         st.batch_in_epoch = 0
         self.epoch_gates.reset()
-        if st.bad_epochs >= self.tc.early_stop_patience:
+        if st.early.stop:
             st.done = True
         self.save_checkpoint()
 
@@ -397,11 +384,11 @@ class DimGrowSearch:
         before its dims had any chance to move (the cold-start stall, issue 10 item 4). The
         epoch cap still bounds the run.
         """
-        return self.coll.post.dims_list() == self.coll.post.start_dims
+        return self.coll.dims_list() == self.coll.start_dims
 
     def _board_epoch(self, metrics: dict[str, float]) -> None:
         assert self.board is not None
-        step, dims, gates = self.state.step, self.coll.post.dims_list(), self.coll.gate_values()
+        step, dims, gates = self.state.step, self.coll.dims_list(), self.coll.gate_values()
         self.board.add_scalar("val/auc", metrics["auc"], step)
         self.board.add_scalar("val/logloss", metrics["logloss"], step)
         self.board.add_scalar("dims/total", sum(dims), step)
@@ -424,8 +411,8 @@ class DimGrowSearch:
         self.state.wall_seconds = self.elapsed()
         run_state = {
             "state": asdict(self.state),
-            "dims": self.coll.post.dims_list(),
-            "capacity": self.coll.post.capacity_list(),
+            "dims": self.coll.dims_list(),
+            "capacity": self.coll.capacity_list(),
             "trajectory": self.trajectory,
         }
         opts = self.opts
@@ -437,7 +424,7 @@ class DimGrowSearch:
         """Dims of the best-validation checkpoint: active slots with gate > final_threshold."""
         st = self.state
         gates = st.best_gates or self.coll.gate_values().tolist()
-        dims = st.best_dims or self.coll.post.dims_list()
+        dims = st.best_dims or self.coll.dims_list()
         rows = [g[:d] for g, d in zip(gates, dims)]
         return dict(zip(self.coll.table_names, final_dims(rows, self.dg)))
 
@@ -447,21 +434,21 @@ class DimGrowSearch:
         test = self.evaluate(self.data.test)
         vocab = dict(zip(self.data.fields, self.data.vocab_sizes))
         metrics = {
-            "val_auc": st.best_auc,
-            "best_epoch": st.best_epoch,
+            "val_auc": st.early.best,
+            "best_epoch": st.early.best_epoch,
             "search_test_auc": test["auc"],
             "search_test_logloss": test["logloss"],
             "steps": st.step,
             "epochs": st.epoch,
             "wall_seconds": round(wall, 3),
             "world_size": self.env.world_size,
-            "replans": st.replans,
-            "replan_seconds_total": round(st.replan_seconds, 4),
-            "replan_bytes_moved": st.bytes_moved,
+            "replans": self.controller.replans,
+            "replan_seconds_total": round(self.controller.replan_seconds, 4),
+            "replan_bytes_moved": self.controller.replan_bytes_moved,
             "peak_embedding_bytes": st.peak_embedding_bytes,
             "peak_rank_embedding_bytes": st.peak_rank_bytes,
             "found_total_dim": sum(found.values()),
-            "found_embedding_bytes": 4 * embedding_params(vocab, found),
+            "found_embedding_bytes": field_bytes(vocab, found),
             "budget_bytes": self.coll.budget_bytes(),
             "dropped_fields": sorted(f for f, d in found.items() if d == 0),
             "history": st.history,
