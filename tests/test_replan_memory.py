@@ -79,3 +79,64 @@ def test_replan_peak_stays_below_old_plus_new_tables() -> None:
         # raise the peak by all of ``new``; freeing first raises it by ``new - old`` plus
         # chunks and allocator noise.
         assert r["peak"] < r["new"] - r["old"] // 2, r
+
+
+def _grow_one_worker(rank: int, world: int) -> dict[str, Any]:
+    from torchrec import EmbeddingBagConfig
+
+    from torchrec_dimgrow.config import DimGrowConfig
+    from torchrec_dimgrow.distributed.planning import PlanningConfig
+    from torchrec_dimgrow.distributed.runtime import shard_model
+    from torchrec_dimgrow.modules.backbone import CTRModel
+    from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+    from torchrec_dimgrow.optim import EmbeddingOptimizer
+    from torchrec_dimgrow.policy import DimChange
+
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=500 + i, feature_names=[f"f{i}"])
+        for i in range(2)
+    ]
+    coll = DimGrowEmbeddingBagCollection(
+        tables, DimGrowConfig(d_max=8, initial_dim=4), align="pad", device="meta"
+    )
+    sharded = shard_model(
+        CTRModel(coll, "concat", 8, in_dim=16), torch.device("cpu"),
+        PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
+    )  # fmt: skip
+    store = sharded.store_for(coll)
+    weights, states = store.views()
+    before = {
+        t: (
+            v.pieces[0].tensor.data_ptr(),
+            v.pieces[0].tensor.clone(),
+            states[t]["momentum1"].pieces[0].tensor.data_ptr(),
+        )
+        for t, v in weights.items()
+        if v.pieces
+    }
+    coll.apply_changes([DimChange(0, "grow", 0, 4, 5)], store)  # only t0 crosses a block
+    weights, states = store.views()
+    out: dict[str, Any] = {"spilled": store.spilled_bytes, "local": sorted(before)}
+    for t, (ptr, values, mom) in before.items():
+        if not weights[t].pieces:
+            continue  # a changed table may move to another rank
+        piece = weights[t].pieces[0].tensor
+        out[t] = {
+            "same_storage": piece.data_ptr() == ptr
+            and states[t]["momentum1"].pieces[0].tensor.data_ptr() == mom,
+            "kept": torch.equal(piece[:, :4], values),
+            "width": piece.shape[1],
+        }
+    return out
+
+
+def test_replan_hands_unchanged_tables_over_and_spills_only_the_changed_one() -> None:
+    results = run_ranks(_grow_one_worker, 2)
+    owners = {t: r for r in results for t in r["local"]}
+    assert set(owners) == {"t0", "t1"}, "table-wise: each table on one rank"
+    t1 = owners["t1"]["t1"]
+    assert t1["width"] == 4 and t1["same_storage"] and t1["kept"], "the unchanged table was reallocated"
+    assert owners["t0"]["spilled"] == 500 * 4 * 4 * 2  # t0's 4 kept columns: weight + Adagrad state
+    if owners["t1"] is not owners["t0"]:
+        assert owners["t1"]["spilled"] == 0

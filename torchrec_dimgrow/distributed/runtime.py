@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_dimgrow.distributed.planning import AUTO_TYPES, PlanningConfig, plan_collection
-from torchrec_dimgrow.distributed.table_store import ShardedTableStore
+from torchrec_dimgrow.distributed.table_store import ShardedTableStore, sharder
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 
@@ -102,7 +102,7 @@ def shard_model(
         env=ShardingEnv.from_process_group(group),
         device=device,
         plan=plan,
-        sharders=[EmbeddingBagCollectionSharder()],  # type: ignore[list-item]
+        sharders=[sharder()],  # type: ignore[list-item]
     )
     return attach_stores(dmp, dict(find_collections(model)), optimizer, planning, device, group)
 

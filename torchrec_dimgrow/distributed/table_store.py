@@ -19,14 +19,17 @@ All fields that changed at one check are handled by one re-plan.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
+from torchrec.distributed.embedding_sharding import USE_ONE_TBE_PER_TABLE
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import ShardingEnv
@@ -47,6 +50,58 @@ from torchrec_dimgrow.distributed.shard_io import (
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.table_store import ResizeResult
 from torchrec_dimgrow.optim import EmbeddingOptimizer
+
+
+def sharder() -> EmbeddingBagCollectionSharder:
+    """TorchRec's stock EBC sharder, one TBE per table.
+
+    FBGEMM packs the tables of a TBE into one buffer, so a table that shares a TBE can only
+    be re-planned by rebuilding its neighbours too. With one TBE per table a re-plan hands
+    the buffers of every unchanged table to the new module untouched.
+    """
+    return EmbeddingBagCollectionSharder(fused_params={USE_ONE_TBE_PER_TABLE: True})
+
+
+class _Buffers(dict[str, torch.Tensor]):
+    """A TBE's host buffers by FBGEMM name; hashed by identity because TorchRec puts the
+    per-table fused params (where these travel) into a grouping key."""
+
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+
+@dataclass
+class _Handover:
+    """This rank's buffers of the tables handed over, and the handed-over tables (global)."""
+
+    local: dict[str, _Buffers]
+    global_tables: list[str]
+
+    def __contains__(self, table: object) -> bool:
+        return table in self.local
+
+    def __getitem__(self, table: str) -> _Buffers:
+        return self.local[table]
+
+
+def _keep_values(t: torch.Tensor) -> torch.Tensor:
+    """The ``init_fn`` of re-planned tables: the store initialises every column itself."""
+    return t
+
+
+@contextlib.contextmanager
+def _without_tbe_init() -> Iterator[None]:
+    """Skip the uniform init TorchRec draws into every fused TBE at construction.
+
+    A re-plan writes every column itself (kept ones from the old tables, new ones from
+    N(0, std)); the draw would only cost a pass over all tables and would overwrite the
+    buffers handed over from the old tables.
+    """
+    original = BaseBatchedEmbeddingBag.init_parameters
+    BaseBatchedEmbeddingBag.init_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BaseBatchedEmbeddingBag.init_parameters = original  # type: ignore[method-assign]
 
 
 def find_fqn(root: nn.Module, target: nn.Module) -> str:
@@ -80,6 +135,7 @@ class ShardedTableStore:
         self.on_rebuild = on_rebuild
         self.spill_dir = spill_dir  # scratch files of re-plans (None: the system temp dir)
         self.spilled_bytes = 0
+        self.last_phases: dict[str, float] = {}  # seconds per phase of the latest re-plan
 
     # ------------------------------------------------------------------ tensors
     @property
@@ -143,16 +199,20 @@ class ShardedTableStore:
     def resize(self, capacities: dict[str, int], std: float) -> ResizeResult:
         """Rebuild the tables at ``capacities`` (table -> new width), keeping every kept column.
 
-        The old tables are freed *before* the new ones are allocated: the columns that
-        survive (weights and fused optimizer state) are spilled to a scratch file in row
-        chunks, the old sharded module and its fused optimizer are dropped, the new module
-        is sharded, and the kept columns are read back chunk by chunk (all-reduced only for
-        tables whose owners changed). The transient memory of a re-plan is therefore one
-        chunk, not a second copy of every table.
+        Nothing is held twice. Tables whose width does not change keep their place and
+        their storage: each sits in its own TBE (:func:`sharder`), and the new TBE is
+        built on the old weight and optimizer-state buffers (FBGEMM's
+        ``preallocated_host_buffers``), so they are neither copied nor reallocated. The
+        surviving columns of the tables that do change (and of any table not in a TBE of
+        its own, e.g. a model sharded by the user's own sharder) are spilled to a scratch
+        file in row chunks, the old module is dropped (freeing exactly those tables), the
+        new module is sharded, and the kept columns are read back chunk by chunk
+        (all-reduced only when a table changed owner). A re-plan therefore costs time and
+        transient memory in proportion to the tables that change, not to all tables.
         """
         start = time.perf_counter()
         configs = [
-            replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim))
+            replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim), init_fn=_keep_values)
             for c in self.collection.physical_configs()
         ]
         new_ebc = EmbeddingBagCollection(
@@ -168,13 +228,25 @@ class ShardedTableStore:
             if name not in capacities and name in old_plan:  # keep untouched tables in place
                 module_plan[name] = old_plan[name]  # type: ignore[index]
         widths = {c.name: c.embedding_dim for c in configs}
+        phases = {"plan": time.perf_counter() - start}
+        handover = self._handover(set(capacities))
+        for pname, param in new_ebc.named_parameters():
+            table = pname.split(".")[1]
+            if table in handover:  # one kwargs dict per table (apply() shares one among all)
+                kwargs = dict(param._optimizer_kwargs[0], preallocated_host_buffers=handover[table])  # type: ignore[attr-defined,index]
+                param._optimizer_kwargs = [kwargs]  # type: ignore[attr-defined]
         spill = Spill(self.spill_dir)
         try:
-            spilled = self._spill(widths, spill)
+            spilled = self._spill(widths, set(handover.global_tables), spill)
+            phases["spill"] = time.perf_counter() - start - sum(phases.values())
             self._release_old()
             env = ShardingEnv.from_process_group(self.group)
-            new = EmbeddingBagCollectionSharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
+            with _without_tbe_init():
+                new = sharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
+            del handover
+            phases["shard"] = time.perf_counter() - start - sum(phases.values())
             moved = self._restore(new, spilled, spill, std)
+            phases["restore"] = time.perf_counter() - start - sum(phases.values())
             self.spilled_bytes += spill.bytes
         finally:
             spill.close()
@@ -184,10 +256,45 @@ class ShardedTableStore:
         self.dmp._plan.plan[self.fqn] = module_plan
         if self.on_rebuild is not None:
             self.on_rebuild(new)
-        return ResizeResult(time.perf_counter() - start, moved)
+        seconds = time.perf_counter() - start
+        phases["rebuild_optimizer"] = seconds - sum(phases.values())
+        self.last_phases = phases
+        return ResizeResult(seconds, moved)
 
-    def _spill(self, widths: dict[str, int], spill: Spill) -> dict[str, dict[str, tuple[SpilledTable, int]]]:
-        """Write every table's surviving columns (weight + each optimizer state) to ``spill``.
+    def _handover(self, changed: set[str]) -> _Handover:
+        """Storage of the unchanged tables that each sit in a TBE of their own, on every rank.
+
+        A table qualifies only when no rank holds it in a TBE shared with another table
+        (agreed with an all-reduce, since spilling is collective); its buffers are handed
+        to the new TBE as they are.
+        """
+        local: dict[str, _Buffers] = {}
+        shared: set[str] = set()
+        for lookup in self.sharded._lookups:
+            for emb in getattr(lookup, "_emb_modules", []):
+                names = {t.name for t in emb.config.embedding_tables}
+                if len(names) != 1:
+                    shared |= names
+                    continue
+                tbe = emb.emb_module
+                buffers = _Buffers()
+                for key in ("weights", *self.optimizer.state_kinds()):  # what FBGEMM consumes
+                    t = getattr(tbe, f"{key}_host", None)
+                    if isinstance(t, torch.Tensor) and t.numel() > 0:
+                        buffers[key] = t.detach()
+                local[next(iter(names))] = buffers
+        tables = sorted(c.name for c in self.collection.physical_configs())
+        ok = torch.tensor([0 if (t in changed or t in shared) else 1 for t in tables], dtype=torch.int32)
+        if dist.get_world_size(self.group) > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
+        keep = [t for t, flag in zip(tables, ok.tolist()) if flag]
+        return _Handover({t: local[t] for t in keep if t in local}, keep)
+
+    def _spill(
+        self, widths: dict[str, int], skip: set[str], spill: Spill
+    ) -> dict[str, dict[str, tuple[SpilledTable, int]]]:
+        """Write the surviving columns (weight + each optimizer state) of every table not in
+        ``skip`` to ``spill``.
 
         Returns table -> {"weight" | state name: (spilled layout and pieces, kept columns)}.
         """
@@ -195,6 +302,8 @@ class ShardedTableStore:
         rowwise = self.optimizer.state_kinds()
         out: dict[str, dict[str, tuple[SpilledTable, int]]] = {}
         for table in sorted(weights):
+            if table in skip:
+                continue
             w = weights[table]
             keep = min(w.cols, widths[table])
             out[table] = {"weight": (spill.write(w, keep), keep)}
@@ -222,7 +331,7 @@ class ShardedTableStore:
         new_w = self._weights(new)
         new_s = self._states(new, new_w)
         moved = 0
-        for table in sorted(new_w):  # same order on every rank
+        for table in sorted(spilled):  # same order on every rank; the rest kept their storage
             dst = new_w[table]
             src, keep = spilled[table]["weight"]
             fill_columns(dst, list(range(keep, dst.cols)), std)
