@@ -102,12 +102,14 @@ class Teacher:
     ``pairs``: (a, b, rank): ``logit += signal * <u_a[id_a], v_b[id_b]> / sqrt(rank)`` with
     hashed N(0, 1) vectors, so each side is best served by about ``rank`` dims. Ranks above
     4 and 8 push a field through one and two capacity blocks (two re-plans). ``bias``:
-    fields with a scalar per-id effect. The remaining fields are noise. The defaults mix
-    small, mid-size and two of the four largest tables.
+    fields with a scalar per-id effect. The remaining fields are noise. As on real Criteo,
+    every large id field carries signal (the largest pair and the biases); the noise fields
+    are small ones. Which tables carry signal decides how far the floor (the found dims)
+    sits below the search's start, where every field holds one 4-column block.
     """
 
     pairs: tuple[tuple[int, int, int], ...] = ((10, 11, 12), (2, 4, 6), (0, 19, 4))
-    bias: tuple[int, ...] = (1, 5, 9, 13, 22)
+    bias: tuple[int, ...] = (1, 5, 9, 13, 20, 21, 22)
     signal: float = 1.0
     dense_signal: float = 0.3
 
@@ -398,6 +400,7 @@ def worker(data_dir: Path, out: Path, rc: RunConfig) -> None:
                     "seconds": r.replan_seconds,
                     "capacity_changes": {k: list(v) for k, v in r.capacity_changes.items()},
                     "bytes_moved": r.bytes_moved,
+                    "phases": dict(store.last_phases),
                     "rss_after": rss_bytes(),
                 }
             )
