@@ -390,8 +390,11 @@ def worker(data_dir: Path, out: Path, rc: RunConfig) -> None:
         controller.update_gates(add_penalty=False)
         dense_opt.zero_grad(set_to_none=True)
         train_seconds = time.perf_counter() - t
-        report = controller.end_step()
         losses.append(float(loss.detach()))
+        # The step's autograd graph holds the TBE buffers (the fused backward writes them):
+        # drop it before a re-plan may free the old tables.
+        del loss, vloss
+        report = controller.end_step()
         if report is not None and report.replanned:
             r = report.reports[""]
             replans.append(
