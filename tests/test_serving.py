@@ -255,3 +255,43 @@ def test_served_model_shards_over_two_cpu_ranks_with_shard_quant_model() -> None
     kjt = _kjt(seed=6)
     with torch.no_grad():
         assert torch.equal(sharded(kjt), served(kjt))
+
+
+def test_cli_retrain_evaluate_export_chain_on_parquet(tmp_path: Path) -> None:
+    from torchrec_dimgrow.data.synthetic import write_parquet
+
+    prefix = tmp_path / "planted"
+    write_parquet(planted(PlantedConfig(rows=3000, seed=4)), prefix)
+    data = ["--data", str(prefix), "--format", "parquet"]
+    dims = tmp_path / "dims.json"
+    fields = ["pair0_a_r1", "pair0_b_r1", "pair1_a_r4", "pair1_b_r4", "bias0", "noise0", "noise1"]
+    dims.write_text(json.dumps(dict(zip(fields, [3, 1, 4, 2, 1, 0, 0]))))
+    run = tmp_path / "run"
+    proc = _cli(
+        "retrain",
+        *data,
+        "--dims",
+        str(dims),
+        "--out",
+        str(run),
+        "--epochs",
+        "2",
+        "--max-steps",
+        "20",
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((run / "metrics.json").read_text())
+    proc = _cli("evaluate", "--model", str(run), *data)  # prepares the data afresh in a temp dir
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"test_auc {saved['test_auc']:.6f}" in proc.stdout
+    proc = _cli("export", "--model", str(run), "--serving", "int4", "--out", str(tmp_path / "serve"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = json.loads((tmp_path / "serve" / "serving.json").read_text())
+    assert [(t["name"], t["served_dim"]) for t in meta["tables"]] == [
+        ("pair0_a_r1", 4),
+        ("pair0_b_r1", 4),
+        ("pair1_a_r4", 4),
+        ("pair1_b_r4", 4),
+        ("bias0", 4),
+    ]
