@@ -46,6 +46,7 @@ class OverheadConfig:
     warmup: int = 3
     threads: int = 1
     seed: int = 0
+    gate_every: int = 1
 
 
 def _models(data: Any, dim: int, adapter: int = 64) -> tuple[Any, Any, Any]:
@@ -87,16 +88,22 @@ def _step_fn(model: Any, opts: list[Any]) -> Callable[[Any], None]:
     return step
 
 
-def _search_step_fn(model: Any, coll: Any, opts: list[Any], gate_opt: Any) -> Callable[[Any, Any], None]:
+def _search_step_fn(
+    model: Any, coll: Any, opts: list[Any], gate_opt: Any, gate_every: int = 1
+) -> Callable[[Any, Any], None]:
     from torchrec_dimgrow.policy import PolicyState, decide
     from torchrec_dimgrow.training import bce
 
     train = _step_fn(model, opts)
     state = PolicyState(coll.post.dims_list())
+    calls = 0
 
     def step(batch: Any, vbatch: Any) -> None:
-        nonlocal state
+        nonlocal state, calls
         train(batch)
+        calls += 1
+        if calls % gate_every:  # gate_every=k: the gate step and the check on every k-th step
+            return
         gate_opt.zero_grad(set_to_none=True)
         with coll.gate_step():
             (bce(model(vbatch.sparse_features), vbatch.labels) + coll.penalty()).backward()
@@ -109,10 +116,16 @@ def _search_step_fn(model: Any, coll: Any, opts: list[Any], gate_opt: Any) -> Ca
     return step
 
 
-def _time(fn: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def _time(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of ``fn()``.
+
+    With one intra-op thread all the work runs on the calling thread, so its CPU time is
+    the step's own cost even when other processes share the cores (wall time then also
+    counts the waits for a core; both are reported).
+    """
+    start, cpu = time.perf_counter(), time.thread_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
 
 
 def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
@@ -123,38 +136,49 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
     dg_opts = _optimizers(dg, coll.ebc, exclude=[theta])
     plain_step = _step_fn(plain, _optimizers(plain, plain.sparse))
     dg_train = _step_fn(dg, dg_opts)
-    dg_search = _search_step_fn(dg, coll, dg_opts, torch.optim.Adam([theta], lr=1e-3))
+    dg_search = _search_step_fn(dg, coll, dg_opts, torch.optim.Adam([theta], lr=1e-3), cfg.gate_every)
     batches = list(data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True))
     vbatches = list(data.val.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1))
     n = cfg.steps
 
-    def run(fn: Callable[..., None], two: bool) -> float:
+    def run(fn: Callable[..., None], two: bool) -> tuple[float, float]:
         def go() -> None:
             for i in range(n):
                 b = batches[i % len(batches)]
                 fn(b, vbatches[i % len(vbatches)]) if two else fn(b)
 
-        return _time(go) / n
+        wall, cpu = _time(go)
+        return wall / n, cpu / n
 
+    names = ["plain", "dimgrow train", "dimgrow search"]
+    fns: list[tuple[Callable[..., None], bool]] = [(plain_step, False), (dg_train, False), (dg_search, True)]
     for _ in range(cfg.warmup):
-        run(plain_step, False), run(dg_train, False), run(dg_search, True)
-    times: dict[str, list[float]] = {"plain": [], "dimgrow train": [], "dimgrow search": []}
+        for fn, two in fns:
+            run(fn, two)
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(cfg.rounds):
-        times["plain"].append(run(plain_step, False))
-        times["dimgrow train"].append(run(dg_train, False))
-        times["dimgrow search"].append(run(dg_search, True))
+        for name, (fn, two) in zip(names, fns):
+            w, c = run(fn, two)
+            wall[name].append(w)
+            cpu[name].append(c)
     if set(coll.post.dims_list()) != {dim}:
         raise RuntimeError("dims changed during the overhead run; the comparison would be unequal")
-    med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+    med = {k: statistics.median(v) * 1000 for k, v in wall.items()}
+    cmed = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
     return {
         "dim": dim,
         "fields": len(data.fields),
         "batch": cfg.batch_size,
+        "gate_every": cfg.gate_every,
         "plain ms/step": round(med["plain"], 2),
         "dimgrow train ms/step": round(med["dimgrow train"], 2),
         "dimgrow search ms/step": round(med["dimgrow search"], 2),
         "train ratio": round(med["dimgrow train"] / med["plain"], 2),
         "search ratio": round(med["dimgrow search"] / med["plain"], 2),
+        "plain cpu ms": round(cmed["plain"], 2),
+        "train cpu ratio": round(cmed["dimgrow train"] / cmed["plain"], 2),
+        "search cpu ratio": round(cmed["dimgrow search"] / cmed["plain"], 2),
     }
 
 
@@ -167,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="steps per timed block")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gate-every", type=int, default=1, help="gate step on every k-th search step")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("runs/bench/overhead"))
     return p
@@ -187,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         rounds=args.rounds,
         threads=args.threads,
+        gate_every=args.gate_every,
     )
     if args.quick:
         cfg.dims, cfg.scale, cfg.rows, cfg.batch_size, cfg.steps, cfg.rounds, cfg.warmup = (

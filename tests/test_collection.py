@@ -116,12 +116,12 @@ def test_shrink_of_a_middle_slot_moves_the_last_column_into_it() -> None:
     m.config.eval_mixing = "off"
     features = kjt()
     w = m.embedding_bags["t0"].weight.detach().clone()
-    proj = m.post.projections[0].detach().clone()
+    proj = m.post.projection[0].detach().clone()
     m.apply_changes([DimChange(0, "shrink", 1, 3, 2)])
     assert m.dims()["t0"] == 2
     w2 = m.embedding_bags["t0"].weight
     assert torch.equal(w2[:, 1], w[:, 2]) and torch.equal(w2[:, 0], w[:, 0])
-    assert torch.equal(m.post.projections[0][1], proj[2])
+    assert torch.equal(m.post.projection[0, 1], proj[2])
     assert float(m.post.gate.theta[0, 1]) == pytest.approx(0.7)
     assert m.post.gate.theta[0, 2] == 0.0, "the freed slot restarts at theta_init"
     # the kept columns produce exactly what they produced before, minus the dropped one
@@ -212,3 +212,52 @@ def test_auto_scale_recognises_the_weighted_penalty_share() -> None:
 def test_row_counts_must_match_tables() -> None:
     with pytest.raises(ValueError, match="row count"):
         DimGrowPostProcess(["a"], [0], ["a"], [4], [4], DimGrowConfig(), "raw", table_rows=[3, 4])
+
+
+@pytest.mark.parametrize("align", ["pad", "project"])
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_summed_equals_the_sum_of_the_per_feature_outputs(align: str, training: bool) -> None:
+    """The one-matmul path a summing consumer uses: same values and same gradients."""
+    torch.manual_seed(0)
+    m = DimGrowEmbeddingBagCollection(tables(dim=8), DimGrowConfig(d_max=8, initial_dim=3), align=align)
+    grow(m, 1)  # dims 3, 4, 3 with capacity 4: the active columns are a strict subset
+    with torch.no_grad():
+        m.post.gate.theta.uniform_(-0.5, 0.5)
+    m.train(training)
+    features = kjt(batch=32)
+    params = [p for p in m.parameters() if p.requires_grad]
+
+    def run(summed: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(7)  # the same shuffle for both paths
+        out = m.forward_summed(features) if summed else m(features).values().view(32, 3, 8).sum(1)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, 8)).sum(), params, allow_unused=True)
+        return out, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+
+    ref, ref_grads = run(False)
+    out, grads = run(True)
+    assert torch.allclose(out, ref, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-6)
+
+
+def test_host_dims_follow_every_write_without_reading_the_buffer_each_forward() -> None:
+    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    grow(m, 0)
+    assert m.post.dims_list() == [2, 1, 1]
+    m.post.dims.copy_(torch.tensor([3, 1, 2]))  # an outside write (a resume, a test helper)
+    assert m.post.dims_list() == [3, 1, 2]
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["post.dims"] = torch.tensor([1, 4, 1])
+    m.load_state_dict(state)
+    assert m.post.dims_list() == [1, 4, 1]
+    assert m(kjt()).length_per_key() == [1, 4, 1]
+
+
+def test_state_dicts_with_per_feature_projections_still_load() -> None:
+    m = DimGrowEmbeddingBagCollection(tables(dim=8), DimGrowConfig(d_max=8), align="project")
+    state = m.state_dict()
+    proj = state.pop("post.projection").clone()
+    for i in range(3):
+        state[f"post.projections.{i}"] = proj[i] + 1.0  # the layout before one stacked parameter
+    m.load_state_dict(state)
+    assert torch.equal(m.post.projection.detach(), proj + 1.0)

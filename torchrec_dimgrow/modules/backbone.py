@@ -66,6 +66,10 @@ class CTRModel(nn.Module):
         else:
             raise ValueError(f"CTRModel: unknown combine {combine!r}")
         self.head = WideDeep(adapter_dim, hidden, dropout)
+        # A sparse module that can sum its aligned features itself (a DimGrow collection:
+        # one matmul over the concatenated active columns) skips the B x F x adapter_dim
+        # per-feature outputs that ``embed`` would sum.
+        self._sums_inside = combine == "sum" and callable(getattr(sparse, "forward_summed", None))
 
     def embed(self, pooled: KeyedTensor) -> torch.Tensor:
         values = pooled.values()
@@ -75,4 +79,6 @@ class CTRModel(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Logits, one per row of ``features``."""
+        if self._sums_inside:
+            return self.head(self.sparse.forward_summed(features))  # type: ignore[operator]
         return self.head(self.embed(self.sparse(features)))

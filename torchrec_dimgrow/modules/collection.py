@@ -33,7 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.config import AlignMode, BudgetError, DimGrowConfig, resolve_budget
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
-from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix
+from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix, shuffle_noise
 from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
 from torchrec_dimgrow.modules.tables import dim_cost, embedding_bytes, normal_init
 from torchrec_dimgrow.policy import DimChange, capacity_for, final_dims
@@ -51,6 +51,57 @@ class ChangeReport:
     @property
     def replanned(self) -> bool:
         return bool(self.capacity_changes)
+
+
+@dataclass
+class _Layout:
+    """Where the active columns are, for one (dims, lookup layout) pair; built once, reused.
+
+    ``select``: columns of the lookup's values to keep, in feature order (``None`` when that
+    is all of them in order: every table at capacity). ``col_t``/``col_s``: table and slot of
+    each kept column. ``slot_rows``: row of each kept column in the ``F x d x w`` projection
+    seen as ``(F * d) x w`` (feature * d + slot). ``pad_cols``: its column in the zero-padded
+    output. ``stacked``: every feature has the same output width (one batched matmul).
+    """
+
+    select: torch.Tensor | None
+    col_t: torch.Tensor
+    col_s: torch.Tensor
+    slot_rows: torch.Tensor
+    pad_cols: torch.Tensor
+    feature_dims: list[int]
+    stacked: bool
+
+    @staticmethod
+    def build(
+        post: DimGrowPostProcess, keys: list[str], lengths: list[int], dims: list[int], device: torch.device
+    ) -> _Layout:
+        offsets: dict[str, int] = {}
+        start = 0
+        for k, n in zip(keys, lengths):
+            offsets[k] = start
+            start += n
+        missing = [f for f in post.feature_names if f not in offsets]
+        if missing:
+            raise KeyError(f"DimGrowPostProcess: the lookup has no output for features {missing}")
+        feature_dims = [dims[t] for t in post.feature_tables]
+        select = [offsets[f] + k for f, d in zip(post.feature_names, feature_dims) for k in range(d)]
+        stacked = post.projection is not None and len(set(post.out_dims)) == 1
+        d_stack = post.projection.shape[1] if post.projection is not None else 0
+        pad_starts = [sum(post.out_dims[:i]) for i in range(len(post.out_dims))]
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return _Layout(
+            select=None if select == list(range(start)) else tensor(select),
+            col_t=tensor([t for t, d in zip(post.feature_tables, feature_dims) for _ in range(d)]),
+            col_s=tensor([k for d in feature_dims for k in range(d)]),
+            slot_rows=tensor([i * d_stack + k for i, d in enumerate(feature_dims) for k in range(d)]),
+            pad_cols=tensor([s0 + k for s0, d in zip(pad_starts, feature_dims) for k in range(d)]),
+            feature_dims=feature_dims,
+            stacked=stacked,
+        )
 
 
 class DimGrowPostProcess(nn.Module):
@@ -107,20 +158,50 @@ class DimGrowPostProcess(nn.Module):
         if len(rows) != n or min(rows) < 1:
             raise ValueError(f"DimGrowPostProcess: need one row count >= 1 per table, got {rows}")
         self.register_buffer("table_rows", torch.tensor(rows, dtype=torch.float32))
-        self.projections = nn.ParameterList()
+        # All per-feature projections in one F x max(d_max) x max(width) parameter (feature i
+        # uses the block [i, :d_max, :width_i]): one optimizer entry and one gradient instead
+        # of F small ones, and the summed forward indexes its rows without stacking.
+        self.projection: nn.Parameter | None = None
         if align == "project":
-            for t in feature_tables:
-                w = torch.empty(d_max[t], out_dims[len(self.projections)])
-                self.projections.append(nn.Parameter(w.normal_(0.0, config.init_std)))
+            slots = max(d_max[t] for t in feature_tables)
+            w = torch.empty(len(feature_tables), slots, max(out_dims))
+            self.projection = nn.Parameter(w.normal_(0.0, config.init_std))
+        self.register_load_state_dict_pre_hook(_stack_old_projections)
         # Set by DimGrowEmbeddingBagCollection.gate_step(): the lookup output is detached so
         # the gate (validation) step never reaches the tables or their fused optimizer.
         self.freeze_lookup = False
         self._cache_key: tuple[int, ...] = ()
         self._cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Host copy of ``dims`` and the buffer's version counter when it was taken: the
+        # forward reads dims every step, and ``dims.tolist()`` on an accelerator is a
+        # host-device sync. Refreshed only when the buffer was written in place since.
+        self._host_dims: tuple[int, list[int]] = (self.dims._version, list(initial))
+        self._layout_key: tuple[object, ...] = ()
+        self._layout: _Layout | None = None
 
     # ----------------------------------------------------------------- state access
     def dims_list(self) -> list[int]:
-        return [int(v) for v in self.dims.tolist()]
+        """Current logical dims, from the host cache (no device read unless ``dims`` was written)."""
+        version, dims = self._host_dims
+        if version != self.dims._version:
+            dims = [int(v) for v in self.dims.tolist()]
+            self._host_dims = (self.dims._version, dims)
+        return list(dims)
+
+    def set_dims(self, dims: Sequence[int]) -> None:
+        """Write the logical dims (buffer and host cache together, so no later read syncs)."""
+        self.dims.copy_(torch.tensor(list(dims), dtype=torch.int64))
+        self._host_dims = (self.dims._version, [int(d) for d in dims])
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> DimGrowPostProcess:
+        # A device move or dtype cast replaces the buffer (new version counter) but never
+        # changes its integer values: carry the host copy over instead of re-reading it.
+        _, dims = self._host_dims
+        in_sync = self._host_dims[0] == self.dims._version
+        out = super()._apply(fn, recurse)
+        if in_sync:
+            self._host_dims = (self.dims._version, dims)
+        return out  # type: ignore[return-value]
 
     def capacity_list(self) -> list[int]:
         return [int(v) for v in self.capacity.tolist()]
@@ -154,26 +235,96 @@ class DimGrowPostProcess(nn.Module):
     def mixing_mode(self) -> str:
         return "shuffle" if self.training else self.config.eval_mixing
 
-    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+    def _layout_for(self, pooled: KeyedTensor, dims: list[int]) -> _Layout:
+        """Index tensors of the active columns for this lookup layout, cached across steps."""
+        keys, lengths = pooled.keys(), pooled.length_per_key()
+        key = (tuple(dims), tuple(keys), tuple(lengths), pooled.values().device)
+        if self._layout is None or self._layout_key != key:
+            self._layout = _Layout.build(self, keys, lengths, dims, pooled.values().device)
+            self._layout_key = key
+        return self._layout
+
+    def _active(self, pooled: KeyedTensor) -> tuple[torch.Tensor, torch.Tensor, _Layout, list[int]]:
+        """The active columns of every feature (B x sum of dims) and their gate values.
+
+        One ``index_select`` picks them out of the lookup (none at all when every table
+        sits exactly at capacity, the usual case with ``capacity_block`` 4 and dims 4/8/16).
+        """
         dims = self.dims_list()
-        by_name = pooled.to_dict()
-        cols = [by_name[name][:, : dims[t]] for name, t in zip(self.feature_names, self.feature_tables)]
-        x = torch.cat(cols, dim=1)
+        lay = self._layout_for(pooled, dims)
+        x = pooled.values()
+        if lay.select is not None:
+            x = x.index_select(1, lay.select)
         if self.freeze_lookup:
             x = x.detach()
-        col_t, col_s, _, _ = self._index(dims)
-        g = self.gate.column_gates(col_t, col_s)
-        y = shuffle_mix(x, g, self.mixing_mode())
-        parts = list(y.split([dims[t] for t in self.feature_tables], dim=1))
+        return x, self.gate.column_gates(lay.col_t, lay.col_s), lay, dims
+
+    def _mixed(self, pooled: KeyedTensor) -> tuple[torch.Tensor, _Layout, list[int]]:
+        """The active columns gate-mixed with their noise: one shuffle gather, one ``lerp``."""
+        x, g, lay, dims = self._active(pooled)
+        return shuffle_mix(x, g, self.mixing_mode()), lay, dims
+
+    def _projection_rows(self, lay: _Layout) -> torch.Tensor:
+        """``concat_f(W_f[:dim_f])``: the projection rows of every active column, in column order."""
+        assert self.projection is not None
+        return self.projection.flatten(0, 1).index_select(0, lay.slot_rows)
+
+    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+        y, lay, dims = self._mixed(pooled)
+        width = sum(self.out_dims)
         if self.align == "pad":
-            parts = [nn.functional.pad(p, (0, w - p.shape[1])) for p, w in zip(parts, self.out_dims)]
+            y = y.new_zeros(y.shape[0], width).index_copy(1, lay.pad_cols, y)
         elif self.align == "project":
-            parts = [p @ self.projections[i][: p.shape[1]] for i, p in enumerate(parts)]
-        return KeyedTensor(
-            keys=self.feature_names,
-            length_per_key=self.output_dims(dims),
-            values=torch.cat(parts, dim=1),
-        )
+            y = self._project_per_feature(y, lay)
+        return KeyedTensor(keys=self.feature_names, length_per_key=self.output_dims(dims), values=y)
+
+    def _project_per_feature(self, y: torch.Tensor, lay: _Layout) -> torch.Tensor:
+        """Each feature's active columns times its own projection (DLRM needs them apart).
+
+        With one common shape, a single batched matmul over the features (inactive slots
+        are zero rows of the padded input); otherwise one matmul per feature.
+        """
+        weights = self.projection
+        assert weights is not None
+        if not lay.stacked:
+            parts = y.split(lay.feature_dims, dim=1)
+            blocks = [p @ weights[i, : p.shape[1], :w] for i, (p, w) in enumerate(zip(parts, self.out_dims))]
+            return torch.cat(blocks, dim=1)
+        n_feat, d, w = weights.shape
+        padded = y.new_zeros(y.shape[0], n_feat * d).index_copy(1, lay.slot_rows, y)
+        out = torch.bmm(padded.view(-1, n_feat, d).transpose(0, 1), weights)  # F x B x w
+        return out.transpose(0, 1).reshape(y.shape[0], n_feat * w)
+
+    def summed(self, pooled: KeyedTensor) -> torch.Tensor:
+        """Sum over features of the aligned outputs (B x common width), without building them.
+
+        What a consumer that sums per-feature projections needs (the reference's adapter
+        ``concat(x_f) @ concat(W_f)``). With ``align="project"`` the gates are folded into
+        the projection rows ``W`` (C x width) instead of mixing B x C columns::
+
+            (g * x + (1 - g) * noise) @ W  =  x @ (g W) + noise @ ((1 - g) W)
+
+        two matmuls and no batch-sized elementwise pass forward or backward (the gradient
+        of ``x`` comes straight out of the first matmul's backward; the gate gradient from
+        two C x width products). In ``eval`` "mean" mode the noise term is one row. With
+        ``"pad"`` the mixed columns are added into place (one ``index_add``). Never
+        materialises the B x F x width per-feature outputs.
+        """
+        if self.align == "raw" or len(set(self.out_dims)) != 1:
+            raise ValueError(
+                "DimGrowPostProcess.summed needs align='pad' or 'project' with one common width, "
+                f"got align={self.align!r} and widths {sorted(set(self.out_dims))}"
+            )
+        if self.align == "pad":
+            y, lay, _ = self._mixed(pooled)
+            return y.new_zeros(y.shape[0], self.out_dims[0]).index_add(1, lay.col_s, y)
+        x, g, lay, _ = self._active(pooled)
+        rows = self._projection_rows(lay)
+        mode = self.mixing_mode()
+        if mode == "off":
+            return x @ rows
+        noise = shuffle_noise(x, mode, column_major=True)
+        return x @ (g.unsqueeze(1) * rows) + noise @ ((1.0 - g).unsqueeze(1) * rows)
 
     def table_weights(self, tab_t: torch.Tensor) -> torch.Tensor | None:
         """Per-table penalty weight (``penalty_weighting="bytes"``), mean 1 over active slots.
@@ -225,30 +376,48 @@ class DimGrowPostProcess(nn.Module):
     def move_slot(self, table: int, src: int, dst: int) -> None:
         self.gate.move_slot(table, src, dst)
         self.task_grad_ema[table, dst] = self.task_grad_ema[table, src]
-        if self.align == "project":
+        if self.projection is not None:
             for i, t in enumerate(self.feature_tables):
                 if t == table:
-                    self.projections[i][dst] = self.projections[i][src]
+                    self.projection[i, dst] = self.projection[i, src]
 
     @torch.no_grad()
     def reset_slot(self, table: int, slot: int) -> None:
         self.gate.reset_slots(table, [slot])
         self.task_grad_ema[table, slot] = 0.0
-        if self.align == "project":
+        if self.projection is not None:
             for i, t in enumerate(self.feature_tables):
                 if t == table:
-                    self.projections[i][slot].normal_(0.0, self.config.init_std)
+                    self.projection[i, slot].normal_(0.0, self.config.init_std)
 
     def dense_slot_params(self, table: int) -> list[tuple[nn.Parameter, int]]:
-        """(parameter, axis-0 row offset layout) pairs whose rows follow the table's slots.
+        """``(param, i)`` pairs whose slice ``param[i, slot]`` follows slot ``slot`` of ``table``.
 
-        Returns ``(param, 0)`` for the projections (rows are slots) and ``(theta, table)``
-        meaning row ``table`` of theta, column = slot.
+        Row ``table`` of the gate logits, and block ``i`` of the projection for every
+        feature ``i`` that reads the table (its slot rows).
         """
         out: list[tuple[nn.Parameter, int]] = [(self.gate.theta, table)]
-        if self.align == "project":
-            out += [(self.projections[i], -1) for i, t in enumerate(self.feature_tables) if t == table]
+        if self.projection is not None:
+            out += [(self.projection, i) for i, t in enumerate(self.feature_tables) if t == table]
         return out
+
+
+def _stack_old_projections(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    """Load state dicts written before the projections were one parameter (``projections.<i>``)."""
+    old = sorted(
+        (k for k in state_dict if k.startswith(prefix + "projections.")),
+        key=lambda k: int(k.rsplit(".", 1)[1]),
+    )
+    target = getattr(module, "projection", None)
+    if not old or target is None:
+        return
+    stacked = torch.zeros_like(target)
+    for i, key in enumerate(old):
+        w = state_dict.pop(key)
+        stacked[i, : w.shape[0], : w.shape[1]] = w
+    state_dict[prefix + "projection"] = stacked
 
 
 class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
@@ -365,6 +534,14 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
                 stacklevel=2,
             )
         return self
+
+    def forward_summed(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """``sum_f aligned_f`` (B x width) in one matmul: for consumers that sum the features.
+
+        Equal to summing :meth:`forward`'s per-feature outputs (up to float summation
+        order), without building them; see :meth:`DimGrowPostProcess.summed`.
+        """
+        return self.post.summed(self.ebc(features))
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         """Configs describing the output: one per table, ``embedding_dim`` = output width."""
@@ -541,7 +718,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
                 self.post.reset_slot(ch.table, last)
                 _reset_dense_state(dense_optimizers, self.post, ch.table, last)
             dims[ch.table] = ch.new_dim
-        self.post.dims.copy_(torch.tensor(dims, dtype=torch.int64))
+        self.post.set_dims(dims)
         caps = self.post.capacity_list()
         new_caps = {
             name: capacity_for(d, c, self.config)
@@ -598,10 +775,7 @@ def _move_dense_state(
 ) -> None:
     for param, row in post.dense_slot_params(table):
         for s in _optimizer_tensor_states(optimizers, param):
-            if row >= 0:
-                s[row, dst] = s[row, src]
-            else:
-                s[dst] = s[src]
+            s[row, dst] = s[row, src]
 
 
 @torch.no_grad()
@@ -610,7 +784,4 @@ def _reset_dense_state(
 ) -> None:
     for param, row in post.dense_slot_params(table):
         for s in _optimizer_tensor_states(optimizers, param):
-            if row >= 0:
-                s[row, slot] = 0
-            else:
-                s[slot] = 0
+            s[row, slot] = 0
