@@ -47,6 +47,8 @@ class OverheadConfig:
     threads: int = 1
     seed: int = 0
     gate_every: int = 1
+    device: str = "cpu"
+    profile: Path | None = None
 
 
 def _models(data: Any, dim: int, adapter: int = 64) -> tuple[Any, Any, Any]:
@@ -131,14 +133,18 @@ def _time(fn: Callable[[], None]) -> tuple[float, float]:
 def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
     import torch
 
+    dev = torch.device(cfg.device)
     dg, coll, plain = _models(data, dim)
+    dg, plain = dg.to(dev), plain.to(dev)
     theta = coll.post.gate.theta
     dg_opts = _optimizers(dg, coll.ebc, exclude=[theta])
     plain_step = _step_fn(plain, _optimizers(plain, plain.sparse))
     dg_train = _step_fn(dg, dg_opts)
     dg_search = _search_step_fn(dg, coll, dg_opts, torch.optim.Adam([theta], lr=1e-3), cfg.gate_every)
-    batches = list(data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True))
-    vbatches = list(data.val.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1))
+    batches = [
+        b.to(dev) for b in data.train.batches(cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True)
+    ]
+    vbatches = [b.to(dev) for b in data.val.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1)]
     n = cfg.steps
 
     def run(fn: Callable[..., None], two: bool) -> tuple[float, float]:
@@ -146,6 +152,8 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
             for i in range(n):
                 b = batches[i % len(batches)]
                 fn(b, vbatches[i % len(vbatches)]) if two else fn(b)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
 
         wall, cpu = _time(go)
         return wall / n, cpu / n
@@ -164,6 +172,8 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
             cpu[name].append(c)
     if set(coll.post.dims_list()) != {dim}:
         raise RuntimeError("dims changed during the overhead run; the comparison would be unequal")
+    if cfg.profile:
+        _profile(names, fns, run, cfg.profile / f"dim{dim}")
     med = {k: statistics.median(v) * 1000 for k, v in wall.items()}
     cmed = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
     return {
@@ -182,6 +192,19 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
     }
 
 
+def _profile(names: list[str], fns: list[tuple[Callable[..., None], bool]], run: Any, out: Path) -> None:
+    """torch.profiler op breakdown (self CPU time) of one timed block of each step kind."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (fn, two) in zip(names, fns):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run(fn, two)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        (out / f"profile_{name.replace(' ', '_')}.txt").write_text(table)
+        print(f"--- {name}\n{table}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", default="1,4,8,16")
@@ -192,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gate-every", type=int, default=1, help="gate step on every k-th search step")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (scripts/gpu_check.sh)")
+    p.add_argument("--profile", type=Path, default=None, help="also write torch.profiler op tables here")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("runs/bench/overhead"))
     return p
@@ -213,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rounds=args.rounds,
         threads=args.threads,
         gate_every=args.gate_every,
+        device=args.device,
+        profile=args.profile,
     )
     if args.quick:
         cfg.dims, cfg.scale, cfg.rows, cfg.batch_size, cfg.steps, cfg.rounds, cfg.warmup = (
