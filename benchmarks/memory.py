@@ -80,9 +80,20 @@ def _train_config(cfg: MemoryConfig):  # type: ignore[no-untyped-def]
 def _run_dimgrow(data: Any, d_max: int, cfg: MemoryConfig, env: Any, out_dir: Path) -> dict[str, Any]:
     from torchrec_dimgrow.config import DimGrowConfig
     from torchrec_dimgrow.distributed.planning import PlanningConfig
+    from torchrec_dimgrow.recipes import search as search_recipe
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     tc = _train_config(cfg)
+    # Note the peak when the first checkpoint save starts: what training itself needed, apart
+    # from the end-of-epoch checkpoint (DCP save of tables + optimizer state).
+    first: dict[str, int] = {}
+    save = search_recipe.DimGrowSearch.save_checkpoint
+
+    def noting_save(search: Any) -> None:
+        first.setdefault("hwm", hwm_bytes())
+        save(search)
+
+    search_recipe.DimGrowSearch.save_checkpoint = noting_save  # type: ignore[method-assign]
     res = run_search(
         data,
         DimGrowConfig(d_max=d_max),
@@ -98,6 +109,7 @@ def _run_dimgrow(data: Any, d_max: int, cfg: MemoryConfig, env: Any, out_dir: Pa
         "embedding_param_bytes": m["peak_embedding_bytes"],
         "optimizer_state_bytes": m["peak_rank_embedding_bytes"] - m["peak_embedding_bytes"],
         "trajectory": str(out_dir / "trajectory.csv"),
+        "hwm_before_checkpoint": first.get("hwm"),
     }
 
 
@@ -173,6 +185,11 @@ def run_method(
         "exact_floor_bytes": sum(4 * 2 * vocab[f] * d for f, d in found.items()),
         "dims": found,
         **({"trajectory": res["trajectory"]} if "trajectory" in res else {}),
+        **(
+            {"peak_before_checkpoint_bytes": res["hwm_before_checkpoint"] - baseline}
+            if res.get("hwm_before_checkpoint")
+            else {}
+        ),
     }
 
 
@@ -213,6 +230,7 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
         "wall (s)": row["search_wall_s"],
     }
     out["exact floor w+state (MiB)"] = _mib(row["exact_floor_bytes"]) if row["method"] == "floor" else ""
+    out["peak before 1st checkpoint (MiB)"] = _mib(row.get("peak_before_checkpoint_bytes"))
     if row.get("cuda_peak_bytes") is not None:
         out["CUDA peak (MiB)"] = _mib(row["cuda_peak_bytes"])
     return out
