@@ -40,7 +40,7 @@ def test_ebc_init_hook_initialises_the_tables_but_not_gates_or_projections() -> 
     model = nn.Sequential(nn.Linear(2, 2), coll)
     dense = {n: p.detach().clone() for n, p in coll.named_parameters() if not n.startswith("ebc.")}
     tables = {n: p.detach().clone() for n, p in coll.ebc.named_parameters()}
-    assert any(n.startswith("post.projections") for n in dense) and "post.gate.theta" in dense
+    assert any(n.startswith("post.projection") for n in dense) and "post.gate.theta" in dense
     with pytest.warns(UserWarning, match="post.gate.theta"):
         model.apply(torchrec_init_weights)
     for n, p in coll.named_parameters():
