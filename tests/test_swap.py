@@ -251,6 +251,37 @@ def test_local_search_grows_past_capacity_and_keeps_training() -> None:
     assert all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.parametrize("check_interval", [1, 3])
+def test_gate_every_k_runs_the_gate_step_and_the_check_on_every_kth_step(check_interval: int) -> None:
+    cfg = DimGrowConfig(d_max=D, grow_threshold=0.3, shrink_threshold=0.001, check_interval=check_interval)
+    cfg.gate_every = 2
+    model, handle, opt = _attached(cfg)
+    theta = handle.gate_parameters()[0]
+    moved, checked = [], []
+    for step in range(8):
+        opt.zero_grad()
+        model(make_batch(step))[0].backward()
+        opt.step()
+        before = theta.detach().clone()
+        due = handle.gate_due()
+        report = handle.step(make_batch(1000 + step))
+        assert theta.grad is None, "a skipped step drops the stale training gradient of the gates"
+        moved.append(not torch.equal(theta.detach(), before))
+        checked.append(report is not None)
+        assert due == moved[-1]
+    assert moved == [False, True] * 4
+    # check_interval 1: at every gate step; 3: at the first gate step at or after steps 3 and 6
+    expected = (
+        [False, True] * 4 if check_interval == 1 else [False, False, False, True, False, True, False, False]
+    )
+    assert checked == expected
+
+
+def test_gate_every_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="gate_every"):
+        DimGrowConfig(gate_every=0)
+
+
 # ---------------------------------------------------------------------- export
 @pytest.mark.parametrize("align", ["project", "pad"])
 def test_export_into_a_fresh_dlrm(align: str) -> None:

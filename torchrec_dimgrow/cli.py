@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
+    s.add_argument("--gate-every", type=int, default=1, help="gate step on every k-th training step")
     s.add_argument("--grow-threshold", type=float, default=0.6)
     s.add_argument("--shrink-threshold", type=float, default=0.01)
     s.add_argument("--grow-patience", type=int, default=1)
@@ -268,6 +269,7 @@ def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
         penalty_weighting=args.penalty_weighting,
         gate_lr=args.gate_lr,
         check_interval=args.check_interval,
+        gate_every=args.gate_every,
         grow_threshold=args.grow_threshold,
         shrink_threshold=args.shrink_threshold,
         grow_patience=args.grow_patience,

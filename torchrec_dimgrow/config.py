@@ -44,6 +44,12 @@ class DimGrowConfig:
             ``last`` a dead middle slot keeps the field shrinking, removing live slots
             one after another, and blocks any later growth.
         check_interval: training steps between two grow/shrink checks.
+        gate_every: the gate step (DARTS validation step, or the single-loader gate update)
+            runs on every ``gate_every``-th training step only, and so do the importance
+            record and the check that read its result; the steps in between train the
+            model alone. ``k`` > 1 cuts the search's extra forward/backward to 1/k of the
+            steps; the gates then move k times less often at the same ``gate_lr``. A check
+            runs on the first gate step at or after each multiple of ``check_interval``.
         final_threshold: a slot counts in the exported dim when its gate exceeds this.
         final_gates: which gate value the search recipe thresholds for the exported dims:
             ``"step"`` reads the gates once, at the end of the best-validation epoch (the
@@ -99,6 +105,7 @@ class DimGrowConfig:
     shrink_patience: int = 1
     shrink_slot: ShrinkSlot = "lowest"
     check_interval: int = 1
+    gate_every: int = 1
     final_threshold: float = 0.5
     final_gates: FinalGates = "step"
     capacity_block: int = 4
@@ -136,6 +143,7 @@ class DimGrowConfig:
                 f"shrink_patience must be >= 1, got {self.shrink_patience}",
             ),
             (self.check_interval >= 1, f"check_interval must be >= 1, got {self.check_interval}"),
+            (self.gate_every >= 1, f"gate_every must be >= 1, got {self.gate_every}"),
             (
                 self.capacity_block >= 1,
                 f"capacity_block must be >= 1, got {self.capacity_block}",

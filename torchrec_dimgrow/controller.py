@@ -153,8 +153,13 @@ class DimGrowController:
         task loss, e.g. BCE on a validation batch). Without: the single-loader gate update
         from the gradient the training backward already left on the gates. Then the gates
         are recorded and, every ``check_interval`` steps, :meth:`check` runs. Returns the
-        check's report when one ran.
+        check's report when one ran. With ``config.gate_every`` = k only every k-th call
+        steps the gates (``batch`` is ignored otherwise; :meth:`gate_due` says whether the
+        next call will).
         """
+        if not self.gate_due():  # the training gradient on the gates is stale by the next gate step
+            self.clear_gate_grads()
+            return self.end_step()
         if batch is not None:
             if loss_fn is None:
                 raise ValueError("DimGrowController.step: a gate batch needs its loss_fn")
@@ -238,11 +243,35 @@ class DimGrowController:
         for t in self.tracked:
             t.importance.add(t.collection.gate_values())
 
+    @property
+    def gate_every(self) -> int:
+        """Steps per gate step: the smallest ``config.gate_every`` of the tracked collections."""
+        return min(t.collection.config.gate_every for t in self.tracked)
+
+    def gate_due(self) -> bool:
+        """Whether the step now running (the ``steps + 1``-th) is a gate step.
+
+        Decided from the step count alone, so every rank agrees and a resumed run keeps
+        the same schedule.
+        """
+        return (self.steps + 1) % self.gate_every == 0
+
+    def _check_due(self, t: TrackedCollection) -> bool:
+        """A multiple of ``check_interval`` fell within the training steps since the last gate step."""
+        every, k = t.collection.config.check_interval, self.gate_every
+        return self.steps // every > (self.steps - k) // every
+
     def end_step(self) -> CheckReport | None:
-        """Record the gates, count the step, and run the check when one is due."""
-        self.record()
+        """After a gate step: record the gates, count the step, run the check when one is due.
+
+        After a step without a gate step (``gate_every`` > 1) only the count moves: the
+        gates did not change, so there is nothing new to record or decide.
+        """
+        gated = self.gate_due()
+        if gated:
+            self.record()
         self.steps += 1
-        if any(self.steps % t.collection.config.check_interval == 0 for t in self.tracked):
+        if gated and any(self._check_due(t) for t in self.tracked):
             return self.check()
         return None
 
@@ -273,7 +302,7 @@ class DimGrowController:
         is paused and resumed once however many tables are rebuilt.
         """
         report = CheckReport(self.steps)
-        due = [t for t in self.tracked if self.steps % t.collection.config.check_interval == 0]
+        due = [t for t in self.tracked if self._check_due(t)]
         for t in due:
             report.changes[t.path] = self._decide(t)
         replan = any(report.changes[t.path] and self._will_replan(t) for t in due)

@@ -401,6 +401,10 @@ class DimGrowHandle:
         batch = val_batch.to(self.device) if val_batch is not None else None
         return self._ctrl().step(self._loss, batch)
 
+    def gate_due(self) -> bool:
+        """Whether the next :meth:`step` runs the gate step (``config.gate_every``)."""
+        return self._ctrl().gate_due()
+
     def end_step(self) -> CheckReport | None:
         """For loops that update the gates themselves: record, count, check when due."""
         return self._ctrl().end_step()
