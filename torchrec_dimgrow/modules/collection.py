@@ -369,7 +369,10 @@ class DimGrowPostProcess(nn.Module):
         ema = self.task_grad_ema
         ema[tab_t, tab_s] = cfg.auto_ema * ema[tab_t, tab_s] + (1 - cfg.auto_ema) * task_g
         if cfg.penalty_mode == "auto":
-            self.penalty_scale.fill_(cfg.alpha * n * float(ema[tab_t, tab_s].abs().mean()))
+            # In float64 then stored: the same value as ``alpha * n * float(mean)``, without
+            # the host read (a device sync on an accelerator) that ``float()`` would be.
+            mean = ema[tab_t, tab_s].abs().mean().double()
+            self.penalty_scale.copy_(mean * (cfg.alpha * n))
 
     # ----------------------------------------------------------------- slot moves
     @torch.no_grad()
