@@ -23,7 +23,7 @@ lint: install
 # The main job: a DimGrow search sharded over 2 ranks on the real Criteo sample, then a
 # retrain of a plain TorchRec model with the found dims.
 search: install
-	PYTHONHASHSEED=0 $(VENV)/bin/torchrun --nproc_per_node=2 -m torchrec_dimgrow search \
+	PYTHONHASHSEED=0 OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc_per_node=2 -m torchrec_dimgrow search \
 		--data $(CRITEO) --format criteo --out $(OUT) --batch-size 64 --epochs 20 --quiet --overwrite
 	$(PY) -m torchrec_dimgrow retrain --dims $(OUT)/dims.json --data $(CRITEO) --format criteo \
 		--out $(OUT)/retrain --batch-size 64 --quiet --overwrite
