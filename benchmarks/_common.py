@@ -36,6 +36,16 @@ def quiet_logs() -> None:
 
 
 # ----------------------------------------------------------------------------- output
+def parse_value(text: str) -> Any:
+    """A ``--set key=value`` value as int, else float, else the string itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if math.isnan(value):

@@ -20,18 +20,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, quiet_logs, write_rows
+from _common import markdown_table, parse_value, quiet_logs, write_rows
 
 COLUMNS = ["search_seed", "spearman", "stalled", "epochs", "best_epoch", "val_auc", "max_logical", "dims"]
-
-
-def _value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     overrides = dict(kv.split("=", 1) for kv in args.set)
-    dg = DimGrowConfig(**{k: _value(v) for k, v in overrides.items()})
+    dg = DimGrowConfig(**{k: parse_value(v) for k, v in overrides.items()})
     data = fm_interactions(FMConfig(rows=args.rows, seed=args.data_seed))
     need = data.source["need"]
     env = init_distributed("gloo")

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, mean_std, quiet_logs, write_rows
+from _common import markdown_table, mean_std, parse_value, quiet_logs, write_rows
 from quality import DATASETS, QualityConfig, load_dataset
 
 SYNTHETIC = {"fm": "fm", "shaped": "criteo_shaped"}
@@ -209,15 +209,6 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="torchrec_dimgrow bench frontier",
@@ -252,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     search_seeds = [int(s) for s in args.search_seeds.split(",") if s]
     budgets = [float(b) for b in args.budgets.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]
-    args.dimgrow_set = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    args.dimgrow_set = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     quiet_logs()
     import torch
 
