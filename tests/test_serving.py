@@ -84,6 +84,15 @@ def test_padded_odd_dims_serve_exactly_what_the_float_model_computes(serving: st
     torch.testing.assert_close(served(kjt), model(kjt), rtol=0, atol=1e-6)
 
 
+def _spread_model(spec: ModelSpec) -> CTRModel:
+    """A model whose embeddings are spread wide (std 0.5), so quantization error is visible."""
+    model = _model(spec)
+    with torch.no_grad():
+        for p in model.sparse.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
 def build_copy(model: CTRModel, spec: ModelSpec) -> CTRModel:
     copy = build_model(spec).eval()
     copy.load_state_dict(model.state_dict())
@@ -92,10 +101,7 @@ def build_copy(model: CTRModel, spec: ModelSpec) -> CTRModel:
 
 def test_int8_export_matches_float_within_the_quantization_error() -> None:
     spec = spec_for(FIELDS, VOCAB, DIMS)
-    model = _model(spec)
-    with torch.no_grad():
-        for p in model.sparse.parameters():
-            p.normal_(0.0, 0.5)
+    model = _spread_model(spec)
     served, _ = quantize_model(build_copy(model, spec), "int8")
     kjt = _kjt(seed=2)
     err = (served.sparse(kjt).values() - model.sparse(kjt).values()).abs()
@@ -239,10 +245,7 @@ def test_served_model_shards_over_two_cpu_ranks_with_shard_quant_model() -> None
     from torchrec_dimgrow.serving import shard_for_inference
 
     spec = spec_for(FIELDS, VOCAB, DIMS)
-    model = _model(spec)
-    with torch.no_grad():
-        for p in model.sparse.parameters():
-            p.normal_(0.0, 0.5)
+    model = _spread_model(spec)
     served, _ = quantize_model(build_copy(model, spec), "int8")
     sharded, plan = shard_for_inference(served, world_size=2)
     placements = {
