@@ -276,8 +276,9 @@ class DimGrowSearch:
             bad[0] = 2
         if self.env.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if int(bad.item()):
-            what = "training loss" if int(bad.item()) == 1 else "gate logits"
+        code = int(bad.item())
+        if code:
+            what = "training loss" if code == 1 else "gate logits"
             raise NonFiniteError(f"step {self.state.step}: non-finite {what}; {self._kept()}")
 
     def _kept(self) -> str:
