@@ -140,3 +140,48 @@ def test_replan_hands_unchanged_tables_over_and_spills_only_the_changed_one() ->
     assert owners["t0"]["spilled"] == 500 * 4 * 4 * 2  # t0's 4 kept columns: weight + Adagrad state
     if owners["t1"] is not owners["t0"]:
         assert owners["t1"]["spilled"] == 0
+
+
+def _handed_over_then_changed_worker(rank: int, world: int) -> dict[str, Any]:
+    import ctypes
+    import gc
+
+    from torchrec import EmbeddingBagConfig
+
+    from torchrec_dimgrow.config import DimGrowConfig
+    from torchrec_dimgrow.distributed.planning import PlanningConfig
+    from torchrec_dimgrow.distributed.runtime import shard_model
+    from torchrec_dimgrow.modules.backbone import CTRModel
+    from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+    from torchrec_dimgrow.optim import EmbeddingOptimizer
+    from torchrec_dimgrow.policy import DimChange
+
+    torch.manual_seed(0)
+    tables = [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=ROWS, feature_names=[f"f{i}"])
+        for i in range(2)
+    ]
+    coll = DimGrowEmbeddingBagCollection(
+        tables, DimGrowConfig(d_max=8, initial_dim=4), align="pad", device="meta"
+    )
+    sharded = shard_model(
+        CTRModel(coll, "concat", 8, in_dim=16), torch.device("cpu"),
+        PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
+    )  # fmt: skip
+    store = sharded.store_for(coll)
+    coll.apply_changes([DimChange(0, "grow", 0, 4, 5)], store)  # t1 is handed over untouched
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_kib("VmRSS")
+    coll.apply_changes([DimChange(1, "grow", 0, 4, 5)], store)  # now t1 itself widens
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return {"delta": _status_kib("VmRSS") - before}
+
+
+def test_replan_frees_a_table_that_an_earlier_replan_handed_over() -> None:
+    # t1's old storage (2M x 4 x fp32, weight + Adagrad = 64 MB) went into the first
+    # re-plan's handover; the second re-plan replaces it by 128 MB. Over both ranks (t1
+    # may change owner) RSS must grow by about new - old = 64 MB, not by all 128 MB.
+    deltas = [r["delta"] for r in run_ranks(_handed_over_then_changed_worker, 2)]
+    assert sum(deltas) < 96_000_000, deltas

@@ -104,6 +104,22 @@ def _without_tbe_init() -> Iterator[None]:
         BaseBatchedEmbeddingBag.init_parameters = original  # type: ignore[method-assign]
 
 
+def _forget_handover(ebc: nn.Module) -> None:
+    """Take the handed-over buffers out of the meta EBC's optimizer kwargs once sharded.
+
+    ``apply_optimizer_in_backward`` keeps every parameter it saw alive for the life of the
+    process (a weak-key map whose value, the grad accumulator, refers back to the key), so
+    the kwargs of the meta parameters would pin the buffers of every table handed over,
+    and a later re-plan that replaces such a table could not free its old storage.
+    """
+    for param in ebc.parameters():
+        kwargs = getattr(param, "_optimizer_kwargs", None)
+        if kwargs:
+            param._optimizer_kwargs = [  # type: ignore[attr-defined]
+                {k: v for k, v in kw.items() if k != "preallocated_host_buffers"} for kw in kwargs
+            ]
+
+
 def find_fqn(root: nn.Module, target: nn.Module) -> str:
     for name, mod in root.named_modules():
         if mod is target:
@@ -243,6 +259,7 @@ class ShardedTableStore:
             env = ShardingEnv.from_process_group(self.group)
             with _without_tbe_init():
                 new = sharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
+            _forget_handover(new_ebc)
             del handover
             phases["shard"] = time.perf_counter() - start - sum(phases.values())
             moved = self._restore(new, spilled, spill, std)
