@@ -154,6 +154,22 @@ def test_gate_step_detaches_the_lookup() -> None:
     assert all(p.grad is not None for p in m.ebc.parameters())
 
 
+def test_summed_gate_step_skips_the_projection_and_tables_but_not_the_gates() -> None:
+    m = DimGrowEmbeddingBagCollection(tables(dim=8), DimGrowConfig(d_max=8, initial_dim=3), align="project")
+    m.train()
+    with m.gate_step():
+        m.forward_summed(kjt()).pow(2).sum().backward()
+    assert all(p.grad is None for p in m.ebc.parameters())
+    # not computed (DDP still gets a gradient for every parameter: a zero one)
+    assert m.post.projection is not None and m.post.projection.grad is not None
+    assert not m.post.projection.grad.any()
+    theta_grad = m.post.gate.theta.grad
+    assert theta_grad is not None and theta_grad[:, :3].abs().sum() > 0
+    m.forward_summed(kjt()).pow(2).sum().backward()  # a training step reaches everything
+    assert m.post.projection.grad.any()
+    assert all(p.grad is not None for p in m.ebc.parameters())
+
+
 def test_auto_penalty_scale_tracks_task_gradient() -> None:
     m = DimGrowEmbeddingBagCollection(tables(), DimGrowConfig(alpha=0.5, auto_ema=0.0), align="raw")
     assert float(m.post.penalty_scale) == 0.0, "auto mode starts uncalibrated at 0, not at alpha"

@@ -1,6 +1,13 @@
+import pytest
 import torch
 
-from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, column_shuffle, shuffle_mix
+from torchrec_dimgrow.modules.shuffle_gate import (
+    ShuffleGate,
+    Workspace,
+    column_shuffle,
+    shuffle_mix,
+    shuffle_project,
+)
 
 
 def test_column_shuffle_is_a_true_permutation_per_column() -> None:
@@ -89,3 +96,85 @@ def test_a_rows_noise_comes_from_distinct_rows_and_more_columns_than_rows_work()
     y = column_shuffle(wide)
     for c in range(10):
         assert torch.equal(y[:, c].sort().values, wide[:, c].sort().values)
+
+
+def _inputs(rows: int, cols: int, width: int = 5) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [
+        torch.randn(rows, cols, dtype=torch.float64, requires_grad=True),
+        torch.rand(cols, dtype=torch.float64, requires_grad=True),
+        torch.randn(cols, width, dtype=torch.float64, requires_grad=True),
+    ]
+
+
+def _value_and_grads(
+    fn, inputs: list[torch.Tensor], seed: int = 7
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(seed)  # the same shuffle for every path
+    out = fn(*inputs)
+    weights = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view_as(out)
+    return out, torch.autograd.grad((out * weights).sum(), inputs)
+
+
+@pytest.mark.parametrize("shape", [(64, 10), (5, 12), (1, 3), (16, 0)])
+@pytest.mark.parametrize("workspace", [False, True])
+def test_shuffle_project_matches_mixing_then_projecting(shape: tuple[int, int], workspace: bool) -> None:
+    """Same values and gradients (x, gates, weight) as ``shuffle_mix(x, g) @ W``."""
+    inputs = _inputs(*shape)
+    ws = Workspace() if workspace else None
+    ref, ref_grads = _value_and_grads(lambda x, g, w: shuffle_mix(x, g, "shuffle") @ w, inputs)
+    for _ in range(2):  # the second call reuses the workspace's buffers
+        out, grads = _value_and_grads(lambda x, g, w: shuffle_project(x, g, w, ws), inputs)
+        assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, ref_grads):
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_shuffle_project_gradients_in_closed_form() -> None:
+    """d/dx is exactly (grad @ W^T) * g (the shuffled copy is stop-grad), d/dg = sum_b (grad @ W^T) * (x - noise)."""
+    x, g, w = _inputs(40, 6)
+    torch.manual_seed(3)
+    noise = column_shuffle(x.detach())
+    torch.manual_seed(3)
+    out = shuffle_project(x, g, w)
+    assert torch.allclose(out, torch.lerp(noise, x, g) @ w, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    gx, gg, gw = torch.autograd.grad(out, [x, g, w], grad_out)
+    grad_mixed = grad_out @ w.t()
+    assert torch.allclose(gx, grad_mixed * g, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gg, (grad_mixed * (x - noise)).sum(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gw, torch.lerp(noise, x, g).t() @ grad_out, rtol=1e-12, atol=1e-12)
+
+
+def test_workspace_reuses_buffers_across_steps_but_never_one_still_in_use() -> None:
+    ws = Workspace()
+    x, g, w = _inputs(32, 7)
+    shuffle_project(x, g, w, ws).sum().backward()
+    ptrs = {buf.data_ptr() for buf, _ in ws._buffers}
+    shuffle_project(x, g, w, ws).sum().backward()
+    assert {buf.data_ptr() for buf, _ in ws._buffers} == ptrs, "a finished step's buffers are reused"
+
+    # Two forwards alive at once (gradient accumulation) and a graph kept for a second
+    # backward: each keeps its own buffers, so every gradient equals the unpooled one.
+    ref_out, ref_grads = _value_and_grads(lambda *a: shuffle_project(*a) + shuffle_project(*a), [x, g, w])
+    torch.manual_seed(7)
+    out = shuffle_project(x, g, w, ws) + shuffle_project(x, g, w, ws)
+    weights = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view_as(out)
+    first = torch.autograd.grad((out * weights).sum(), [x, g, w], retain_graph=True)
+    shuffle_project(x, g, w, ws).sum().backward()  # a step in between must not touch the kept graph
+    second = torch.autograd.grad((out * weights).sum(), [x, g, w])
+    assert torch.equal(out, ref_out)
+    for a, b, want in zip(first, second, ref_grads):
+        assert torch.allclose(a, want, rtol=1e-12, atol=1e-12) and torch.equal(a, b)
+
+
+def test_workspace_drops_stale_buffers_and_stays_bounded() -> None:
+    ws = Workspace(max_buffers=2)
+    like = torch.zeros(1)
+    small = ws.take((4, 4), like)
+    del small
+    big = ws.take((8, 8), like)  # the free 16-element buffer is too small: replaced
+    assert [b.numel() for b, _ in ws._buffers] == [64]
+    held = [big, ws.take((2, 2), like)]
+    extra = ws.take((2, 2), like)  # both buffers in use and the cap reached: a plain tensor
+    assert len(ws._buffers) == 2 and all(extra.data_ptr() != h.data_ptr() for h in held)

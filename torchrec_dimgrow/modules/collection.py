@@ -33,7 +33,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.config import AlignMode, BudgetError, DimGrowConfig, resolve_budget
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
-from torchrec_dimgrow.modules.shuffle_gate import ShuffleGate, shuffle_mix, shuffle_noise
+from torchrec_dimgrow.modules.shuffle_gate import (
+    ShuffleGate,
+    Workspace,
+    shuffle_mix,
+    shuffle_noise,
+    shuffle_project,
+)
 from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
 from torchrec_dimgrow.modules.tables import dim_cost, embedding_bytes, normal_init
 from torchrec_dimgrow.policy import DimChange, capacity_for, final_dims
@@ -178,6 +184,8 @@ class DimGrowPostProcess(nn.Module):
         self._host_dims: tuple[int, list[int]] = (self.dims._version, list(initial))
         self._layout_key: tuple[object, ...] = ()
         self._layout: _Layout | None = None
+        # Batch-sized scratch of the summed training path, kept across steps (see Workspace).
+        self._workspace = Workspace()
 
     # ----------------------------------------------------------------- state access
     def dims_list(self) -> list[int]:
@@ -300,15 +308,17 @@ class DimGrowPostProcess(nn.Module):
 
         What a consumer that sums per-feature projections needs (the reference's adapter
         ``concat(x_f) @ concat(W_f)``). With ``align="project"`` the gates are folded into
-        the projection rows ``W`` (C x width) instead of mixing B x C columns::
+        the concatenated projection rows ``W`` (C x width)::
 
-            (g * x + (1 - g) * noise) @ W  =  x @ (g W) + noise @ ((1 - g) W)
+            (g * x + (1 - g) * noise) @ W
 
-        two matmuls and no batch-sized elementwise pass forward or backward (the gradient
-        of ``x`` comes straight out of the first matmul's backward; the gate gradient from
-        two C x width products). In ``eval`` "mean" mode the noise term is one row. With
-        ``"pad"`` the mixed columns are added into place (one ``index_add``). Never
-        materialises the B x F x width per-feature outputs.
+        Training (``"shuffle"``): :func:`shuffle_project`, one matmul forward and the two a
+        plain ``x @ W`` needs backward, plus a few batch-sized elementwise passes on buffers
+        reused across steps. In a gate step (lookups detached) the projection's gradient
+        would be discarded, so its matmul is skipped (it reads zero). In ``eval`` "mean"
+        mode the gates are folded into the rows, ``x @ (g W) + mean @ ((1 - g) W)`` (the
+        noise term is one row). With ``"pad"`` the mixed columns are added into place (one
+        ``index_add``). Never materialises the B x F x width per-feature outputs.
         """
         if self.align == "raw" or len(set(self.out_dims)) != 1:
             raise ValueError(
@@ -323,7 +333,9 @@ class DimGrowPostProcess(nn.Module):
         mode = self.mixing_mode()
         if mode == "off":
             return x @ rows
-        noise = shuffle_noise(x, mode, column_major=True)
+        if mode == "shuffle":
+            return shuffle_project(x, g, rows, self._workspace, weight_grad=not self.freeze_lookup)
+        noise = shuffle_noise(x, mode)
         return x @ (g.unsqueeze(1) * rows) + noise @ ((1.0 - g).unsqueeze(1) * rows)
 
     def table_weights(self, tab_t: torch.Tensor) -> torch.Tensor | None:
@@ -590,7 +602,9 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
         Inside it the pooled lookups are detached: the backward reaches the gates (and
         dense layers, whose gradients the caller discards) but never the tables, so a
-        fused in-backward optimizer does not train embeddings on validation data.
+        fused in-backward optimizer does not train embeddings on validation data. On the
+        summed path (:meth:`forward_summed`) the projection's gradient is not computed
+        either (it reads zero; it would be discarded too): a batch-sized matmul saved.
         """
         previous = self.post.freeze_lookup
         self.post.freeze_lookup = True

@@ -9,14 +9,83 @@ own permutation (DimGrow), unlike ShuffleGate v1 which shares one per field.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
 
+class Workspace:
+    """Scratch tensors reused across training steps (CPU only; anything else allocates fresh).
+
+    Why: on CPU every fresh multi-MB tensor comes from ``malloc``, and glibc hands freed
+    top-of-heap memory back to the kernel once a step's temporaries outgrow its trim
+    threshold. The next step then faults every page back in: the batch-sized shuffle
+    temporaries of a DimGrow step cost ~1,000-3,000 page faults per step (several ms,
+    more than their arithmetic) while a plain EBC step, with fewer of them, stays at ~0.
+
+    A buffer is handed out as a fresh view and only handed out again once that view is
+    gone: not referenced anywhere, autograd's saved tensors included (a weak reference
+    tracks it). A graph kept for a second backward, or two forwards before one backward,
+    therefore get their own buffers; nothing is ever overwritten while in use.
+    """
+
+    def __init__(self, max_buffers: int = 8) -> None:
+        self.max_buffers = max_buffers
+        self._buffers: list[tuple[torch.Tensor, weakref.ref[torch.Tensor] | None]] = []
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised ``shape`` tensor of ``like``'s dtype and device."""
+        if like.device.type != "cpu":  # a caching device allocator already does this
+            return like.new_empty(shape)
+        n = 1
+        for size in shape:
+            n *= size
+        free = [i for i, (_, ref) in enumerate(self._buffers) if ref is None or ref() is None]
+        for i in free:
+            buf = self._buffers[i][0]
+            if buf.numel() >= n and buf.dtype == like.dtype:
+                return self._hand_out(i, buf, n, shape)
+        # A miss: free buffers too small (the dims grew) or of another dtype are stale.
+        self._buffers = [b for i, b in enumerate(self._buffers) if i not in free]
+        if len(self._buffers) >= self.max_buffers:
+            return like.new_empty(shape)
+        self._buffers.append((like.new_empty(n), None))
+        return self._hand_out(len(self._buffers) - 1, self._buffers[-1][0], n, shape)
+
+    def _hand_out(self, i: int, buf: torch.Tensor, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+        view = buf[:n].view(shape)
+        self._buffers[i] = (buf, weakref.ref(view))
+        return view
+
+    def clear(self) -> None:
+        self._buffers = []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Workspace:
+        return Workspace(self.max_buffers)  # scratch space, never state
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"max_buffers": self.max_buffers, "_buffers": []}
+
+
+def _shuffle_order(
+    rows: int, cols: int, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Rows to gather for :func:`column_shuffle`: ``sigma`` repeated to ``rows + cols - 1`` entries."""
+    sigma = torch.randperm(rows, device=device, generator=generator)
+    need = rows + cols - 1
+    if need > 2 * rows:
+        return sigma.repeat(-(-need // rows))[:need]
+    return torch.cat([sigma, sigma[: cols - 1]])
+
+
 def column_shuffle(
-    x: torch.Tensor, generator: torch.Generator | None = None, column_major: bool = False
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    column_major: bool = False,
+    out: torch.Tensor | None = None,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Permute the rows of every column of ``x`` (B x C), each column by its own permutation.
 
@@ -32,23 +101,25 @@ def column_shuffle(
     ``randperm(B)``, one gather of ``B + C - 1`` whole rows and one strided copy: the
     element ``(b, c)`` of the result is ``ext[b + c, c]``, a fixed-stride view of the
     gathered rows. No host sync, the same code on any device. ``column_major=True`` returns
-    the same values laid out column by column (the transpose of a contiguous C x B tensor):
-    cheaper to build, and what a matmul reads without another copy.
+    the same values laid out column by column (the transpose of a contiguous C x B tensor).
+
+    ``out`` (row-major, B x C) receives the result instead of a fresh tensor; ``workspace``
+    supplies the gathered rows' scratch buffer (see :class:`Workspace`).
     """
     if x.dim() != 2:
         raise ValueError(f"column_shuffle expects a 2-D (batch x columns) tensor, got {tuple(x.shape)}")
     rows, cols = x.shape
     if cols == 0 or rows <= 1:
-        return x
-    sigma = torch.randperm(rows, device=x.device, generator=generator)
-    need = rows + cols - 1
-    order = (
-        sigma.repeat(-(-need // rows))[:need] if need > 2 * rows else torch.cat([sigma, sigma[: cols - 1]])
-    )
-    ext = x.index_select(0, order).contiguous()
+        return x if out is None else out.copy_(x)
+    order = _shuffle_order(rows, cols, x.device, generator)
+    if workspace is None:
+        ext = x.index_select(0, order).contiguous()
+    else:
+        ext = torch.index_select(x, 0, order, out=workspace.take((order.numel(), cols), x))
     if column_major:
         return ext.as_strided((cols, rows), (cols + 1, cols)).contiguous().t()
-    return ext.as_strided((rows, cols), (cols, cols + 1)).contiguous()
+    skewed = ext.as_strided((rows, cols), (cols, cols + 1))
+    return skewed.contiguous() if out is None else out.copy_(skewed)
 
 
 def shuffle_noise(
@@ -106,6 +177,89 @@ class _GateMix(torch.autograd.Function):
             if g.dim() == 0:
                 grad_g = grad_g.sum()
         return grad_x, None, grad_g
+
+
+def shuffle_project(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    workspace: Workspace | None = None,
+    generator: torch.Generator | None = None,
+    weight_grad: bool = True,
+) -> torch.Tensor:
+    """``(g * x + (1 - g) * stopgrad(column_shuffle(x))) @ weight``: mixing and projection fused.
+
+    ``x`` is B x C, ``g`` has C gates, ``weight`` is C x width. The same values as
+    ``shuffle_mix(x, g) @ weight`` (the same random draws, so the same shuffle). The point
+    is what it does *not* do: the backward needs exactly the two matmuls a plain
+    ``x @ W`` needs (the gradient of the mixed columns and of ``weight``) plus two
+    batch-sized elementwise passes, ``grad_x = grad_mixed * g`` and
+    ``grad_g = sum_b grad_mixed * (x - noise)``; the shuffled copy gets no gradient. Its
+    batch-sized buffers come from ``workspace`` when given (no page faults per step).
+
+    ``weight_grad=False`` reports a zero gradient for ``weight`` without computing it (a
+    matmul saved), for a backward whose weight gradient the caller discards anyway (the
+    DimGrow gate step). A zero rather than none: DDP with a static graph expects every
+    parameter to receive a gradient in every backward.
+    """
+    return _ShuffleProject.apply(x, g, weight, workspace, generator, weight_grad)
+
+
+class _ShuffleProject(torch.autograd.Function):
+    """Forward: the noise (one gather, one skewed copy), ``x - noise``, an in-place ``lerp``
+    turning the noise buffer into the mixed columns, one matmul. Saves ``x - noise`` and the
+    mixed columns (two B x C tensors). The noise is built inside the function, so it is no
+    graph node: no gradient can flow into the shuffled copy.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        weight: torch.Tensor,
+        workspace: Workspace | None,
+        generator: torch.Generator | None,
+        weight_grad: bool,
+    ) -> torch.Tensor:
+        x = x.contiguous()
+        shape = tuple(x.shape)
+        take = workspace.take if workspace is not None else (lambda s, like: like.new_empty(s))
+        mixed = column_shuffle(x, generator, out=take(shape, x), workspace=workspace)  # the noise, for now
+        diff = torch.sub(x, mixed, out=take(shape, x))
+        mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
+        ctx.save_for_backward(diff, g, weight, mixed)
+        ctx.workspace = workspace
+        ctx.weight_grad = weight_grad
+        return mixed @ weight
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        diff, g, weight, mixed = ctx.saved_tensors
+        need_x, need_g, need_w = ctx.needs_input_grad[:3]
+        ws: Workspace | None = ctx.workspace
+        grad_x = grad_g = grad_w = None
+        if need_w:
+            grad_w = mixed.t() @ grad if ctx.weight_grad else torch.zeros_like(weight)
+        if need_x or need_g:
+            shape = tuple(diff.shape)
+            # grad_x leaves for the lookup's backward: fresh. In a gate step (lookups
+            # detached) only the gate gradient is wanted and the buffer can be scratch.
+            grad_mixed = (
+                grad @ weight.t()
+                if need_x or ws is None
+                else torch.mm(grad, weight.t(), out=ws.take(shape, grad))
+            )
+            if need_g:
+                prod = (
+                    diff * grad_mixed if ws is None else torch.mul(diff, grad_mixed, out=ws.take(shape, grad))
+                )
+                grad_g = prod.sum(0)
+            if need_x:
+                grad_x = grad_mixed.mul_(g)  # our own temporary: scaled in place
+        return grad_x, grad_g, grad_w, None, None, None
 
 
 class ShuffleGate(nn.Module):
