@@ -145,6 +145,16 @@ def test_shuffle_project_gradients_in_closed_form() -> None:
     assert torch.allclose(gg, (grad_mixed * (x - noise)).sum(0), rtol=1e-12, atol=1e-12)
     assert torch.allclose(gw, torch.lerp(noise, x, g).t() @ grad_out, rtol=1e-12, atol=1e-12)
 
+    # Lookups detached (a gate step): the gate gradient by its own route, the same value;
+    # weight_grad=False reports a zero weight gradient; no_grad gives the same forward.
+    torch.manual_seed(3)
+    out_gate = shuffle_project(x.detach(), g, w, weight_grad=False)
+    gg_gate, gw_gate = torch.autograd.grad(out_gate, [g, w], grad_out)
+    assert torch.allclose(gg_gate, gg, rtol=1e-12, atol=1e-12) and not gw_gate.any()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        assert torch.equal(shuffle_project(x, g, w), out)
+
 
 def test_workspace_reuses_buffers_across_steps_but_never_one_still_in_use() -> None:
     ws = Workspace()

@@ -226,7 +226,8 @@ class _ShuffleProject(torch.autograd.Function):
         shape = tuple(x.shape)
         take = workspace.take if workspace is not None else (lambda s, like: like.new_empty(s))
         mixed = column_shuffle(x, generator, out=take(shape, x), workspace=workspace)  # the noise, for now
-        diff = torch.sub(x, mixed, out=take(shape, x))
+        # ``x - noise`` is only read by the gate gradient (not needed under no_grad).
+        diff = torch.sub(x, mixed, out=take(shape, x)) if ctx.needs_input_grad[1] else None
         mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
         ctx.save_for_backward(diff, g, weight, mixed)
         ctx.workspace = workspace
@@ -243,22 +244,20 @@ class _ShuffleProject(torch.autograd.Function):
         grad_x = grad_g = grad_w = None
         if need_w:
             grad_w = mixed.t() @ grad if ctx.weight_grad else torch.zeros_like(weight)
-        if need_x or need_g:
-            shape = tuple(diff.shape)
-            # grad_x leaves for the lookup's backward: fresh. In a gate step (lookups
-            # detached) only the gate gradient is wanted and the buffer can be scratch.
-            grad_mixed = (
-                grad @ weight.t()
-                if need_x or ws is None
-                else torch.mm(grad, weight.t(), out=ws.take(shape, grad))
-            )
+        if need_x:
+            grad_mixed = grad @ weight.t()
             if need_g:
                 prod = (
-                    diff * grad_mixed if ws is None else torch.mul(diff, grad_mixed, out=ws.take(shape, grad))
+                    diff * grad_mixed
+                    if ws is None
+                    else torch.mul(diff, grad_mixed, out=ws.take(diff.shape, grad))
                 )
                 grad_g = prod.sum(0)
-            if need_x:
-                grad_x = grad_mixed.mul_(g)  # our own temporary: scaled in place
+            grad_x = grad_mixed.mul_(g)  # our own temporary, handed on: scaled in place
+        elif need_g:
+            # Lookups detached (the gate step): sum_b (grad W^T) * diff = rowsum(W * (diff^T grad)),
+            # the same matmul work without writing or reading any batch-sized tensor.
+            grad_g = ((diff.t() @ grad) * weight).sum(1)
         return grad_x, grad_g, grad_w, None, None, None
 
 
