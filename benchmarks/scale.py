@@ -404,6 +404,7 @@ def worker(data_dir: Path, out: Path, rc: RunConfig) -> None:
                     "capacity_changes": {k: list(v) for k, v in r.capacity_changes.items()},
                     "bytes_moved": r.bytes_moved,
                     "phases": dict(store.last_phases),
+                    "in_place": list(store.last_in_place),
                     "rss_after": rss_bytes(),
                 }
             )

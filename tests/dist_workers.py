@@ -258,3 +258,49 @@ def budgeted_controller_search(rank: int, world: int, budget: float) -> dict[str
         "found_bytes": sum(c * found[n] for c, n in zip(coll.dim_costs(), coll.table_names)),
         "replans": ctrl.replans,
     }
+
+
+def _replan_once(rank: int, sharding: str, optimizer: str, in_place: bool) -> dict[str, Any]:
+    """Train two steps, then widen t0 (4 -> 8) and narrow t1 (8 -> 4) in one re-plan."""
+    torch.manual_seed(0)
+    coll = _grown(DimGrowConfig(d_max=16), [4, 5, 3], device="meta")  # capacities 4, 8, 4
+    model = CTRModel(coll, "sum", adapter_dim=8, hidden=(8,), dropout=0.0)
+    sharded = shard_model(
+        model, torch.device("cpu"), PlanningConfig(sharding=sharding), EmbeddingOptimizer(optimizer, 0.1)
+    )
+    store, dmp = sharded.stores["sparse"], sharded.dmp
+    store.rewidth_in_place = in_place
+    for step in range(2):
+        kjt, labels = batch(seed=10 * step + rank, size=8)
+        torch.nn.functional.binary_cross_entropy_with_logits(dmp(kjt), labels).backward()
+    store.resize({"t0": 8, "t1": 4}, std=0.1)
+    weights, states = store.views()
+    return {
+        "weights": {n: full_table(v) for n, v in weights.items()},
+        "states": {n: {k: full_table(s) for k, s in d.items()} for n, d in states.items()},
+        "rng": torch.get_rng_state(),
+        "in_place": store.last_in_place,
+        "spilled": store.spilled_bytes,
+    }
+
+
+def rewidth_matches_spill(rank: int, world: int, sharding: str, optimizer: str) -> dict[str, Any]:
+    """The same re-plan in memory and through the spill file: bit-identical tables and draws."""
+    spill = _replan_once(rank, sharding, optimizer, in_place=False)
+    mem = _replan_once(rank, sharding, optimizer, in_place=True)
+    same_states = all(
+        torch.equal(mem["states"][n][k], spill["states"][n][k])
+        for n in spill["states"]
+        for k in spill["states"][n]
+    )
+    w0 = mem["weights"]["t0"]
+    return {
+        "same_weights": all(torch.equal(mem["weights"][n], w) for n, w in spill["weights"].items()),
+        "same_states": same_states,
+        "same_rng": torch.equal(mem["rng"], spill["rng"]),
+        "in_place": mem["in_place"],
+        "spill_in_place": spill["in_place"],
+        "spilled": mem["spilled"],
+        "new_cols_drawn": bool(w0[:, 4:].std() > 0.05),
+        "shapes": {n: tuple(w.shape) for n, w in mem["weights"].items()},
+    }

@@ -129,7 +129,10 @@ def test_two_rank_torchrun_search_replans_and_writes_outputs_on_rank0(tmp_path: 
     assert r.stdout.startswith("dims: ") and len(r.stdout.splitlines()) == 2
     m = json.loads((out / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["steps"] == 60
-    assert m["replans"] >= 1 and m["replan_seconds_total"] > 0 and m["replan_bytes_moved"] > 0
+    assert m["replans"] >= 1 and m["replan_seconds_total"] > 0
+    # every table holds whole rows (one shard each), so re-plans keep it on its rank and
+    # rewidth it there: nothing crosses ranks (PlanningConfig.keep_placement)
+    assert m["replan_bytes_moved"] == 0
     assert m["peak_rank_embedding_bytes"] > 0
     caps = {row["capacity"] for row in csv.DictReader((out / "trajectory.csv").open())}
     assert "8" in caps, "a capacity change must appear in the trajectory"

@@ -47,3 +47,15 @@ def test_budget_caps_a_sharded_search_identically_on_every_rank() -> None:
     assert max(a["used"]) <= a["budget"] and a["found_bytes"] <= a["budget"]
     assert a["used"][-1] + min(a["costs"]) > a["budget"], "the budget, not d_max, must stop growth"
     assert a["replans"] >= 1 and max(a["capacity"]) == 8, "growth past one block re-plans"
+
+
+@pytest.mark.parametrize(
+    ("sharding", "optimizer"), [("table_wise", "adagrad"), ("row_wise", "rowwise_adagrad")]
+)
+def test_in_place_rewidth_equals_the_spill_path(sharding: str, optimizer: str) -> None:
+    for r in run_ranks(w.rewidth_matches_spill, 2, sharding, optimizer):
+        assert r["in_place"] == ["t0", "t1"] and r["spill_in_place"] == [], r
+        assert r["spilled"] == 0, r
+        assert r["shapes"] == {"t0": (40, 8), "t1": (64, 4), "t2": (30, 4)}, r
+        assert r["same_weights"] and r["same_states"] and r["same_rng"], r
+        assert r["new_cols_drawn"], r

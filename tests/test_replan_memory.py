@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from tests.dist_utils import run_ranks
@@ -20,7 +21,7 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(key)
 
 
-def _grow_worker(rank: int, world: int) -> dict[str, Any]:
+def _grow_worker(rank: int, world: int, in_place: bool) -> dict[str, Any]:
     import ctypes
     import gc
 
@@ -48,6 +49,7 @@ def _grow_worker(rank: int, world: int) -> dict[str, Any]:
         PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
     )  # fmt: skip
     store = sharded.store_for(coll)
+    store.rewidth_in_place = in_place
     before_w = {t: v.pieces[0].tensor.clone() for t, v in store.views()[0].items() if v.pieces}
     old_bytes = store.local_bytes()
     gc.collect()
@@ -67,17 +69,23 @@ def _grow_worker(rank: int, world: int) -> dict[str, Any]:
         "peak": peak,
         "kept": kept,
         "spilled": store.spilled_bytes,
+        "in_place": store.last_in_place,
     }
 
 
-def test_replan_peak_stays_below_old_plus_new_tables() -> None:
-    for r in run_ranks(_grow_worker, 2):
+@pytest.mark.parametrize("in_place", [False, True], ids=["spill", "in_place"])
+def test_replan_peak_stays_below_old_plus_new_tables(in_place: bool) -> None:
+    for r in run_ranks(_grow_worker, 2, in_place):
         assert r["replanned"] and r["kept"], r
         assert r["new"] == 2 * r["old"] >= 64_000_000, r
-        assert r["spilled"] >= r["old"], r
+        if in_place:  # both tables keep their rank: rewidthed in memory, nothing spilled
+            assert r["in_place"] == ["t0", "t1"] and r["spilled"] == 0, r
+        else:
+            assert r["in_place"] == [] and r["spilled"] >= r["old"], r
         # The baseline RSS holds the old tables. Building the new ones next to them would
-        # raise the peak by all of ``new``; freeing first raises it by ``new - old`` plus
-        # chunks and allocator noise.
+        # raise the peak by all of ``new``; freeing first (spill) or giving the old pages
+        # back behind the copy (in place) raises it by ``new - old`` plus chunks and
+        # allocator noise.
         assert r["peak"] < r["new"] - r["old"] // 2, r
 
 
@@ -105,6 +113,7 @@ def _grow_one_worker(rank: int, world: int) -> dict[str, Any]:
         PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
     )  # fmt: skip
     store = sharded.store_for(coll)
+    store.rewidth_in_place = False  # this test is about the spill path
     weights, states = store.views()
     before = {
         t: (
@@ -169,6 +178,7 @@ def _handed_over_then_changed_worker(rank: int, world: int) -> dict[str, Any]:
         PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
     )  # fmt: skip
     store = sharded.store_for(coll)
+    store.rewidth_in_place = False  # in place, the copy gives the old pages back whoever holds them
     coll.apply_changes([DimChange(0, "grow", 0, 4, 5)], store)  # t1 is handed over untouched
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -37,9 +37,19 @@ AUTO_TYPES = ["table_wise", "column_wise", "table_column_wise"]
 
 @dataclass
 class PlanningConfig:
+    """How tables are placed at sharding time and at every re-plan.
+
+    ``keep_placement``: a re-plan keeps each table whose width changes on the ranks that
+    hold it when its shards hold whole rows (table-wise, row-wise, a single column shard):
+    only its width changes, no row crosses ranks, and each rank rewidths its rows in
+    memory. The planner then places nothing at a re-plan but tables split by columns. ``False``: the planner re-places every table whose
+    width changed (which may move it to another rank, through the spill file).
+    """
+
     sharding: ShardingChoice = "auto"
     batch_size: int = 256
     min_partition: int = 4
+    keep_placement: bool = True
 
 
 def validate_configs(configs: list[EmbeddingBagConfig], block: int = 4) -> None:

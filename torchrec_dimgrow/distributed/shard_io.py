@@ -15,9 +15,14 @@ tables a rank owns, so optimizer-state layouts are derived from the weight's met
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import mmap
 import os
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -375,3 +380,75 @@ def restore_block(
             if a0 < a1 and c0 < c1:
                 p.tensor[a0 - p.row : a1 - p.row, c0 - p.col : c1 - p.col] = buf[a0 - r0 : a1 - r0, c0:c1]
     return moved
+
+
+# ----------------------------------------------------------------------------- rewidth in place
+_MADV_DONTNEED = 4  # Linux: the range reads back as zeros and its pages leave the RSS
+
+
+@functools.cache
+def _madvise() -> Callable[[int, int, int], int] | None:
+    """libc's ``madvise`` where pages can be given back on their own (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+def can_release_pages() -> bool:
+    """True when :func:`release_pages` gives memory back (Linux); else rewidth by spilling."""
+    return _madvise() is not None
+
+
+def release_pages(t: torch.Tensor, start: int, end: int) -> int:
+    """Give back the pages lying wholly inside bytes ``[start, end)`` of ``t``'s data.
+
+    The range's contents are lost (it reads back as zeros): only for a buffer that is about
+    to be dropped and whose bytes were already copied. Only whole pages inside the range
+    are released, so memory just outside it (the allocator's headers, another tensor) is
+    never touched. Returns the offset up to which pages are now released (``start`` when
+    none were), where a following call should start.
+    """
+    fn = _madvise()
+    if fn is None or t.device.type != "cpu":
+        return start
+    base = t.data_ptr()
+    lo = -(-(base + start) // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (base + end) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi <= lo:
+        return start
+    if fn(lo, hi - lo, _MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_DONTNEED) failed: {os.strerror(err)}")
+    return hi - base
+
+
+@torch.no_grad()
+def rewidth_rows(old: torch.Tensor, rows: int, old_cols: int, new_cols: int) -> torch.Tensor:
+    """A new flat ``rows x new_cols`` buffer with the first ``min(old_cols, new_cols)`` columns
+    of every row of the flat ``rows x old_cols`` buffer ``old``; other columns unset.
+
+    The copy walks row chunks (``CHUNK_BYTES``) and gives back the pages of ``old`` behind
+    it (:func:`release_pages`), while the new buffer, allocated empty, only takes pages as
+    they are written: the two together never hold much more than the larger of the two
+    plus one chunk. ``old`` is garbage afterwards: its owner must drop it.
+    """
+    if old.dim() != 1 or not old.is_contiguous() or old.numel() != rows * old_cols:
+        raise ValueError(
+            f"rewidth_rows: expected a contiguous flat buffer of {rows} x {old_cols}, got {tuple(old.shape)}"
+        )
+    new = torch.empty(rows * new_cols, dtype=old.dtype, device=old.device)
+    keep = min(old_cols, new_cols)
+    src, dst = old.view(rows, old_cols), new.view(rows, new_cols)
+    row_bytes = old_cols * old.element_size()
+    released = 0
+    for r0, r1 in _row_chunks(rows, old_cols, old.element_size()):
+        dst[r0:r1, :keep] = src[r0:r1, :keep]
+        released = release_pages(old, released, r1 * row_bytes)
+    return new

@@ -5,12 +5,14 @@ same-shape shards), so a capacity change is a rebuild of the collection's inner 
 EBC, done in place inside the existing DMP:
 
 1. a new meta-device ``EmbeddingBagCollection`` at the new widths gets the same in-backward
-   (fused) optimizer and is planned by TorchRec's planner (tables whose width did not
-   change keep their old placement, so they are copied locally, not moved);
+   (fused) optimizer and is planned: tables whose width did not change keep their old
+   placement, and so do (``PlanningConfig.keep_placement``) changed tables whose shards
+   hold whole rows; TorchRec's planner places the rest (column-split tables);
 2. TorchRec's stock sharder shards it;
 3. every kept column of every table, and the matching fused-optimizer state, is copied
-   bit-exactly shard-to-shard (:mod:`torchrec_dimgrow.distributed.shard_io`); new columns
-   are drawn from N(0, std) with zero optimizer state;
+   bit-exactly (in memory on the rank that holds it, or shard-to-shard through a spill
+   file, :mod:`torchrec_dimgrow.distributed.shard_io`); new columns are drawn from
+   N(0, std) with zero optimizer state;
 4. the new sharded module replaces the old one and the DMP's fused optimizer and plan are
    rebuilt. Dense parts (gates, projections, the user's model) and DDP are untouched.
 
@@ -20,10 +22,11 @@ All fields that changed at one check are handled by one re-plan.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -32,18 +35,20 @@ from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBa
 from torchrec.distributed.embedding_sharding import USE_ONE_TBE_PER_TABLE
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
-from torchrec.distributed.types import ShardingEnv
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 
-from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection
+from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection, validate_configs
 from torchrec_dimgrow.distributed.shard_io import (
     Spill,
     SpilledTable,
     TableView,
+    can_release_pages,
     copy_block,
     fill_columns,
     restore_block,
+    rewidth_rows,
     state_view,
     view_of,
 )
@@ -71,10 +76,15 @@ class _Buffers(dict[str, torch.Tensor]):
 
 @dataclass
 class _Handover:
-    """This rank's buffers of the tables handed over, and the handed-over tables (global)."""
+    """This rank's buffers of the tables handed over, and the handed-over tables (global).
+
+    ``in_place``: the changed tables (global) that are rewidthed in memory where they are
+    (:meth:`ShardedTableStore._rewidth`) instead of going through the spill file.
+    """
 
     local: dict[str, _Buffers]
     global_tables: list[str]
+    in_place: list[str] = field(default_factory=list)
 
     def __contains__(self, table: object) -> bool:
         return table in self.local
@@ -120,6 +130,21 @@ def _forget_handover(ebc: nn.Module) -> None:
             ]
 
 
+def pin_width(ps: ParameterSharding | None, old: int, new: int) -> ParameterSharding | None:
+    """``ps`` at width ``new``, every shard on the rank it was; ``None`` unless every shard
+    holds whole rows (table-wise, row-wise, or a column split into a single column
+    shard), the layouts whose shards a width change does not split."""
+    shards = getattr(ps.sharding_spec, "shards", None) if ps is not None else None
+    if ps is None or not shards:
+        return None
+    if any(int(m.shard_offsets[1]) != 0 or int(m.shard_sizes[1]) != old for m in shards):
+        return None
+    pinned = copy.deepcopy(ps)
+    for m in pinned.sharding_spec.shards:  # type: ignore[union-attr]
+        m.shard_sizes[1] = new
+    return pinned
+
+
 def find_fqn(root: nn.Module, target: nn.Module) -> str:
     for name, mod in root.named_modules():
         if mod is target:
@@ -152,6 +177,10 @@ class ShardedTableStore:
         self.spill_dir = spill_dir  # scratch files of re-plans (None: the system temp dir)
         self.spilled_bytes = 0
         self.last_phases: dict[str, float] = {}  # seconds per phase of the latest re-plan
+        self.last_in_place: list[str] = []  # tables the latest re-plan rewidthed in memory
+        # Rewidth tables that keep their placement in memory (False: always through the
+        # spill file, the path every layout supports).
+        self.rewidth_in_place = True
 
     # ------------------------------------------------------------------ tensors
     @property
@@ -218,15 +247,25 @@ class ShardedTableStore:
         Nothing is held twice. Tables whose width does not change keep their place and
         their storage: each sits in its own TBE (:func:`sharder`), and the new TBE is
         built on the old weight and optimizer-state buffers (FBGEMM's
-        ``preallocated_host_buffers``), so they are neither copied nor reallocated. The
-        surviving columns of the tables that do change (and of any table not in a TBE of
-        its own, e.g. a model sharded by the user's own sharder) are spilled to a scratch
-        file in row chunks, the old module is dropped (freeing exactly those tables), the
-        new module is sharded, and the kept columns are read back chunk by chunk
-        (all-reduced only when a table changed owner). A re-plan therefore costs time and
+        ``preallocated_host_buffers``), so they are neither copied nor reallocated.
+
+        A table whose width changes but whose shards hold whole rows (table-wise, row-wise,
+        one column shard) keeps its ranks under ``PlanningConfig.keep_placement`` and is
+        rewidthed in memory on each rank
+        (:func:`~torchrec_dimgrow.distributed.shard_io.rewidth_rows`: the new buffer fills as
+        the old one's pages are given back) and handed to the new TBE the same way; a
+        row-wise optimizer state (one value per row) is handed over as it is. The
+        surviving columns of any other changed table (one the planner places anew, or not
+        in a TBE of its own, or where pages cannot be given back) are spilled to a
+        scratch file in row chunks, the old module is dropped (freeing exactly those
+        tables), the new module is sharded, and the kept columns are read back chunk by
+        chunk (all-reduced only when a table changed owner). New columns are drawn after
+        the new module is built, table by table in name order, on whichever path the table
+        took, so the draws do not depend on the path. A re-plan therefore costs time and
         transient memory in proportion to the tables that change, not to all tables.
         """
         start = time.perf_counter()
+        old_widths = {c.name: c.embedding_dim for c in self.collection.physical_configs()}
         configs = [
             replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim), init_fn=_keep_values)
             for c in self.collection.physical_configs()
@@ -235,34 +274,34 @@ class ShardedTableStore:
             tables=configs, is_weighted=self.collection.is_weighted(), device=torch.device("meta")
         )
         self.optimizer.apply(new_ebc.parameters())
-        world = dist.get_world_size(self.group)
-        module_plan = plan_collection(
-            new_ebc, self.fqn, world, self.device, self.planning, self.group, self.optimizer.rowwise()
-        )
-        old_plan = self.dmp.plan.plan.get(self.fqn, {})
-        for name in module_plan:
-            if name not in capacities and name in old_plan:  # keep untouched tables in place
-                module_plan[name] = old_plan[name]  # type: ignore[index]
         widths = {c.name: c.embedding_dim for c in configs}
+        module_plan, pinned = self._plan(new_ebc, set(capacities), old_widths, widths)
+        in_place = (
+            pinned if self.rewidth_in_place and self.device.type == "cpu" and can_release_pages() else set()
+        )
         phases = {"plan": time.perf_counter() - start}
-        handover = self._handover(set(capacities))
-        for pname, param in new_ebc.named_parameters():
-            table = pname.split(".")[1]
-            if table in handover:  # one kwargs dict per table (apply() shares one among all)
-                kwargs = dict(param._optimizer_kwargs[0], preallocated_host_buffers=handover[table])  # type: ignore[attr-defined,index]
-                param._optimizer_kwargs = [kwargs]  # type: ignore[attr-defined]
+        handover = self._handover(set(capacities), in_place)
         spill = Spill(self.spill_dir)
         try:
-            spilled = self._spill(widths, set(handover.global_tables), spill)
+            spilled = self._spill(widths, {*handover.global_tables, *handover.in_place}, spill)
             phases["spill"] = time.perf_counter() - start - sum(phases.values())
-            self._release_old()
+            self._rewidth(handover, old_widths, widths)
+            phases["rewidth"] = time.perf_counter() - start - sum(phases.values())
+            for pname, param in new_ebc.named_parameters():
+                table = pname.split(".")[1]
+                if table in handover:  # one kwargs dict per table (apply() shares one among all)
+                    kwargs = dict(param._optimizer_kwargs[0], preallocated_host_buffers=handover[table])  # type: ignore[attr-defined,index]
+                    param._optimizer_kwargs = [kwargs]  # type: ignore[attr-defined]
+            self._release_old(collect=bool(spilled))
             env = ShardingEnv.from_process_group(self.group)
             with _without_tbe_init():
                 new = sharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
             _forget_handover(new_ebc)
             del handover
             phases["shard"] = time.perf_counter() - start - sum(phases.values())
-            moved = self._restore(new, spilled, spill, std)
+            moved = self._restore(
+                new, spilled, spill, std, {t: min(old_widths[t], widths[t]) for t in in_place}
+            )
             phases["restore"] = time.perf_counter() - start - sum(phases.values())
             self.spilled_bytes += spill.bytes
         finally:
@@ -276,14 +315,56 @@ class ShardedTableStore:
         seconds = time.perf_counter() - start
         phases["rebuild_optimizer"] = seconds - sum(phases.values())
         self.last_phases = phases
+        self.last_in_place = sorted(in_place)
         return ResizeResult(seconds, moved)
 
-    def _handover(self, changed: set[str]) -> _Handover:
-        """Storage of the unchanged tables that each sit in a TBE of their own, on every rank.
+    def _plan(
+        self,
+        new_ebc: EmbeddingBagCollection,
+        changed: set[str],
+        old_widths: dict[str, int],
+        widths: dict[str, int],
+    ) -> tuple[EmbeddingModuleShardingPlan, set[str]]:
+        """The module plan at the new widths, and the changed tables that keep their ranks.
 
-        A table qualifies only when no rank holds it in a TBE shared with another table
-        (agreed with an all-reduce, since spilling is collective); its buffers are handed
-        to the new TBE as they are.
+        Unchanged tables keep their old placement; changed ones whose shards hold whole
+        rows too under ``keep_placement`` (:func:`pin_width`). TorchRec's planner runs only when
+        some table is left to place (it is a collective, and its choice for the changed
+        tables ignores where the unchanged ones actually are). The decision uses only the
+        old plan and the widths, identical on every rank.
+        """
+        old_plan = self.dmp.plan.plan.get(self.fqn, {})
+        plan: dict[str, ParameterSharding] = {}
+        pinned: set[str] = set()
+        for name in widths:
+            if name not in changed and name in old_plan:
+                plan[name] = old_plan[name]  # type: ignore[index]
+            elif name in changed and self.planning.keep_placement:
+                same_ranks = pin_width(old_plan.get(name), old_widths[name], widths[name])  # type: ignore[arg-type]
+                if same_ranks is not None:
+                    plan[name] = same_ranks
+                    pinned.add(name)
+        if len(plan) == len(widths):
+            validate_configs(new_ebc.embedding_bag_configs())
+            return EmbeddingModuleShardingPlan(plan), pinned
+        fresh = plan_collection(
+            new_ebc,
+            self.fqn,
+            dist.get_world_size(self.group),
+            self.device,
+            self.planning,
+            self.group,
+            self.optimizer.rowwise(),
+        )
+        return EmbeddingModuleShardingPlan({n: plan.get(n, fresh[n]) for n in widths}), pinned
+
+    def _handover(self, changed: set[str], in_place: set[str]) -> _Handover:
+        """Storage of the tables that each sit in a TBE of their own, on every rank.
+
+        A table qualifies only when no rank holds it in a TBE shared with another table or
+        outside host memory (agreed with an all-reduce, since spilling is collective). An unchanged one is
+        handed to the new TBE as it is; a changed one in ``in_place`` (its placement is
+        kept) is rewidthed in memory (:meth:`_rewidth`); other changed ones are spilled.
         """
         local: dict[str, _Buffers] = {}
         shared: set[str] = set()
@@ -299,13 +380,43 @@ class ShardedTableStore:
                     t = getattr(tbe, f"{key}_host", None)
                     if isinstance(t, torch.Tensor) and t.numel() > 0:
                         buffers[key] = t.detach()
+                if "weights" not in buffers:  # e.g. a TBE in device memory: no host buffers
+                    shared |= names
+                    continue
                 local[next(iter(names))] = buffers
         tables = sorted(c.name for c in self.collection.physical_configs())
-        ok = torch.tensor([0 if (t in changed or t in shared) else 1 for t in tables], dtype=torch.int32)
+        ok = torch.tensor(
+            [0 if (t in shared or (t in changed and t not in in_place)) else 1 for t in tables],
+            dtype=torch.int32,
+        )
         if dist.get_world_size(self.group) > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
         keep = [t for t, flag in zip(tables, ok.tolist()) if flag]
-        return _Handover({t: local[t] for t in keep if t in local}, keep)
+        return _Handover(
+            {t: local[t] for t in keep if t in local},
+            [t for t in keep if t not in changed],
+            [t for t in keep if t in changed],
+        )
+
+    def _rewidth(self, handover: _Handover, old: dict[str, int], new: dict[str, int]) -> None:
+        """Swap the old buffers of the ``in_place`` tables held here for rewidthed ones.
+
+        Weights and per-column optimizer states get new buffers (kept columns copied, the
+        old pages given back behind the copy); a row-wise state stays as it is. The new
+        columns are left unset until :meth:`_restore` draws / zeroes them. Local: each
+        rank's pieces of these tables are whole rows, the same rows before and after.
+        """
+        rowwise = self.optimizer.state_kinds()
+        for table in handover.in_place:
+            buffers = handover.local.get(table)
+            if buffers is None:
+                continue  # no rows of this table here
+            rows, rem = divmod(buffers["weights"].numel(), old[table])
+            if rem:
+                raise RuntimeError(f"table {table!r}: local buffer is not {old[table]} columns wide")
+            for key in list(buffers):
+                if key == "weights" or not rowwise.get(key, False):
+                    buffers[key] = rewidth_rows(buffers[key], rows, old[table], new[table])
 
     def _spill(
         self, widths: dict[str, int], skip: set[str], spill: Spill
@@ -330,11 +441,20 @@ class ShardedTableStore:
                 out[table][name] = (spill.write(v, k), k)
         return out
 
-    def _release_old(self) -> None:
-        """Drop every reference this package holds to the old sharded tables, then collect."""
+    def _release_old(self, collect: bool) -> None:
+        """Drop every reference this package holds to the old sharded tables.
+
+        ``collect``: also run the cycle collector (a sharded module sits in reference
+        cycles), so that the storage of spilled tables is free before the new tables are
+        allocated. A full collection costs 0.5-1 s on a large heap; when nothing was
+        spilled the old module holds no pages worth waiting for (handed-over buffers
+        live on, rewidthed ones were given back during the copy) and the collector frees
+        it later.
+        """
         self.collection.ebc = nn.Module()  # placeholder until the new module is in
         self.dmp._optim = CombinedOptimizer([])
-        gc.collect()
+        if collect:
+            gc.collect()
 
     @torch.no_grad()
     def _restore(
@@ -343,13 +463,27 @@ class ShardedTableStore:
         spilled: dict[str, dict[str, tuple[SpilledTable, int]]],
         spill: Spill,
         std: float,
+        in_place: dict[str, int],
     ) -> int:
-        """New columns N(0, std) (states zero); kept columns read back from ``spill``."""
+        """New columns N(0, std) (states zero); kept columns read back from ``spill``.
+
+        ``in_place``: table -> kept columns of the tables rewidthed in memory (their kept
+        columns are already there). All tables are visited in one name order, so the
+        random draws are the same whichever path a table took.
+        """
         new_w = self._weights(new)
         new_s = self._states(new, new_w)
+        rowwise = self.optimizer.state_kinds()
         moved = 0
-        for table in sorted(spilled):  # same order on every rank; the rest kept their storage
+        for table in sorted({*spilled, *in_place}):  # same order on every rank; the rest kept their storage
             dst = new_w[table]
+            if table in in_place:
+                keep = in_place[table]
+                fill_columns(dst, list(range(keep, dst.cols)), std)
+                for name in sorted(new_s[table]):
+                    s_new = new_s[table][name]
+                    fill_columns(s_new, list(range(1 if rowwise[name] else keep, s_new.cols)), None)
+                continue
             src, keep = spilled[table]["weight"]
             fill_columns(dst, list(range(keep, dst.cols)), std)
             moved += restore_block(spill, src, dst, keep, self.group, self.device)
