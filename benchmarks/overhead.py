@@ -23,6 +23,7 @@ cost of re-planning is measured by the replan benchmark, not here.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -118,16 +119,19 @@ def _search_step_fn(
     return step
 
 
-def _time(fn: Callable[[], None]) -> tuple[float, float]:
-    """(wall seconds, this thread's CPU seconds) of ``fn()``.
+def _time(fn: Callable[[], None]) -> tuple[float, float, int]:
+    """(wall seconds, this thread's CPU seconds, minor page faults) of ``fn()``.
 
     With one intra-op thread all the work runs on the calling thread, so its CPU time is
     the step's own cost even when other processes share the cores (wall time then also
-    counts the waits for a core; both are reported).
+    counts the waits for a core; both are reported). Page faults: a step whose freed
+    temporaries went back to the kernel pays to fault them in again on the next step.
     """
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start, cpu = time.perf_counter(), time.thread_time()
     fn()
-    return time.perf_counter() - start, time.thread_time() - cpu
+    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
@@ -147,7 +151,7 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
     vbatches = [b.to(dev) for b in data.val.batches(cfg.batch_size, shuffle=True, seed=cfg.seed + 1)]
     n = cfg.steps
 
-    def run(fn: Callable[..., None], two: bool) -> tuple[float, float]:
+    def run(fn: Callable[..., None], two: bool) -> tuple[float, float, float]:
         def go() -> None:
             for i in range(n):
                 b = batches[i % len(batches)]
@@ -155,8 +159,8 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
 
-        wall, cpu = _time(go)
-        return wall / n, cpu / n
+        wall, cpu, faults = _time(go)
+        return wall / n, cpu / n, faults / n
 
     names = ["plain", "dimgrow train", "dimgrow search"]
     fns: list[tuple[Callable[..., None], bool]] = [(plain_step, False), (dg_train, False), (dg_search, True)]
@@ -165,11 +169,13 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
             run(fn, two)
     wall: dict[str, list[float]] = {k: [] for k in names}
     cpu: dict[str, list[float]] = {k: [] for k in names}
+    faults: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(cfg.rounds):
         for name, (fn, two) in zip(names, fns):
-            w, c = run(fn, two)
+            w, c, f = run(fn, two)
             wall[name].append(w)
             cpu[name].append(c)
+            faults[name].append(f)
     if set(coll.post.dims_list()) != {dim}:
         raise RuntimeError("dims changed during the overhead run; the comparison would be unequal")
     if cfg.profile:
@@ -189,6 +195,7 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
         "plain cpu ms": round(cmed["plain"], 2),
         "train cpu ratio": round(cmed["dimgrow train"] / cmed["plain"], 2),
         "search cpu ratio": round(cmed["dimgrow search"] / cmed["plain"], 2),
+        **{f"{k} faults/step": round(statistics.median(v)) for k, v in faults.items()},
     }
 
 
@@ -198,9 +205,12 @@ def _profile(names: list[str], fns: list[tuple[Callable[..., None], bool]], run:
 
     out.mkdir(parents=True, exist_ok=True)
     for name, (fn, two) in zip(names, fns):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             run(fn, two)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        # By input shape: the batch-sized ops (B x C) stand apart from the per-table ones.
+        table = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=60
+        )
         (out / f"profile_{name.replace(' ', '_')}.txt").write_text(table)
         print(f"--- {name}\n{table}")
 

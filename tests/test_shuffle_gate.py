@@ -3,7 +3,6 @@ import torch
 
 from torchrec_dimgrow.modules.shuffle_gate import (
     ShuffleGate,
-    Workspace,
     column_shuffle,
     shuffle_mix,
     shuffle_project,
@@ -117,17 +116,14 @@ def _value_and_grads(
 
 
 @pytest.mark.parametrize("shape", [(64, 10), (5, 12), (1, 3), (16, 0)])
-@pytest.mark.parametrize("workspace", [False, True])
-def test_shuffle_project_matches_mixing_then_projecting(shape: tuple[int, int], workspace: bool) -> None:
+def test_shuffle_project_matches_mixing_then_projecting(shape: tuple[int, int]) -> None:
     """Same values and gradients (x, gates, weight) as ``shuffle_mix(x, g) @ W``."""
     inputs = _inputs(*shape)
-    ws = Workspace() if workspace else None
     ref, ref_grads = _value_and_grads(lambda x, g, w: shuffle_mix(x, g, "shuffle") @ w, inputs)
-    for _ in range(2):  # the second call reuses the workspace's buffers
-        out, grads = _value_and_grads(lambda x, g, w: shuffle_project(x, g, w, ws), inputs)
-        assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
-        for got, want in zip(grads, ref_grads):
-            assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    out, grads = _value_and_grads(shuffle_project, inputs)
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_shuffle_project_gradients_in_closed_form() -> None:
@@ -154,37 +150,3 @@ def test_shuffle_project_gradients_in_closed_form() -> None:
     torch.manual_seed(3)
     with torch.no_grad():
         assert torch.equal(shuffle_project(x, g, w), out)
-
-
-def test_workspace_reuses_buffers_across_steps_but_never_one_still_in_use() -> None:
-    ws = Workspace()
-    x, g, w = _inputs(32, 7)
-    shuffle_project(x, g, w, ws).sum().backward()
-    ptrs = {buf.data_ptr() for buf, _ in ws._buffers}
-    shuffle_project(x, g, w, ws).sum().backward()
-    assert {buf.data_ptr() for buf, _ in ws._buffers} == ptrs, "a finished step's buffers are reused"
-
-    # Two forwards alive at once (gradient accumulation) and a graph kept for a second
-    # backward: each keeps its own buffers, so every gradient equals the unpooled one.
-    ref_out, ref_grads = _value_and_grads(lambda *a: shuffle_project(*a) + shuffle_project(*a), [x, g, w])
-    torch.manual_seed(7)
-    out = shuffle_project(x, g, w, ws) + shuffle_project(x, g, w, ws)
-    weights = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view_as(out)
-    first = torch.autograd.grad((out * weights).sum(), [x, g, w], retain_graph=True)
-    shuffle_project(x, g, w, ws).sum().backward()  # a step in between must not touch the kept graph
-    second = torch.autograd.grad((out * weights).sum(), [x, g, w])
-    assert torch.equal(out, ref_out)
-    for a, b, want in zip(first, second, ref_grads):
-        assert torch.allclose(a, want, rtol=1e-12, atol=1e-12) and torch.equal(a, b)
-
-
-def test_workspace_drops_stale_buffers_and_stays_bounded() -> None:
-    ws = Workspace(max_buffers=2)
-    like = torch.zeros(1)
-    small = ws.take((4, 4), like)
-    del small
-    big = ws.take((8, 8), like)  # the free 16-element buffer is too small: replaced
-    assert [b.numel() for b, _ in ws._buffers] == [64]
-    held = [big, ws.take((2, 2), like)]
-    extra = ws.take((2, 2), like)  # both buffers in use and the cap reached: a plain tensor
-    assert len(ws._buffers) == 2 and all(extra.data_ptr() != h.data_ptr() for h in held)

@@ -35,7 +35,6 @@ from torchrec_dimgrow.config import AlignMode, BudgetError, DimGrowConfig, resol
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
 from torchrec_dimgrow.modules.shuffle_gate import (
     ShuffleGate,
-    Workspace,
     shuffle_mix,
     shuffle_noise,
     shuffle_project,
@@ -184,8 +183,6 @@ class DimGrowPostProcess(nn.Module):
         self._host_dims: tuple[int, list[int]] = (self.dims._version, list(initial))
         self._layout_key: tuple[object, ...] = ()
         self._layout: _Layout | None = None
-        # Batch-sized scratch of the summed training path, kept across steps (see Workspace).
-        self._workspace = Workspace()
 
     # ----------------------------------------------------------------- state access
     def dims_list(self) -> list[int]:
@@ -313,8 +310,7 @@ class DimGrowPostProcess(nn.Module):
             (g * x + (1 - g) * noise) @ W
 
         Training (``"shuffle"``): :func:`shuffle_project`, one matmul forward and the two a
-        plain ``x @ W`` needs backward, plus a few batch-sized elementwise passes on buffers
-        reused across steps. In a gate step (lookups detached) the projection's gradient
+        plain ``x @ W`` needs backward, plus a few batch-sized elementwise passes. In a gate step (lookups detached) the projection's gradient
         would be discarded, so its matmul is skipped (it reads zero). In ``eval`` "mean"
         mode the gates are folded into the rows, ``x @ (g W) + mean @ ((1 - g) W)`` (the
         noise term is one row). With ``"pad"`` the mixed columns are added into place (one
@@ -334,7 +330,7 @@ class DimGrowPostProcess(nn.Module):
         if mode == "off":
             return x @ rows
         if mode == "shuffle":
-            return shuffle_project(x, g, rows, self._workspace, weight_grad=not self.freeze_lookup)
+            return shuffle_project(x, g, rows, weight_grad=not self.freeze_lookup)
         noise = shuffle_noise(x, mode)
         return x @ (g.unsqueeze(1) * rows) + noise @ ((1.0 - g).unsqueeze(1) * rows)
 

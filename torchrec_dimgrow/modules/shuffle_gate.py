@@ -9,64 +9,10 @@ own permutation (DimGrow), unlike ShuffleGate v1 which shares one per field.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
 from torch import nn
-
-
-class Workspace:
-    """Scratch tensors reused across training steps (CPU only; anything else allocates fresh).
-
-    Why: on CPU every fresh multi-MB tensor comes from ``malloc``, and glibc hands freed
-    top-of-heap memory back to the kernel once a step's temporaries outgrow its trim
-    threshold. The next step then faults every page back in: the batch-sized shuffle
-    temporaries of a DimGrow step cost ~1,000-3,000 page faults per step (several ms,
-    more than their arithmetic) while a plain EBC step, with fewer of them, stays at ~0.
-
-    A buffer is handed out as a fresh view and only handed out again once that view is
-    gone: not referenced anywhere, autograd's saved tensors included (a weak reference
-    tracks it). A graph kept for a second backward, or two forwards before one backward,
-    therefore get their own buffers; nothing is ever overwritten while in use.
-    """
-
-    def __init__(self, max_buffers: int = 8) -> None:
-        self.max_buffers = max_buffers
-        self._buffers: list[tuple[torch.Tensor, weakref.ref[torch.Tensor] | None]] = []
-
-    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised ``shape`` tensor of ``like``'s dtype and device."""
-        if like.device.type != "cpu":  # a caching device allocator already does this
-            return like.new_empty(shape)
-        n = 1
-        for size in shape:
-            n *= size
-        free = [i for i, (_, ref) in enumerate(self._buffers) if ref is None or ref() is None]
-        for i in free:
-            buf = self._buffers[i][0]
-            if buf.numel() >= n and buf.dtype == like.dtype:
-                return self._hand_out(i, buf, n, shape)
-        # A miss: free buffers too small (the dims grew) or of another dtype are stale.
-        self._buffers = [b for i, b in enumerate(self._buffers) if i not in free]
-        if len(self._buffers) >= self.max_buffers:
-            return like.new_empty(shape)
-        self._buffers.append((like.new_empty(n), None))
-        return self._hand_out(len(self._buffers) - 1, self._buffers[-1][0], n, shape)
-
-    def _hand_out(self, i: int, buf: torch.Tensor, n: int, shape: tuple[int, ...]) -> torch.Tensor:
-        view = buf[:n].view(shape)
-        self._buffers[i] = (buf, weakref.ref(view))
-        return view
-
-    def clear(self) -> None:
-        self._buffers = []
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Workspace:
-        return Workspace(self.max_buffers)  # scratch space, never state
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"max_buffers": self.max_buffers, "_buffers": []}
 
 
 def _shuffle_order(
@@ -85,7 +31,6 @@ def column_shuffle(
     generator: torch.Generator | None = None,
     column_major: bool = False,
     out: torch.Tensor | None = None,
-    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Permute the rows of every column of ``x`` (B x C), each column by its own permutation.
 
@@ -103,19 +48,14 @@ def column_shuffle(
     gathered rows. No host sync, the same code on any device. ``column_major=True`` returns
     the same values laid out column by column (the transpose of a contiguous C x B tensor).
 
-    ``out`` (row-major, B x C) receives the result instead of a fresh tensor; ``workspace``
-    supplies the gathered rows' scratch buffer (see :class:`Workspace`).
+    ``out`` (row-major, B x C) receives the result instead of a fresh tensor.
     """
     if x.dim() != 2:
         raise ValueError(f"column_shuffle expects a 2-D (batch x columns) tensor, got {tuple(x.shape)}")
     rows, cols = x.shape
     if cols == 0 or rows <= 1:
         return x if out is None else out.copy_(x)
-    order = _shuffle_order(rows, cols, x.device, generator)
-    if workspace is None:
-        ext = x.index_select(0, order).contiguous()
-    else:
-        ext = torch.index_select(x, 0, order, out=workspace.take((order.numel(), cols), x))
+    ext = x.index_select(0, _shuffle_order(rows, cols, x.device, generator)).contiguous()
     if column_major:
         return ext.as_strided((cols, rows), (cols + 1, cols)).contiguous().t()
     skewed = ext.as_strided((rows, cols), (cols, cols + 1))
@@ -183,7 +123,6 @@ def shuffle_project(
     x: torch.Tensor,
     g: torch.Tensor,
     weight: torch.Tensor,
-    workspace: Workspace | None = None,
     generator: torch.Generator | None = None,
     weight_grad: bool = True,
 ) -> torch.Tensor:
@@ -194,15 +133,14 @@ def shuffle_project(
     is what it does *not* do: the backward needs exactly the two matmuls a plain
     ``x @ W`` needs (the gradient of the mixed columns and of ``weight``) plus two
     batch-sized elementwise passes, ``grad_x = grad_mixed * g`` and
-    ``grad_g = sum_b grad_mixed * (x - noise)``; the shuffled copy gets no gradient. Its
-    batch-sized buffers come from ``workspace`` when given (no page faults per step).
+    ``grad_g = sum_b grad_mixed * (x - noise)``; the shuffled copy gets no gradient.
 
     ``weight_grad=False`` reports a zero gradient for ``weight`` without computing it (a
     matmul saved), for a backward whose weight gradient the caller discards anyway (the
     DimGrow gate step). A zero rather than none: DDP with a static graph expects every
     parameter to receive a gradient in every backward.
     """
-    return _ShuffleProject.apply(x, g, weight, workspace, generator, weight_grad)
+    return _ShuffleProject.apply(x, g, weight, generator, weight_grad)
 
 
 class _ShuffleProject(torch.autograd.Function):
@@ -218,47 +156,37 @@ class _ShuffleProject(torch.autograd.Function):
         x: torch.Tensor,
         g: torch.Tensor,
         weight: torch.Tensor,
-        workspace: Workspace | None,
         generator: torch.Generator | None,
         weight_grad: bool,
     ) -> torch.Tensor:
         x = x.contiguous()
-        shape = tuple(x.shape)
-        take = workspace.take if workspace is not None else (lambda s, like: like.new_empty(s))
-        mixed = column_shuffle(x, generator, out=take(shape, x), workspace=workspace)  # the noise, for now
+        mixed = column_shuffle(x, generator, out=torch.empty_like(x))  # the noise, for now
         # ``x - noise`` is only read by the gate gradient (not needed under no_grad).
-        diff = torch.sub(x, mixed, out=take(shape, x)) if ctx.needs_input_grad[1] else None
+        diff = x - mixed if ctx.needs_input_grad[1] else None
         mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
         ctx.save_for_backward(diff, g, weight, mixed)
-        ctx.workspace = workspace
         ctx.weight_grad = weight_grad
         return mixed @ weight
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         diff, g, weight, mixed = ctx.saved_tensors
         need_x, need_g, need_w = ctx.needs_input_grad[:3]
-        ws: Workspace | None = ctx.workspace
         grad_x = grad_g = grad_w = None
         if need_w:
             grad_w = mixed.t() @ grad if ctx.weight_grad else torch.zeros_like(weight)
         if need_x:
             grad_mixed = grad @ weight.t()
             if need_g:
-                prod = (
-                    diff * grad_mixed
-                    if ws is None
-                    else torch.mul(diff, grad_mixed, out=ws.take(diff.shape, grad))
-                )
-                grad_g = prod.sum(0)
+                grad_g = (diff * grad_mixed).sum(0)
             grad_x = grad_mixed.mul_(g)  # our own temporary, handed on: scaled in place
         elif need_g:
             # Lookups detached (the gate step): sum_b (grad W^T) * diff = rowsum(W * (diff^T grad)),
             # the same matmul work without writing or reading any batch-sized tensor.
             grad_g = ((diff.t() @ grad) * weight).sum(1)
-        return grad_x, grad_g, grad_w, None, None, None
+        return grad_x, grad_g, grad_w, None, None
 
 
 class ShuffleGate(nn.Module):
