@@ -37,7 +37,9 @@ def quiet_logs() -> None:
 
 # ----------------------------------------------------------------------------- output
 def parse_value(text: str) -> Any:
-    """A ``--set key=value`` value as int, else float, else the string itself."""
+    """A ``--set key=value`` value as int, else float, ``None`` for "None", else the string itself."""
+    if text == "None":
+        return None
     for cast in (int, float):
         try:
             return cast(text)

@@ -221,3 +221,39 @@ def test_initial_dim_none_starts_at_the_storage_block_within_the_budget() -> Non
     assert coll.post.start_dims == [3, 3]
     assert _budgeted(460.0, initial_dim=None).post.dims_list() == [1, 1]
     assert DimGrowConfig(d_max=2, initial_dim=None).initial_dim is None
+
+
+def test_budget_price_ramps_the_penalty_with_the_budget_fill() -> None:
+    coll = _budgeted(0.25)  # 920 bytes; dims [1, 1] use 460 of them: half full
+    assert coll.budget_price() == pytest.approx(0.5**2)
+    # the penalty and its closed-form share in the auto scale both carry the price
+    coll.post.penalty_scale.fill_(3.0)
+    full = coll.post.penalty()
+    assert coll.penalty().item() == pytest.approx(0.25 * full.item())
+    coll.post.dims.copy_(torch.tensor([2, 1]))  # 860 of 920 bytes
+    assert coll.budget_price() == pytest.approx((860 / 920) ** 2)
+    coll.post.dims.copy_(torch.tensor([3, 1]))  # over the budget: never above the full penalty
+    assert coll.budget_price() == 1.0
+    assert _budgeted(0.25, budget_pressure=0.0).budget_price() == 1.0
+    assert _budgeted(None).budget_price() == 1.0
+    with pytest.raises(ValueError, match="budget_pressure must be >= 0"):
+        DimGrowConfig(budget_pressure=-1.0)
+
+
+def test_auto_scale_recovers_the_task_gradient_under_a_budget_price() -> None:
+    """The auto penalty subtracts exactly the (priced) penalty share it added to the gradient."""
+    coll = _budgeted(0.25, penalty_mode="auto")
+    post = coll.post
+    post.penalty_scale.fill_(2.0)
+    theta = post.gate.theta
+    theta.grad = None
+    coll.penalty().backward()
+    pen_grad = theta.grad.clone()
+    task = torch.zeros_like(pen_grad)
+    _, _, tab_t, tab_s = post._index()
+    task[tab_t, tab_s] = 0.3
+    coll.observe_gate_gradient(task + pen_grad)
+    g = post.gate.column_gates(tab_t, tab_s)
+    expected = 0.3 / (post.config.tau * g * (1 - g))
+    cfg_ema = post.config.auto_ema
+    assert torch.allclose(post.task_grad_ema[tab_t, tab_s], (1 - cfg_ema) * expected, rtol=1e-4)

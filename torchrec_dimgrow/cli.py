@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedding memory cap: bytes (48MiB, 2.5GB, 1000000) or a fraction of the d_max model (0.3)",
     )
     s.add_argument(
+        "--budget-pressure",
+        type=float,
+        default=DimGrowConfig().budget_pressure,
+        help="with --budget: the gate penalty scales as min(1, bytes/budget)**this, so the search "
+        "grows toward the budget (0: full penalty throughout)",
+    )
+    s.add_argument(
         "--initial-dim",
         type=_initial_dim_arg,
         default=DimGrowConfig().initial_dim,
@@ -277,6 +284,7 @@ def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
         shrink_slot=args.shrink_slot,
         final_gates=args.final_gates,
         budget=args.budget,
+        budget_pressure=args.budget_pressure,
         initial_dim=args.initial_dim,
     )
 

@@ -72,6 +72,7 @@ RANGES: dict[str, Bound] = {
     "d_max": Bound(1, MAX_DIM),
     "initial_dim": Bound(1, MAX_DIM),  # None = "block"
     "alpha": NON_NEGATIVE,
+    "budget_pressure": NON_NEGATIVE,
     "gate_lr": POSITIVE,
     "check_interval": AT_LEAST_1,
     "grow_threshold": Bound(0, 1, low_open=True),

@@ -345,14 +345,17 @@ class DimGrowPostProcess(nn.Module):
         rows = self.table_rows
         return rows / rows[tab_t].mean()
 
-    def penalty(self) -> torch.Tensor:
-        """Scaled decaying-L1 gate penalty, ``penalty_scale * mean_active(w_t * g / k)``."""
+    def penalty(self, price: float = 1.0) -> torch.Tensor:
+        """Scaled decaying-L1 gate penalty, ``price * penalty_scale * mean_active(w_t * g / k)``.
+
+        ``price`` is the budget's ramp (:meth:`DimGrowEmbeddingBagCollection.budget_price`).
+        """
         _, _, tab_t, tab_s = self._index()
-        return self.penalty_scale * self.gate.penalty(tab_t, tab_s, self.table_weights(tab_t))
+        return (price * self.penalty_scale) * self.gate.penalty(tab_t, tab_s, self.table_weights(tab_t))
 
     # ----------------------------------------------------------------- auto penalty
     @torch.no_grad()
-    def observe_task_gradient(self, theta_grad_with_penalty: torch.Tensor) -> None:
+    def observe_task_gradient(self, theta_grad_with_penalty: torch.Tensor, price: float = 1.0) -> None:
         """Update the "auto" penalty scale from the gate gradient of the last gate step.
 
         The penalty's own share of ``theta.grad`` is known in closed form, so the task
@@ -371,7 +374,7 @@ class DimGrowPostProcess(nn.Module):
         n = float(tab_t.numel())
         weights = self.table_weights(tab_t)
         w = weights[tab_t] if weights is not None else torch.ones_like(g)
-        penalty_grad = self.penalty_scale * w * dg_dtheta / (k * n)
+        penalty_grad = (price * self.penalty_scale) * w * dg_dtheta / (k * n)
         task = theta_grad_with_penalty[tab_t, tab_s] - penalty_grad
         task_g = task / dg_dtheta.clamp_min(1e-4)
         ema = self.task_grad_ema
@@ -590,7 +593,26 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
     def penalty(self) -> torch.Tensor:
         """The gate regulariser to add to the loss of the gate (validation) step."""
-        return self.post.penalty()
+        return self.post.penalty(self.budget_price())
+
+    def budget_price(self) -> float:
+        """How much of the gate penalty applies under a byte budget: ``min(1, fill) ** p``.
+
+        ``fill`` is the bytes of the current logical dims over the budget and ``p`` is
+        ``config.budget_pressure``. Without a budget (or with ``p = 0``) it is 1: the
+        penalty alone decides the size. With a budget, the budget is the size target and
+        the penalty only sets the price per byte that decides *where* the bytes go: far
+        below the budget the price is low and useful fields keep growing, and at the
+        budget it is the full penalty, under which :func:`~torchrec_dimgrow.policy.admit_growth`
+        trades weak slots for stronger ones. Computed from the host-side dims (no device
+        read), so it is the same on every rank.
+        """
+        power = self.config.budget_pressure
+        budget = self.budget_bytes()
+        if budget is None or power == 0:
+            return 1.0
+        used = sum(c * d for c, d in zip(self.dim_costs(), self.post.dims_list()))
+        return min(1.0, used / budget) ** power
 
     @contextlib.contextmanager
     def gate_step(self) -> Iterator[None]:
@@ -633,7 +655,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
     def observe_gate_gradient(self, grad: torch.Tensor) -> None:
         """Feed the gate gradient of a gate step to the "auto" penalty scale."""
-        self.post.observe_task_gradient(grad)
+        self.post.observe_task_gradient(grad, self.budget_price())
 
     def restore_widths(self, dims: Sequence[int], capacities: Sequence[int]) -> None:
         """Set logical dims and capacities before sharding (a resumed run's saved widths).
