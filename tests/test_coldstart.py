@@ -24,7 +24,7 @@ def noise_search(rank: int, world: int, out: str, grow_threshold: float) -> dict
     ids = rng.integers(0, 10, (2_000, 3))
     labels = (rng.random(2_000) < 0.5).astype(np.float32)  # pure noise: val AUC wanders
     data = from_arrays(["a", "b", "c"], [10, 10, 10], ids, labels, (0.6, 0.2))
-    dg = DimGrowConfig(d_max=4, grow_threshold=grow_threshold, gate_lr=0.05)
+    dg = DimGrowConfig(d_max=4, initial_dim=1, grow_threshold=grow_threshold, gate_lr=0.05)
     tc = TrainConfig(epochs=6, batch_size=64, seed=0, early_stop_patience=1)
     result = run_search(
         data, dg, tc, PlanningConfig(), env, SearchOptions(Path(out), quiet=True, log_every=0)

@@ -9,6 +9,11 @@ from torchrec_dimgrow.modules.table_store import LocalTableStore
 from torchrec_dimgrow.policy import DimChange
 
 
+def start1(**kw) -> DimGrowConfig:
+    """The growth-mechanics tests below start from the paper's 1 dim (the default is the block)."""
+    return DimGrowConfig(initial_dim=1, **kw)
+
+
 def tables(n: int = 3, dim: int = 16, rows: int = 50) -> list[EmbeddingBagConfig]:
     return [
         EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=rows, feature_names=[f"f{i}"])
@@ -31,7 +36,7 @@ def grow(m: DimGrowEmbeddingBagCollection, t: int, **kw) -> object:
 
 def test_is_an_ebc_with_kjt_in_keyed_tensor_out() -> None:
     torch.manual_seed(0)
-    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    m = DimGrowEmbeddingBagCollection(tables(), start1(), align="raw")
     assert isinstance(m, EmbeddingBagCollection)
     out = m(kjt())
     assert out.keys() == ["f0", "f1", "f2"] and out.length_per_key() == [1, 1, 1]
@@ -43,7 +48,7 @@ def test_is_an_ebc_with_kjt_in_keyed_tensor_out() -> None:
 
 @pytest.mark.parametrize("align", ["pad", "project"])
 def test_aligned_modes_present_the_configured_width(align: str) -> None:
-    m = DimGrowEmbeddingBagCollection(tables(dim=16), align=align)
+    m = DimGrowEmbeddingBagCollection(tables(dim=16), start1(), align=align)
     grow(m, 0)
     out = m(kjt())
     assert out.length_per_key() == [16, 16, 16]
@@ -57,11 +62,11 @@ def test_aligned_modes_present_the_configured_width(align: str) -> None:
 
 def test_pad_rejects_width_below_d_max() -> None:
     with pytest.raises(ValueError, match="t0"):
-        DimGrowEmbeddingBagCollection(tables(dim=8), DimGrowConfig(d_max=16), align="pad")
+        DimGrowEmbeddingBagCollection(tables(dim=8), start1(d_max=16), align="pad")
 
 
 def test_logical_growth_inside_capacity_does_not_reallocate() -> None:
-    m = DimGrowEmbeddingBagCollection(tables())
+    m = DimGrowEmbeddingBagCollection(tables(), start1())
     w = m.embedding_bags["t0"].weight
     for _ in range(3):
         report = grow(m, 0)
@@ -72,7 +77,7 @@ def test_logical_growth_inside_capacity_does_not_reallocate() -> None:
 
 def test_capacity_growth_keeps_old_columns_and_optimizer_state_bit_exact() -> None:
     torch.manual_seed(0)
-    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    m = DimGrowEmbeddingBagCollection(tables(), start1(), align="raw")
     params = list(m.ebc.parameters())
     opt = torch.optim.Adam(params, lr=0.1)
     for _ in range(3):
@@ -107,7 +112,7 @@ def test_capacity_growth_keeps_old_columns_and_optimizer_state_bit_exact() -> No
 
 def test_shrink_of_a_middle_slot_moves_the_last_column_into_it() -> None:
     torch.manual_seed(0)
-    m = DimGrowEmbeddingBagCollection(tables(dim=16), align="project")
+    m = DimGrowEmbeddingBagCollection(tables(dim=16), start1(), align="project")
     for _ in range(2):
         grow(m, 0)
     with torch.no_grad():
@@ -132,7 +137,7 @@ def test_shrink_of_a_middle_slot_moves_the_last_column_into_it() -> None:
 
 
 def test_export_dims_and_configs_drop_zero_fields() -> None:
-    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    m = DimGrowEmbeddingBagCollection(tables(), start1(), align="raw")
     grow(m, 0)
     with torch.no_grad():
         m.post.gate.theta[0, :2] = torch.tensor([1.0, 0.5])
@@ -145,7 +150,7 @@ def test_export_dims_and_configs_drop_zero_fields() -> None:
 
 
 def test_gate_step_detaches_the_lookup() -> None:
-    m = DimGrowEmbeddingBagCollection(tables(), align="project")
+    m = DimGrowEmbeddingBagCollection(tables(), start1(), align="project")
     with m.gate_step():
         m(kjt()).values().sum().backward()
     assert all(p.grad is None for p in m.ebc.parameters())
@@ -171,7 +176,7 @@ def test_summed_gate_step_skips_the_projection_and_tables_but_not_the_gates() ->
 
 
 def test_auto_penalty_scale_tracks_task_gradient() -> None:
-    m = DimGrowEmbeddingBagCollection(tables(), DimGrowConfig(alpha=0.5, auto_ema=0.0), align="raw")
+    m = DimGrowEmbeddingBagCollection(tables(), start1(alpha=0.5, auto_ema=0.0), align="raw")
     assert float(m.post.penalty_scale) == 0.0, "auto mode starts uncalibrated at 0, not at alpha"
     grad = torch.zeros_like(m.post.gate.theta)
     grad[:, 0] = 0.2
@@ -183,7 +188,7 @@ def test_auto_penalty_scale_tracks_task_gradient() -> None:
     m.post.observe_task_gradient(grad + scale * 1.25 / 3)
     assert float(m.post.penalty_scale) == pytest.approx(scale, rel=1e-5)
     fixed = DimGrowEmbeddingBagCollection(
-        tables(), DimGrowConfig(alpha=0.01, penalty_mode="fixed"), align="raw"
+        tables(), start1(alpha=0.01, penalty_mode="fixed"), align="raw"
     )
     fixed.post.observe_task_gradient(grad)
     assert float(fixed.post.penalty_scale) == pytest.approx(0.01)
@@ -198,7 +203,7 @@ def _two_tables(rows: tuple[int, int]) -> list[EmbeddingBagConfig]:
 
 @pytest.mark.parametrize("weighting", ["bytes", "uniform"])
 def test_bytes_weighting_charges_slots_by_table_rows(weighting: str) -> None:
-    cfg = DimGrowConfig(alpha=1.0, penalty_mode="fixed", penalty_weighting=weighting)  # type: ignore[arg-type]
+    cfg = start1(alpha=1.0, penalty_mode="fixed", penalty_weighting=weighting)  # type: ignore[arg-type]
     m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), cfg, align="raw")
     m.penalty().backward()
     grad = m.post.gate.theta.grad
@@ -206,14 +211,14 @@ def test_bytes_weighting_charges_slots_by_table_rows(weighting: str) -> None:
     assert ratio == pytest.approx(99.0 if weighting == "bytes" else 1.0, rel=1e-5)
     # normalised to mean 1 over the active slots: the total pull equals the uniform penalty's
     uniform = DimGrowEmbeddingBagCollection(
-        _two_tables((10, 990)), DimGrowConfig(alpha=1.0, penalty_mode="fixed", penalty_weighting="uniform")
+        _two_tables((10, 990)), start1(alpha=1.0, penalty_mode="fixed", penalty_weighting="uniform")
     )
     uniform.penalty().backward()
     assert float(grad.sum()) == pytest.approx(float(uniform.post.gate.theta.grad.sum()), rel=1e-5)
 
 
 def test_auto_scale_recognises_the_weighted_penalty_share() -> None:
-    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), DimGrowConfig(alpha=0.5, auto_ema=0.0))
+    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), start1(alpha=0.5, auto_ema=0.0))
     task = torch.zeros_like(m.post.gate.theta)
     task[:, 0] = 0.2
     m.post.observe_task_gradient(task)
@@ -227,7 +232,7 @@ def test_auto_scale_recognises_the_weighted_penalty_share() -> None:
 
 def test_row_counts_must_match_tables() -> None:
     with pytest.raises(ValueError, match="row count"):
-        DimGrowPostProcess(["a"], [0], ["a"], [4], [4], DimGrowConfig(), "raw", table_rows=[3, 4])
+        DimGrowPostProcess(["a"], [0], ["a"], [4], [4], start1(), "raw", table_rows=[3, 4])
 
 
 @pytest.mark.parametrize("align", ["pad", "project"])
@@ -257,7 +262,7 @@ def test_forward_summed_equals_the_sum_of_the_per_feature_outputs(align: str, tr
 
 
 def test_host_dims_follow_every_write_without_reading_the_buffer_each_forward() -> None:
-    m = DimGrowEmbeddingBagCollection(tables(), align="raw")
+    m = DimGrowEmbeddingBagCollection(tables(), start1(), align="raw")
     grow(m, 0)
     assert m.post.dims_list() == [2, 1, 1]
     m.post.dims.copy_(torch.tensor([3, 1, 2]))  # an outside write (a resume, a test helper)
@@ -270,7 +275,7 @@ def test_host_dims_follow_every_write_without_reading_the_buffer_each_forward() 
 
 
 def test_state_dicts_with_per_feature_projections_still_load() -> None:
-    m = DimGrowEmbeddingBagCollection(tables(dim=8), DimGrowConfig(d_max=8), align="project")
+    m = DimGrowEmbeddingBagCollection(tables(dim=8), start1(d_max=8), align="project")
     state = m.state_dict()
     proj = state.pop("post.projection").clone()
     for i in range(3):

@@ -190,6 +190,7 @@ def _budgeted(budget: float | None, **kw) -> object:
             name="b", embedding_dim=8, num_embeddings=30, feature_names=["b"], data_type=DataType.FP16
         ),
     ]
+    kw.setdefault("initial_dim", 1)
     return DimGrowEmbeddingBagCollection(tables, DimGrowConfig(d_max=8, budget=budget, **kw))
 
 
@@ -224,7 +225,7 @@ def test_initial_dim_none_starts_at_the_storage_block_within_the_budget() -> Non
 
 
 def test_budget_price_ramps_the_penalty_with_the_budget_fill() -> None:
-    coll = _budgeted(0.25)  # 920 bytes; dims [1, 1] use 460 of them: half full
+    coll = _budgeted(0.25, budget_pressure=2.0)  # 920 bytes; dims [1, 1] use 460: half full
     assert coll.budget_price() == pytest.approx(0.5**2)
     # the penalty and its closed-form share in the auto scale both carry the price
     coll.post.penalty_scale.fill_(3.0)
@@ -234,7 +235,7 @@ def test_budget_price_ramps_the_penalty_with_the_budget_fill() -> None:
     assert coll.budget_price() == pytest.approx((860 / 920) ** 2)
     coll.post.dims.copy_(torch.tensor([3, 1]))  # over the budget: never above the full penalty
     assert coll.budget_price() == 1.0
-    assert _budgeted(0.25, budget_pressure=0.0).budget_price() == 1.0
+    assert _budgeted(0.25).budget_price() == 1.0  # default 0: the full penalty
     assert _budgeted(None).budget_price() == 1.0
     with pytest.raises(ValueError, match="budget_pressure must be >= 0"):
         DimGrowConfig(budget_pressure=-1.0)
@@ -242,7 +243,7 @@ def test_budget_price_ramps_the_penalty_with_the_budget_fill() -> None:
 
 def test_auto_scale_recovers_the_task_gradient_under_a_budget_price() -> None:
     """The auto penalty subtracts exactly the (priced) penalty share it added to the gradient."""
-    coll = _budgeted(0.25, penalty_mode="auto")
+    coll = _budgeted(0.25, penalty_mode="auto", budget_pressure=2.0)
     post = coll.post
     post.penalty_scale.fill_(2.0)
     theta = post.gate.theta

@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-pressure",
         type=float,
         default=DimGrowConfig().budget_pressure,
-        help="with --budget: the gate penalty scales as min(1, bytes/budget)**this, so the search "
-        "grows toward the budget (0: full penalty throughout)",
+        help="with --budget: scale the gate penalty by min(1, bytes/budget)**this, so the search "
+        "grows toward the budget (default 0: the full penalty, the budget is only a cap)",
     )
     s.add_argument(
         "--initial-dim",
