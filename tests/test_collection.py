@@ -187,9 +187,7 @@ def test_auto_penalty_scale_tracks_task_gradient() -> None:
     scale = float(m.post.penalty_scale)
     m.post.observe_task_gradient(grad + scale * 1.25 / 3)
     assert float(m.post.penalty_scale) == pytest.approx(scale, rel=1e-5)
-    fixed = DimGrowEmbeddingBagCollection(
-        tables(), start1(alpha=0.01, penalty_mode="fixed"), align="raw"
-    )
+    fixed = DimGrowEmbeddingBagCollection(tables(), start1(alpha=0.01, penalty_mode="fixed"), align="raw")
     fixed.post.observe_task_gradient(grad)
     assert float(fixed.post.penalty_scale) == pytest.approx(0.01)
 
