@@ -34,6 +34,23 @@ def test_rewidth_keeps_every_kept_column(
     assert torch.equal(new.view(rows, new_cols)[:, : min(old_cols, new_cols)], expected)
 
 
+@pytest.mark.parametrize("std", [0.1, None])
+def test_rewidth_fills_new_columns_as_fill_columns_would(
+    monkeypatch: pytest.MonkeyPatch, std: float | None
+) -> None:
+    monkeypatch.setattr(shard_io, "CHUNK_BYTES", 4096)
+    rows = 3001
+    old = torch.randn(rows * 4)
+    torch.manual_seed(7)
+    later = shard_io.rewidth_rows(old.clone(), rows, 4, 12)
+    shard_io.fill_columns(later.view(rows, 12), list(range(4, 12)), std)
+    torch.manual_seed(7)
+    fused = shard_io.rewidth_rows(old.clone(), rows, 4, 12, fill=True, std=std)
+    assert torch.equal(fused, later)
+    if std is None:
+        assert not fused.view(rows, 12)[:, 4:].any()
+
+
 def test_rewidth_rejects_a_buffer_of_another_shape() -> None:
     with pytest.raises(ValueError, match="10 x 4"):
         shard_io.rewidth_rows(torch.zeros(41), 10, 4, 8)

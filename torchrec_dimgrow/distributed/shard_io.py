@@ -430,25 +430,42 @@ def release_pages(t: torch.Tensor, start: int, end: int) -> int:
 
 
 @torch.no_grad()
-def rewidth_rows(old: torch.Tensor, rows: int, old_cols: int, new_cols: int) -> torch.Tensor:
+def rewidth_rows(
+    old: torch.Tensor, rows: int, old_cols: int, new_cols: int, fill: bool = False, std: float | None = None
+) -> torch.Tensor:
     """A new flat ``rows x new_cols`` buffer with the first ``min(old_cols, new_cols)`` columns
-    of every row of the flat ``rows x old_cols`` buffer ``old``; other columns unset.
+    of every row of the flat ``rows x old_cols`` buffer ``old``.
 
-    The copy walks row chunks (``CHUNK_BYTES``) and gives back the pages of ``old`` behind
-    it (:func:`release_pages`), while the new buffer, allocated empty, only takes pages as
-    they are written: the two together never hold much more than the larger of the two
-    plus one chunk. ``old`` is garbage afterwards: its owner must drop it.
+    The added columns are left unset, or with ``fill`` drawn from N(0, ``std``) (zeroed when
+    ``std`` is None) in the same pass, equal to :func:`fill_columns` over them afterwards
+    (the draws follow :func:`draw_chunks`). The copy walks row chunks (``CHUNK_BYTES``) and
+    gives back the pages of ``old`` behind it (:func:`release_pages`), while the new
+    buffer, allocated empty, only takes pages as they are written: the two together never
+    hold much more than the larger of the two plus one chunk. ``old`` is garbage
+    afterwards: its owner must drop it.
     """
     if old.dim() != 1 or not old.is_contiguous() or old.numel() != rows * old_cols:
         raise ValueError(
             f"rewidth_rows: expected a contiguous flat buffer of {rows} x {old_cols}, got {tuple(old.shape)}"
         )
     new = torch.empty(rows * new_cols, dtype=old.dtype, device=old.device)
-    keep = min(old_cols, new_cols)
+    keep, added = min(old_cols, new_cols), max(0, new_cols - old_cols)
     src, dst = old.view(rows, old_cols), new.view(rows, new_cols)
     row_bytes = old_cols * old.element_size()
+    draw = fill and added > 0 and std is not None
+    chunks = (
+        draw_chunks(rows, added, old.element_size())
+        if draw
+        else _row_chunks(rows, old_cols, old.element_size())
+    )
     released = 0
-    for r0, r1 in _row_chunks(rows, old_cols, old.element_size()):
+    for r0, r1 in chunks:
         dst[r0:r1, :keep] = src[r0:r1, :keep]
+        if draw:
+            block = torch.empty(r1 - r0, added, dtype=old.dtype, device=old.device)
+            block.normal_(0.0, std)  # type: ignore[arg-type]
+            dst[r0:r1, keep:] = block
+        elif fill and added:
+            dst[r0:r1, keep:] = 0.0
         released = release_pages(old, released, r1 * row_bytes)
     return new

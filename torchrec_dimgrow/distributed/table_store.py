@@ -285,7 +285,10 @@ class ShardedTableStore:
         try:
             spilled = self._spill(widths, {*handover.global_tables, *handover.in_place}, spill)
             phases["spill"] = time.perf_counter() - start - sum(phases.values())
-            self._rewidth(handover, old_widths, widths)
+            # With nothing spilled, no other table draws in between: new columns are drawn
+            # during the copy, in the order _restore would draw them.
+            fill = not spilled
+            self._rewidth(handover, old_widths, widths, std if fill else None, fill)
             phases["rewidth"] = time.perf_counter() - start - sum(phases.values())
             for pname, param in new_ebc.named_parameters():
                 table = pname.split(".")[1]
@@ -297,11 +300,11 @@ class ShardedTableStore:
             with _without_tbe_init():
                 new = sharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
             _forget_handover(new_ebc)
+            handover_in_place = handover.in_place
             del handover
             phases["shard"] = time.perf_counter() - start - sum(phases.values())
-            moved = self._restore(
-                new, spilled, spill, std, {t: min(old_widths[t], widths[t]) for t in in_place}
-            )
+            later = {} if fill else {t: min(old_widths[t], widths[t]) for t in handover_in_place}
+            moved = self._restore(new, spilled, spill, std, later)
             phases["restore"] = time.perf_counter() - start - sum(phases.values())
             self.spilled_bytes += spill.bytes
         finally:
@@ -315,7 +318,7 @@ class ShardedTableStore:
         seconds = time.perf_counter() - start
         phases["rebuild_optimizer"] = seconds - sum(phases.values())
         self.last_phases = phases
-        self.last_in_place = sorted(in_place)
+        self.last_in_place = list(handover_in_place)
         return ResizeResult(seconds, moved)
 
     def _plan(
@@ -398,13 +401,17 @@ class ShardedTableStore:
             [t for t in keep if t in changed],
         )
 
-    def _rewidth(self, handover: _Handover, old: dict[str, int], new: dict[str, int]) -> None:
+    def _rewidth(
+        self, handover: _Handover, old: dict[str, int], new: dict[str, int], std: float | None, fill: bool
+    ) -> None:
         """Swap the old buffers of the ``in_place`` tables held here for rewidthed ones.
 
         Weights and per-column optimizer states get new buffers (kept columns copied, the
-        old pages given back behind the copy); a row-wise state stays as it is. The new
-        columns are left unset until :meth:`_restore` draws / zeroes them. Local: each
-        rank's pieces of these tables are whole rows, the same rows before and after.
+        old pages given back behind the copy); a row-wise state stays as it is. New
+        columns are drawn from N(0, ``std``) (weights) and zeroed (states) during the copy
+        when ``fill``, else left for :meth:`_restore`. Tables go in name order, weights
+        first, as :meth:`_restore` draws. Local: each rank's pieces of these tables are
+        whole rows, the same rows before and after.
         """
         rowwise = self.optimizer.state_kinds()
         for table in handover.in_place:
@@ -414,9 +421,10 @@ class ShardedTableStore:
             rows, rem = divmod(buffers["weights"].numel(), old[table])
             if rem:
                 raise RuntimeError(f"table {table!r}: local buffer is not {old[table]} columns wide")
-            for key in list(buffers):
+            for key in list(buffers):  # "weights" first
                 if key == "weights" or not rowwise.get(key, False):
-                    buffers[key] = rewidth_rows(buffers[key], rows, old[table], new[table])
+                    draw = std if key == "weights" else None
+                    buffers[key] = rewidth_rows(buffers[key], rows, old[table], new[table], fill, draw)
 
     def _spill(
         self, widths: dict[str, int], skip: set[str], spill: Spill
