@@ -21,10 +21,9 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(key)
 
 
-def _grow_worker(rank: int, world: int, in_place: bool) -> dict[str, Any]:
-    import ctypes
-    import gc
-
+def _sharded_tables(rows: list[int]) -> tuple[Any, Any]:
+    """A pad-aligned DimGrow collection of one table per entry of ``rows`` (8 columns of
+    capacity, logical dim 4), sharded table-wise with fused Adagrad: (collection, store)."""
     from torchrec import EmbeddingBagConfig
 
     from torchrec_dimgrow.config import DimGrowConfig
@@ -33,22 +32,30 @@ def _grow_worker(rank: int, world: int, in_place: bool) -> dict[str, Any]:
     from torchrec_dimgrow.modules.backbone import CTRModel
     from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
     from torchrec_dimgrow.optim import EmbeddingOptimizer
-    from torchrec_dimgrow.policy import DimChange
 
-    shard_io.CHUNK_BYTES = 1 << 20  # small chunks: the transient must not scale with the table
     torch.manual_seed(0)
     tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=ROWS, feature_names=[f"f{i}"])
-        for i in range(world)
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=n, feature_names=[f"f{i}"])
+        for i, n in enumerate(rows)
     ]
     coll = DimGrowEmbeddingBagCollection(
         tables, DimGrowConfig(d_max=8, initial_dim=4), align="pad", device="meta"
     )
     sharded = shard_model(
-        CTRModel(coll, "concat", 8, in_dim=8 * world), torch.device("cpu"),
+        CTRModel(coll, "concat", 8, in_dim=8 * len(rows)), torch.device("cpu"),
         PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
     )  # fmt: skip
-    store = sharded.store_for(coll)
+    return coll, sharded.store_for(coll)
+
+
+def _grow_worker(rank: int, world: int, in_place: bool) -> dict[str, Any]:
+    import ctypes
+    import gc
+
+    from torchrec_dimgrow.policy import DimChange
+
+    shard_io.CHUNK_BYTES = 1 << 20  # small chunks: the transient must not scale with the table
+    coll, store = _sharded_tables([ROWS] * world)
     store.rewidth_in_place = in_place
     before_w = {t: v.pieces[0].tensor.clone() for t, v in store.views()[0].items() if v.pieces}
     old_bytes = store.local_bytes()
@@ -90,29 +97,9 @@ def test_replan_peak_stays_below_old_plus_new_tables(in_place: bool) -> None:
 
 
 def _grow_one_worker(rank: int, world: int) -> dict[str, Any]:
-    from torchrec import EmbeddingBagConfig
-
-    from torchrec_dimgrow.config import DimGrowConfig
-    from torchrec_dimgrow.distributed.planning import PlanningConfig
-    from torchrec_dimgrow.distributed.runtime import shard_model
-    from torchrec_dimgrow.modules.backbone import CTRModel
-    from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-    from torchrec_dimgrow.optim import EmbeddingOptimizer
     from torchrec_dimgrow.policy import DimChange
 
-    torch.manual_seed(0)
-    tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=500 + i, feature_names=[f"f{i}"])
-        for i in range(2)
-    ]
-    coll = DimGrowEmbeddingBagCollection(
-        tables, DimGrowConfig(d_max=8, initial_dim=4), align="pad", device="meta"
-    )
-    sharded = shard_model(
-        CTRModel(coll, "concat", 8, in_dim=16), torch.device("cpu"),
-        PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
-    )  # fmt: skip
-    store = sharded.store_for(coll)
+    coll, store = _sharded_tables([500 + i for i in range(2)])
     store.rewidth_in_place = False  # this test is about the spill path
     weights, states = store.views()
     before = {
@@ -155,29 +142,9 @@ def _handed_over_then_changed_worker(rank: int, world: int) -> dict[str, Any]:
     import ctypes
     import gc
 
-    from torchrec import EmbeddingBagConfig
-
-    from torchrec_dimgrow.config import DimGrowConfig
-    from torchrec_dimgrow.distributed.planning import PlanningConfig
-    from torchrec_dimgrow.distributed.runtime import shard_model
-    from torchrec_dimgrow.modules.backbone import CTRModel
-    from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-    from torchrec_dimgrow.optim import EmbeddingOptimizer
     from torchrec_dimgrow.policy import DimChange
 
-    torch.manual_seed(0)
-    tables = [
-        EmbeddingBagConfig(name=f"t{i}", embedding_dim=8, num_embeddings=ROWS, feature_names=[f"f{i}"])
-        for i in range(2)
-    ]
-    coll = DimGrowEmbeddingBagCollection(
-        tables, DimGrowConfig(d_max=8, initial_dim=4), align="pad", device="meta"
-    )
-    sharded = shard_model(
-        CTRModel(coll, "concat", 8, in_dim=16), torch.device("cpu"),
-        PlanningConfig(sharding="table_wise"), EmbeddingOptimizer("adagrad", 0.05),
-    )  # fmt: skip
-    store = sharded.store_for(coll)
+    coll, store = _sharded_tables([ROWS] * 2)
     store.rewidth_in_place = False  # in place, the copy gives the old pages back whoever holds them
     coll.apply_changes([DimChange(0, "grow", 0, 4, 5)], store)  # t1 is handed over untouched
     gc.collect()
