@@ -310,8 +310,9 @@ class DimGrowPostProcess(nn.Module):
             (g * x + (1 - g) * noise) @ W
 
         Training (``"shuffle"``): :func:`shuffle_project`, one matmul forward and the two a
-        plain ``x @ W`` needs backward, plus a few batch-sized elementwise passes. In a gate step (lookups detached) the projection's gradient
-        would be discarded, so its matmul is skipped (it reads zero). In ``eval`` "mean"
+        plain ``x @ W`` needs backward, plus a few batch-sized elementwise passes. In a
+        gate step (lookups detached) the projection's gradient would be discarded, so its
+        matmul is skipped (it reads zero). In ``eval`` "mean"
         mode the gates are folded into the rows, ``x @ (g W) + mean @ ((1 - g) W)`` (the
         noise term is one row). With ``"pad"`` the mixed columns are added into place (one
         ``index_add``). Never materialises the B x F x width per-feature outputs.
@@ -611,8 +612,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         budget = self.budget_bytes()
         if budget is None or power == 0:
             return 1.0
-        used = sum(c * d for c, d in zip(self.dim_costs(), self.post.dims_list()))
-        return min(1.0, used / budget) ** power
+        return min(1.0, self.embedding_bytes(physical=False) / budget) ** power
 
     @contextlib.contextmanager
     def gate_step(self) -> Iterator[None]:
