@@ -42,8 +42,9 @@ class PlanningConfig:
     ``keep_placement``: a re-plan keeps each table whose width changes on the ranks that
     hold it when its shards hold whole rows (table-wise, row-wise, a single column shard):
     only its width changes, no row crosses ranks, and each rank rewidths its rows in
-    memory. The planner then places nothing at a re-plan but tables split by columns. ``False``: the planner re-places every table whose
-    width changed (which may move it to another rank, through the spill file).
+    memory. The planner then places nothing at a re-plan but tables split by columns.
+    ``False``: the planner re-places every table whose width changed (which may move it to
+    another rank, through the spill file).
     """
 
     sharding: ShardingChoice = "auto"
