@@ -87,9 +87,10 @@ def dlrm_pipeline_search(
     data = load_prepared(cache_dir)
     device = torch.device("cpu")
     model = build_dlrm(data)
-    # A grow threshold below the initial gate value (0.5): every field grows at every check
-    # (every 2 steps) and crosses capacity 4 at its 5th slot: a re-plan at step 8.
-    cfg = DimGrowConfig(d_max=D, grow_threshold=0.3, shrink_threshold=0.001, check_interval=2)
+    # Started at dim 1 with a grow threshold below the initial gate value (0.5): every field
+    # grows at every check (every 2 steps) and crosses capacity 4 at its 5th slot: a re-plan
+    # at step 8.
+    cfg = DimGrowConfig(d_max=D, initial_dim=1, grow_threshold=0.3, shrink_threshold=0.001, check_interval=2)
     handle = swap_in(model, cfg, align="project")  # DimGrow
     apply_optimizer_in_backward(torch.optim.Adagrad, handle.embedding_parameters(), {"lr": 0.05})
     planner = EmbeddingShardingPlanner(

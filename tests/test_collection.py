@@ -10,7 +10,7 @@ from torchrec_dimgrow.policy import DimChange
 
 
 def start1(**kw) -> DimGrowConfig:
-    """The growth-mechanics tests below start from the paper's 1 dim (the default is the block)."""
+    """The growth-mechanics tests below start from 1 dim explicitly, whatever the default start."""
     return DimGrowConfig(initial_dim=1, **kw)
 
 

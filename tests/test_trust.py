@@ -317,8 +317,10 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(
     cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    # Adam moves every dense weight by ~lr per step: at 1e13 the activations overflow at step 2
-    assert main(search_args(cache, out, "--lr", "1e13", "--max-steps", "5", "--checkpoint-every", "1")) == 2
+    # Adam moves every dense weight by ~lr per step: at 1e13 the activations of a search
+    # started at dim 1 overflow at step 2 (from the 4-column block they do at step 1)
+    args = ["--lr", "1e13", "--max-steps", "5", "--checkpoint-every", "1", "--initial-dim", "1"]
+    assert main(search_args(cache, out, *args)) == 2
     line = one_error_line(capsys)
     assert line.startswith("error: step 2: non-finite") and "last good checkpoint stays in" in line
     assert verify(out / "checkpoint").manifest["step"] == 1
