@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--initial-dim",
         type=_initial_dim_arg,
         default=DimGrowConfig().initial_dim,
-        help="starting dim of every field: an int, or 'block' = the 4 columns storage holds anyway",
+        help="starting dim of every field: an int (default 1, the paper's), or 'block' = the 4 "
+        "columns storage holds anyway",
     )
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
