@@ -17,6 +17,7 @@ projection parameters, test AUC / log loss mean ± std over seeds, search wall t
     python benchmarks/dlrm.py                       # 5 seeds, both gate modes, alpha 0.5 and 0.1
     python benchmarks/dlrm.py --aligns project,pad  # also retrain with zero-padding
     python benchmarks/dlrm.py --quick               # 1 seed, 2+3 epochs (smoke)
+    python benchmarks/dlrm.py --set initial_dim=None  # a DimGrowConfig override for every search
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import REPO, markdown_table, mean_std, pm, write_rows
+from _common import REPO, markdown_table, mean_std, parse_value, pm, write_rows
 from torch import nn
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "criteo" / "criteo_head8k"
@@ -63,6 +64,7 @@ class BenchConfig:
     alphas: list[float] = field(default_factory=lambda: [0.5, 0.1])
     keep_fields: bool = True
     threads: int = 1
+    dimgrow_set: dict[str, Any] = field(default_factory=dict)  # DimGrowConfig overrides
 
 
 # ----------------------------------------------------------------------------- model
@@ -126,7 +128,7 @@ def search(data: Any, cfg: BenchConfig, mode: str, seed: int, alpha: float) -> d
     start = time.perf_counter()
     device = torch.device("cpu")
     model = build_dlrm(data, cfg.dim, device="meta")
-    dg = DimGrowConfig(d_max=cfg.dim, gate_lr=cfg.gate_lr, alpha=alpha)
+    dg = DimGrowConfig(d_max=cfg.dim, gate_lr=cfg.gate_lr, alpha=alpha, **cfg.dimgrow_set)
     handle = swap_in(model, dg, align="project")
     apply_optimizer_in_backward(torch.optim.Adagrad, handle.embedding_parameters(), {"lr": cfg.embedding_lr})
     planner = EmbeddingShardingPlanner(
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-keep-fields", action="store_true", help="skip the rows that keep dropped fields at dim 1"
     )
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--set", action="append", default=[], help="DimGrowConfig override key=value")
     p.add_argument("--quick", action="store_true", help="seed 0, 2 search / 3 retrain epochs (smoke)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/dlrm"))
     return p
@@ -328,6 +331,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         alphas=[float(a) for a in args.alphas.split(",") if a],
         keep_fields=not args.no_keep_fields,
         threads=args.threads,
+        dimgrow_set={k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)},
     )
     if args.quick:
         cfg.seeds, cfg.search_epochs, cfg.retrain_epochs = cfg.seeds[:1], 2, 3
