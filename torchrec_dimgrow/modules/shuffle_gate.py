@@ -29,7 +29,6 @@ def _shuffle_order(
 def column_shuffle(
     x: torch.Tensor,
     generator: torch.Generator | None = None,
-    column_major: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Permute the rows of every column of ``x`` (B x C), each column by its own permutation.
@@ -45,8 +44,7 @@ def column_shuffle(
     cost of a DimGrow step (~15 ms of a 40 ms Criteo-shaped step). Here the work is one
     ``randperm(B)``, one gather of ``B + C - 1`` whole rows and one strided copy: the
     element ``(b, c)`` of the result is ``ext[b + c, c]``, a fixed-stride view of the
-    gathered rows. No host sync, the same code on any device. ``column_major=True`` returns
-    the same values laid out column by column (the transpose of a contiguous C x B tensor).
+    gathered rows. No host sync, the same code on any device.
 
     ``out`` (row-major, B x C) receives the result instead of a fresh tensor.
     """
@@ -56,18 +54,14 @@ def column_shuffle(
     if cols == 0 or rows <= 1:
         return x if out is None else out.copy_(x)
     ext = x.index_select(0, _shuffle_order(rows, cols, x.device, generator)).contiguous()
-    if column_major:
-        return ext.as_strided((cols, rows), (cols + 1, cols)).contiguous().t()
     skewed = ext.as_strided((rows, cols), (cols, cols + 1))
     return skewed.contiguous() if out is None else out.copy_(skewed)
 
 
-def shuffle_noise(
-    x: torch.Tensor, mode: str, generator: torch.Generator | None = None, column_major: bool = False
-) -> torch.Tensor:
+def shuffle_noise(x: torch.Tensor, mode: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """The noise copy of ``x`` (gradient stopped): shuffled columns, or the batch mean (1 x C)."""
     if mode == "shuffle":
-        return column_shuffle(x.detach(), generator, column_major)
+        return column_shuffle(x.detach(), generator)
     if mode == "mean":
         return x.detach().mean(dim=0, keepdim=True)
     raise ValueError(f"unknown mixing mode {mode!r}")
