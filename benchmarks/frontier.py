@@ -19,6 +19,9 @@ dims move between search seeds: the mean absolute per-field difference over seed
 the bytes spread (max - min). Error bars: std over search seeds of the per-search mean
 AUC (over retrain seeds where a point has one search, e.g. uniform dims).
 
+``--fixed`` adds hand-picked allocations (per-field dims), retrained the same way, with
+their margin: how far any allocation gets above the uniform curve on the dataset.
+
 ``--data`` takes a dataset name (movielens, criteo, avazu: the samples in ../shared/data;
 planted: the planted-hub data; fm: interaction-only; shaped: Criteo-shaped, ``--rows``) or a
 path with ``--format``. Each point's result is cached under ``--work`` (rerun to resume or
@@ -186,6 +189,27 @@ def summarise(
     return row
 
 
+def fixed_row(
+    spec: str,
+    data: Any,
+    vocab: Mapping[str, int],
+    work: Path,
+    curve: list[tuple[float, float]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The row of one hand-picked allocation (``--fixed``): retrained like a uniform point,
+    with its margin over the uniform curve."""
+    dims_list = [int(d) for d in spec.split(",")]
+    if len(dims_list) != len(data.fields):
+        raise SystemExit(
+            f"error: --fixed {spec!r}: {len(dims_list)} dims for {len(data.fields)} fields {list(data.fields)}"
+        )
+    dims = dict(zip(data.fields, dims_list))
+    key = work / f"fixed{'-'.join(map(str, dims_list))}-r{args.retrain_seeds}.json"
+    r = cached(key, lambda: {"dims": dims, "aucs": retrain_aucs(dims, data, args)})
+    return {**summarise("fixed", None, [r], vocab, curve), "budget": spec}
+
+
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
@@ -197,7 +221,8 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     for m in methods:
         pts = sorted((r["bytes"], r["auc"], r["auc_std"]) for r in rows if r["method"] == m)
         xs, ys, es = zip(*pts)
-        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, linestyle="-" if len(xs) > 1 else "none")
+        joined = len(xs) > 1 and m != "fixed"  # hand-picked allocations are separate points
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, linestyle="-" if joined else "none")
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes (log)")
     ax.set_ylabel("test AUC (mean over search seeds)")
@@ -221,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--budgets", default="0.1,0.2,0.3,0.5", help="fractions of the D_max model")
     p.add_argument("--uniform", default="1,2,4,8,16")
+    p.add_argument(
+        "--fixed",
+        default="",
+        help="hand-picked allocations to retrain next to the uniform dims: per-field dims in the "
+        "dataset's field order, comma-separated, allocations separated by ';' (e.g. '3,3,2;4,2,2')",
+    )
     p.add_argument("--methods", default="dimgrow,sseds,autodim,optembed")
     p.add_argument("--no-unbudgeted", action="store_true", help="skip DimGrow without a budget")
     p.add_argument("--search-seeds", default="0,1,2")
@@ -268,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {**summarise("uniform", None, [r], vocab, []), "method": "uniform", "budget": f"dim {d}"}
             )
             curve.append((rows[-1]["bytes"], rows[-1]["auc"]))
+        for spec in [a for a in args.fixed.split(";") if a.strip()]:
+            rows.append(fixed_row(spec, data, vocab, work, curve, args))
         points: list[tuple[str, float | None]] = []
         if "dimgrow" in methods:
             points += [("dimgrow", b) for b in budgets] + ([] if args.no_unbudgeted else [("dimgrow", None)])

@@ -58,3 +58,25 @@ def test_bench_frontier_runs_end_to_end(tmp_path: Path) -> None:
         assert isinstance(row["margin"], float) and row["dims_spread"] >= 0
     assert (tmp_path / "out" / "frontier_fm.png").stat().st_size > 1000
     assert "| DimGrow | 0.3" in r.stdout
+
+
+def test_bench_frontier_retrains_hand_picked_allocations_with_their_margin(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    base = ["--data", "fm", "--rows", "3000", "--uniform", "1,2", "--methods", "", "--retrain-seeds", "0",
+            "--retrain-epochs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
+
+    def bench(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "torchrec_dimgrow", "bench", "frontier", *base, *extra],
+            cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    r = bench("--fixed", "2,2,1,1,1,1;0,0,1,2,2,2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "frontier_fm.json").read_text())["rows"]
+    fixed = [x for x in rows if x["method"] == "fixed"]
+    assert [x["budget"] for x in fixed] == ["2,2,1,1,1,1", "0,0,1,2,2,2"]
+    assert [x["dims"] for x in fixed] == ["2 2 1 1 1 1", "0 0 1 2 2 2"]
+    assert all(isinstance(x["margin"], float) for x in fixed)
+    bad = bench("--fixed", "1,2,3")
+    assert bad.returncode != 0 and "3 dims for 6 fields" in bad.stderr
