@@ -35,7 +35,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
         queue.put((rank, "error", traceback.format_exc()))
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a body may leave the group itself
+            dist.destroy_process_group()
 
 
 def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any, timeout: float = 300) -> list[Any]:

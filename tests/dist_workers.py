@@ -304,3 +304,20 @@ def rewidth_matches_spill(rank: int, world: int, sharding: str, optimizer: str) 
         "new_cols_drawn": bool(w0[:, 4:].std() > 0.05),
         "shapes": {n: tuple(w.shape) for n, w in mem["weights"].items()},
     }
+
+
+def leave_after_peer(rank: int, world: int, marker: str) -> dict[str, Any]:
+    """Rank 1 is slow to finish; rank 0 must not leave the group before it (the barrier)."""
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from torchrec_dimgrow.distributed.env import destroy_distributed
+
+    if rank == 1:
+        time.sleep(1.0)
+        with open(marker, "w") as f:
+            f.write("done")
+    destroy_distributed(synchronize=True)
+    return {"peer_done": os.path.exists(marker), "left": not dist.is_initialized()}

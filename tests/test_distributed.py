@@ -1,5 +1,7 @@
 """Multi-process tests: 2 real ranks over gloo on CPU."""
 
+from pathlib import Path
+
 import pytest
 
 from tests import dist_workers as w
@@ -38,6 +40,12 @@ def test_ranks_fed_different_data_agree_on_dims() -> None:
     a, b = run_ranks(w.different_data_same_dims, 2)
     assert a == b
     assert sum(a[:3]) > 3, "the test must exercise growth"
+
+
+def test_successful_ranks_leave_the_group_together(tmp_path: Path) -> None:
+    marker = str(tmp_path / "rank1_done")
+    for r in run_ranks(w.leave_after_peer, 2, marker):
+        assert r == {"peer_done": True, "left": True}, r
 
 
 def test_budget_caps_a_sharded_search_identically_on_every_rank() -> None:

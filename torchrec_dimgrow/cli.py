@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gate-lr", type=float, default=1e-3)
     s.add_argument("--check-interval", type=int, default=1)
     s.add_argument("--gate-every", type=int, default=1, help="gate step on every k-th training step")
-    s.add_argument("--grow-threshold", type=float, default=0.6)
+    s.add_argument("--grow-threshold", type=float, default=DimGrowConfig.grow_threshold)
     s.add_argument("--shrink-threshold", type=float, default=0.01)
     s.add_argument("--grow-patience", type=int, default=1)
     s.add_argument("--shrink-patience", type=int, default=1)
@@ -334,6 +334,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     dg, tc = _search_configs(args)
     guard = OutputGuard(out)
     env = init_distributed(args.backend)
+    finished = False
     try:
         cache = args.cache_dir or out / "data"
         data = _prepare_on_rank0(args, cache, env)
@@ -361,6 +362,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             resave=resumed is not None and resumed.world_size != env.world_size,
         )
         result = run_search(data, dg, tc, planning, env, opts)
+        finished = True
     except NonFiniteError:
         raise  # keeps the last good checkpoint for inspection or --resume
     except (DimGrowError, BudgetError):
@@ -368,7 +370,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             guard.discard_new()
         raise
     finally:
-        destroy_distributed()
+        destroy_distributed(synchronize=finished)
     if env.is_main:
         m = result["metrics"]
         print(
@@ -512,13 +514,15 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         raise UsageError(f"baseline {args.method}: {exc}") from exc
     tc = _train_config(args)
     env = None if args.local else init_distributed()
+    finished = False
     try:
         cache = args.cache_dir or args.out / "data"
         data = _prepare_on_rank0(args, cache, env or DistEnv(0, 1, 0, torch.device("cpu"), "none"))
         result = search.search(data, tc, out_dir=args.out, placement=Placement(env))
+        finished = True
     finally:
         if env is not None:
-            destroy_distributed()
+            destroy_distributed(synchronize=finished)
     if env is None or env.is_main:
         total = sum(result.dims.values())
         print(f"dims: {json.dumps(result.dims)}\ntotal_dim {total}  -> {args.out / 'dims.json'}")

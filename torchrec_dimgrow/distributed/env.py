@@ -60,6 +60,16 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     return DistEnv(rank, world, local_rank, device, dist.get_backend())
 
 
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_distributed(synchronize: bool = False) -> None:
+    """Leave the process group.
+
+    ``synchronize`` (the success path): wait at a barrier first, so no rank tears down its
+    gloo connections while a peer still has traffic in flight on them; a rank that exits
+    early that way can make the peer's gloo threads abort ("terminate called without an
+    active exception"). Never on an error path: a failed peer would never reach the barrier.
+    """
+    if not dist.is_initialized():
+        return
+    if synchronize and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
