@@ -22,6 +22,12 @@ AUC (over retrain seeds where a point has one search, e.g. uniform dims).
 ``--fixed`` adds hand-picked allocations (per-field dims), retrained the same way, with
 their margin: how far any allocation gets above the uniform curve on the dataset.
 
+``--random N`` adds, at every budget, N random allocations that fill the budget (per-field
+weights drawn log-normal, scaled to the largest size that fits; see :func:`random_allocation`),
+the random-search baseline of architecture search. Two rows per budget: their mean, and the one
+with the best *validation* AUC (an honest pick: its test AUC was not used to choose it), which
+estimates how far any per-field allocation of that size gets above the uniform curve.
+
 ``--data`` takes a dataset name (movielens, criteo, avazu: the samples in ../shared/data;
 planted: the planted-hub data; fm: interaction-only; shaped: Criteo-shaped, ``--rows``) or a
 path with ``--format``. Each point's result is cached under ``--work`` (rerun to resume or
@@ -34,6 +40,7 @@ import argparse
 import itertools
 import json
 import math
+import random
 import sys
 import tempfile
 import time
@@ -134,17 +141,46 @@ def search(
     return dict(found.dims)
 
 
-def retrain_aucs(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> list[float]:
+def retrain_scores(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Test and best-validation AUC of ``dims`` retrained once per retrain seed."""
     from torchrec_dimgrow.config import TrainConfig
     from torchrec_dimgrow.recipes.retrain import retrain
 
     if sum(dims.values()) == 0:
-        return [0.5 for _ in args.retrain_seed_list]
-    out = []
-    for s in args.retrain_seed_list:
-        tc = TrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, seed=s)
-        out.append(float(retrain(dims, data, tc)["test_auc"]))
-    return out
+        return {
+            "aucs": [0.5 for _ in args.retrain_seed_list],
+            "val_aucs": [0.5 for _ in args.retrain_seed_list],
+        }
+    runs = [
+        retrain(dims, data, TrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, seed=s))
+        for s in args.retrain_seed_list
+    ]
+    return {"aucs": [float(m["test_auc"]) for m in runs], "val_aucs": [float(m["val_auc"]) for m in runs]}
+
+
+def retrain_aucs(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> list[float]:
+    return retrain_scores(dims, data, args)["aucs"]
+
+
+def random_allocation(
+    vocab: Mapping[str, int], n_bytes: int, d_max: int, rng: random.Random
+) -> dict[str, int]:
+    """A random per-field allocation of about ``n_bytes``: log-normal weights w_f, dims
+    ``min(d_max, round(c * w_f))`` with the largest scale ``c`` whose bytes fit.
+
+    Log-normal weights (sigma 1) give allocations from near-uniform to a few fields holding
+    most dims, independent of the tables' sizes: the unbiased baseline a search must beat.
+    """
+    weights = {f: rng.lognormvariate(0.0, 1.0) for f in vocab}
+
+    def dims_at(c: float) -> dict[str, int]:
+        return {f: min(d_max, round(c * w)) for f, w in weights.items()}
+
+    lo, hi = 0.0, 4.0 * d_max / min(weights.values())  # dims_at(hi) is d_max everywhere
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if embedding_bytes(vocab, dims_at(mid)) <= n_bytes else (lo, mid)
+    return dims_at(lo)
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
@@ -210,6 +246,32 @@ def fixed_row(
     return {**summarise("fixed", None, [r], vocab, curve), "budget": spec}
 
 
+def random_rows(
+    budget: float,
+    n: int,
+    data: Any,
+    vocab: Mapping[str, int],
+    work: Path,
+    curve: list[tuple[float, float]],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """``--random``: the mean of ``n`` random allocations filling ``budget``, and the best by
+    validation AUC."""
+    cap = int(budget * embedding_bytes(vocab, dict.fromkeys(vocab, args.d_max)))
+    runs = []
+    for i in range(n):
+        rng = random.Random(f"{args.random_seed}-{budget}-{i}")
+        dims = random_allocation(vocab, cap, args.d_max, rng)
+        key = work / f"alloc{'-'.join(str(dims[f]) for f in vocab)}-r{args.retrain_seeds}.json"
+        runs.append(cached(key, lambda dims=dims: {"dims": dims, **retrain_scores(dims, data, args)}))  # type: ignore[misc]
+        print(f"  random budget {budget} #{i}: {runs[-1]}", flush=True)
+    best = max(runs, key=lambda r: mean_std(r["val_aucs"])[0])
+    return [
+        summarise(f"random x{n}", budget, runs, vocab, curve),
+        summarise("random, best val", budget, [best], vocab, curve),
+    ]
+
+
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
@@ -221,7 +283,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     for m in methods:
         pts = sorted((r["bytes"], r["auc"], r["auc_std"]) for r in rows if r["method"] == m)
         xs, ys, es = zip(*pts)
-        joined = len(xs) > 1 and m != "fixed"  # hand-picked allocations are separate points
+        joined = len(xs) > 1 and m not in ("fixed", "random, best val")  # separate allocations
         ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m, linestyle="-" if joined else "none")
     ax.set_xscale("log")
     ax.set_xlabel("embedding bytes (log)")
@@ -252,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hand-picked allocations to retrain next to the uniform dims: per-field dims in the "
         "dataset's field order, comma-separated, allocations separated by ';' (e.g. '3,3,2;4,2,2')",
     )
+    p.add_argument(
+        "--random",
+        type=int,
+        default=0,
+        help="N random allocations filling each budget, retrained like the others (0: none)",
+    )
+    p.add_argument("--random-seed", type=int, default=0)
     p.add_argument("--methods", default="dimgrow,sseds,autodim,optembed")
     p.add_argument("--no-unbudgeted", action="store_true", help="skip DimGrow without a budget")
     p.add_argument("--search-seeds", default="0,1,2")
@@ -301,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             curve.append((rows[-1]["bytes"], rows[-1]["auc"]))
         for spec in [a for a in args.fixed.split(";") if a.strip()]:
             rows.append(fixed_row(spec, data, vocab, work, curve, args))
+        for budget in budgets if args.random else []:
+            rows += random_rows(budget, args.random, data, vocab, work, curve, args)
         points: list[tuple[str, float | None]] = []
         if "dimgrow" in methods:
             points += [("dimgrow", b) for b in budgets] + ([] if args.no_unbudgeted else [("dimgrow", None)])

@@ -36,6 +36,24 @@ def test_dims_spread_is_the_mean_abs_difference_over_seed_pairs() -> None:
     assert frontier.dims_spread([a, b, c]) == pytest.approx((2 + 0 + 0 + 4 + 2 + 4) / 6)
 
 
+def test_random_allocation_fills_the_budget_without_exceeding_it() -> None:
+    import random
+
+    vocab = {"big": 5000, "mid": 300, "small": 7, "tiny": 2}
+    full = frontier.embedding_bytes(vocab, dict.fromkeys(vocab, 16))
+    seen = set()
+    for i in range(20):
+        cap = int(0.25 * full)
+        dims = frontier.random_allocation(vocab, cap, 16, random.Random(i))
+        assert dims == frontier.random_allocation(vocab, cap, 16, random.Random(i))  # seeded
+        assert set(dims) == set(vocab) and all(0 <= d <= 16 for d in dims.values())
+        n = frontier.embedding_bytes(vocab, dims)
+        # fits, and fills: one more dim on the big table would not have fitted, or all are at d_max
+        assert n <= cap and (n + 4 * vocab["big"] > cap or dims["big"] == 16), (dims, n, cap)
+        seen.add(tuple(dims.values()))
+    assert len(seen) > 10  # random, not one allocation scaled
+
+
 def test_bench_frontier_runs_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
     args = ["--data", "fm", "--rows", "3000", "--uniform", "1,2", "--budgets", "0.3", "--methods", "dimgrow,sseds",
@@ -78,5 +96,15 @@ def test_bench_frontier_retrains_hand_picked_allocations_with_their_margin(tmp_p
     assert [x["budget"] for x in fixed] == ["2,2,1,1,1,1", "0,0,1,2,2,2"]
     assert [x["dims"] for x in fixed] == ["2 2 1 1 1 1", "0 0 1 2 2 2"]
     assert all(isinstance(x["margin"], float) for x in fixed)
+    r = bench("--random", "2", "--budgets", "0.3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "frontier_fm.json").read_text())["rows"]
+    rand, best = (x for x in rows if x["method"].startswith("random"))
+    assert (rand["method"], rand["runs"], best["method"]) == ("random x2", "2x1", "random, best val")
+    assert best["dims"] in rand["dims"].split(" | ") and isinstance(best["margin"], float)
+    from torchrec_dimgrow.data.synthetic import generate
+
+    cap = 0.3 * 4 * 16 * sum(generate("fm", rows=3000).vocab_sizes)
+    assert max(rand["per_search_bytes"]) <= cap
     bad = bench("--fixed", "1,2,3")
     assert bad.returncode != 0 and "3 dims for 6 fields" in bad.stderr
