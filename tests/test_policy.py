@@ -3,7 +3,7 @@ import torch
 
 from torchrec_dimgrow.config import DimGrowConfig
 from torchrec_dimgrow.distributed.importance import SlotGateMean
-from torchrec_dimgrow.policy import DimChange, PolicyState, capacity_for, decide, final_dims
+from torchrec_dimgrow.policy import DimChange, PolicyState, capacity_for, decide, final_dims, grow_bars
 
 
 def cfg(**kw) -> DimGrowConfig:
@@ -23,6 +23,28 @@ def test_grow_stops_at_d_max_and_budget() -> None:
     assert new.dims == [4] and changes == []
     new, changes = decide([[0.9] * 4, [0.9] * 4], PolicyState([1, 1]), cfg(max_total_dim=3))
     assert new.dims == [2, 1]
+
+
+def test_priced_growth_bar_is_lower_for_tables_cheaper_than_the_mean_slot() -> None:
+    costs = [4 * 3000, 4 * 300, 4 * 3]  # a big, a mid and a tiny table; one active slot each
+    assert grow_bars([1, 1, 1], costs, cfg()) == [0.6] * 3  # exponent 0: the paper's single bar
+    bars = grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=1.0))
+    mean = sum(costs) / 3
+    # the dear table keeps the paper's bar; the cheaper ones need less evidence, in proportion
+    assert bars == pytest.approx([0.6, 0.5 + 0.1 * costs[1] / mean, 0.5 + 0.1 * costs[2] / mean])
+    assert 0.6 > bars[1] > bars[2] > 0.5
+    sqrt_bars = grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=0.5))
+    assert bars[1] < sqrt_bars[1] < 0.6 and bars[2] < sqrt_bars[2]  # a softer price
+    # the mean is over active slots: 4 slots on the tiny table lower it, so the mid table
+    # now costs more than the mean and keeps the paper's bar
+    assert grow_bars([1, 1, 40], costs, cfg(grow_price_exponent=1.0))[1] == pytest.approx(0.6)
+    # gates of 0.58 on every table: only the cheap ones clear their bar
+    new, _ = decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(grow_price_exponent=1.0), costs=costs)
+    assert new.dims == [1, 2, 2]
+    with pytest.raises(ValueError, match="byte cost per table"):
+        decide([[0.58] * 4], PolicyState([1]), cfg(grow_price_exponent=1.0))
+    with pytest.raises(ValueError, match="grow_price_exponent"):
+        cfg(grow_price_exponent=-1.0)
 
 
 def test_patience_requires_consecutive_checks() -> None:

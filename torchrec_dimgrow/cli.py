@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--check-interval", type=int, default=1)
     s.add_argument("--gate-every", type=int, default=1, help="gate step on every k-th training step")
     s.add_argument("--grow-threshold", type=float, default=DimGrowConfig.grow_threshold)
+    s.add_argument(
+        "--grow-price-exponent",
+        type=float,
+        default=DimGrowConfig.grow_price_exponent,
+        help="raise a table's growth bar with its bytes per dim: final_threshold + "
+        "(grow_threshold - final_threshold) * (bytes / mean active slot's) ** this; 0: one bar",
+    )
     s.add_argument("--shrink-threshold", type=float, default=0.01)
     s.add_argument("--grow-patience", type=int, default=1)
     s.add_argument("--shrink-patience", type=int, default=1)
@@ -279,6 +286,7 @@ def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
         check_interval=args.check_interval,
         gate_every=args.gate_every,
         grow_threshold=args.grow_threshold,
+        grow_price_exponent=args.grow_price_exponent,
         shrink_threshold=args.shrink_threshold,
         grow_patience=args.grow_patience,
         shrink_patience=args.shrink_patience,

@@ -39,6 +39,12 @@ class DimGrowConfig:
         grow_patience: ... at this many consecutive checks. 1 reproduces the reference code,
             whose "consistency" comes implicitly from the ~80 Adam steps a fresh gate needs
             to climb from 0.5 to 0.6.
+        grow_price_exponent: lowers the growth bar of cheap tables. A table's bar is
+            ``final_threshold + (grow_threshold - final_threshold) * min(1, w) ** exponent``,
+            ``w`` its bytes per dim over the mean of the active slots' (the weights of the
+            bytes penalty): a 3-row table's next dim is nearly free, so a little evidence
+            that it helps is enough, while tables dearer than the mean slot keep the
+            paper's bar. ``0`` (default): the paper's one bar for every table.
         shrink_threshold: a field shrinks when its lowest active gate falls below this ...
         shrink_patience: ... at this many consecutive checks.
         shrink_slot: ``"lowest"`` drops the slot whose gate is lowest (its column is
@@ -112,6 +118,7 @@ class DimGrowConfig:
     tau: float = 5.0
     theta_init: float = 0.0
     grow_threshold: float = 0.6
+    grow_price_exponent: float = 0.0
     grow_patience: int = 1
     shrink_threshold: float = 0.01
     shrink_patience: int = 1
@@ -163,6 +170,10 @@ class DimGrowConfig:
             ),
             (self.capacity_slack_blocks >= 0, "capacity_slack_blocks must be >= 0"),
             (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (
+                self.grow_price_exponent >= 0,
+                f"grow_price_exponent must be >= 0, got {self.grow_price_exponent}",
+            ),
             (self.penalty_mode in ("auto", "fixed"), f"unknown penalty_mode {self.penalty_mode}"),
             (
                 self.penalty_weighting in ("bytes", "uniform"),

@@ -66,7 +66,7 @@ def decide(
         config: thresholds, patience, ``max_total_dim`` and shrink-slot choice.
         d_max: per-table cap (defaults to ``config.d_max`` for all).
         costs: bytes one logical dim of each table costs (rows x bytes per value); needed
-            with ``budget``.
+            with ``budget`` or a ``grow_price_exponent``.
         budget: most bytes the logical dims may take (``None``: no byte cap). Growths are
             then admitted by :func:`admit_growth`.
 
@@ -79,6 +79,7 @@ def decide(
     if len(gates) != len(state.dims):
         raise ValueError(f"decide: {len(gates)} gate rows for {len(state.dims)} tables")
     caps = list(d_max) if d_max is not None else [config.d_max] * len(state.dims)
+    bars = grow_bars(state.dims, costs, config)
     new = state.copy()
     shrinks: list[DimChange] = []
     candidates: list[int] = []
@@ -89,7 +90,7 @@ def decide(
         if len(active) != d:
             raise ValueError(f"decide: table {t} has dim {d} but only {len(active)} gate values")
         rows.append(active)
-        new.up[t] = new.up[t] + 1 if all(v > config.grow_threshold for v in active) else 0
+        new.up[t] = new.up[t] + 1 if all(v > bars[t] for v in active) else 0
         new.down[t] = new.down[t] + 1 if min(active) < config.shrink_threshold else 0
         if new.up[t] >= config.grow_patience and d < caps[t]:
             candidates.append(t)
@@ -129,6 +130,24 @@ def decide(
         growths.append(DimChange(t, "grow", new.dims[t], new.dims[t], new.dims[t] + 1))
         _set_dim(new, t, new.dims[t] + 1)
     return new, [*shrinks, *released, *growths]
+
+
+def grow_bars(dims: Sequence[int], costs: Sequence[int] | None, config: DimGrowConfig) -> list[float]:
+    """Each table's growth bar (see ``DimGrowConfig.grow_price_exponent``).
+
+    The bar's height above the export threshold scales with the table's price relative to
+    the mean active slot (the normalisation of the bytes penalty), and never exceeds
+    ``grow_threshold``: a table cheaper than the mean slot needs less evidence to grow, a
+    dearer one keeps the paper's bar. With exponent 0 every table gets ``grow_threshold``.
+    """
+    gamma = config.grow_price_exponent
+    if gamma == 0:
+        return [config.grow_threshold] * len(dims)
+    if costs is None or len(costs) != len(dims):
+        raise ValueError("decide: grow_price_exponent needs one byte cost per table")
+    mean = sum(c * d for c, d in zip(costs, dims)) / max(1, sum(dims))
+    base, rise = config.final_threshold, config.grow_threshold - config.final_threshold
+    return [base + rise * min(1.0, c / mean) ** gamma for c in costs]
 
 
 def _set_dim(state: PolicyState, table: int, dim: int) -> None:

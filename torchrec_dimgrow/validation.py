@@ -76,6 +76,7 @@ RANGES: dict[str, Bound] = {
     "gate_lr": POSITIVE,
     "check_interval": AT_LEAST_1,
     "grow_threshold": Bound(0, 1, low_open=True),
+    "grow_price_exponent": NON_NEGATIVE,
     "shrink_threshold": Bound(0, 1, high_open=True),
     "grow_patience": AT_LEAST_1,
     "shrink_patience": AT_LEAST_1,
