@@ -38,6 +38,8 @@ def test_priced_growth_bar_is_lower_for_tables_cheaper_than_the_mean_slot() -> N
     # the mean is over active slots: 4 slots on the tiny table lower it, so the mid table
     # now costs more than the mean and keeps the paper's bar
     assert grow_bars([1, 1, 40], costs, cfg(grow_price_exponent=1.0))[1] == pytest.approx(0.6)
+    # tables of one size (the planted and FM data): exactly the paper's bar, whatever the dims
+    assert grow_bars([1, 3, 2], [400] * 3, cfg(grow_price_exponent=1.0)) == [0.6] * 3
     # gates of 0.58 on every table: only the cheap ones clear their bar
     new, _ = decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(grow_price_exponent=1.0), costs=costs)
     assert new.dims == [1, 2, 2]
