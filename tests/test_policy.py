@@ -27,7 +27,7 @@ def test_grow_stops_at_d_max_and_budget() -> None:
 
 def test_priced_growth_bar_is_lower_for_tables_cheaper_than_the_mean_slot() -> None:
     costs = [4 * 3000, 4 * 300, 4 * 3]  # a big, a mid and a tiny table; one active slot each
-    assert grow_bars([1, 1, 1], costs, cfg()) == [0.6] * 3  # exponent 0: the paper's single bar
+    assert grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=0.0)) == [0.6] * 3  # the paper's single bar
     bars = grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=1.0))
     mean = sum(costs) / 3
     # the dear table keeps the paper's bar; the cheaper ones need less evidence, in proportion
@@ -43,8 +43,10 @@ def test_priced_growth_bar_is_lower_for_tables_cheaper_than_the_mean_slot() -> N
     # gates of 0.58 on every table: only the cheap ones clear their bar
     new, _ = decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(grow_price_exponent=1.0), costs=costs)
     assert new.dims == [1, 2, 2]
-    with pytest.raises(ValueError, match="byte cost per table"):
-        decide([[0.58] * 4], PolicyState([1]), cfg(grow_price_exponent=1.0))
+    # without costs nothing is priced: the paper's bar
+    assert decide([[0.58] * 4], PolicyState([1]), cfg(grow_price_exponent=1.0))[0].dims == [1]
+    with pytest.raises(ValueError, match="2 byte costs for 3 tables"):
+        decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(grow_price_exponent=1.0), costs=costs[:2])
     with pytest.raises(ValueError, match="grow_price_exponent"):
         cfg(grow_price_exponent=-1.0)
 

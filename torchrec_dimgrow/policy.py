@@ -66,7 +66,8 @@ def decide(
         config: thresholds, patience, ``max_total_dim`` and shrink-slot choice.
         d_max: per-table cap (defaults to ``config.d_max`` for all).
         costs: bytes one logical dim of each table costs (rows x bytes per value); needed
-            with ``budget`` or a ``grow_price_exponent``.
+            with ``budget``, and what ``grow_price_exponent`` prices (without them every
+            table gets ``grow_threshold``).
         budget: most bytes the logical dims may take (``None``: no byte cap). Growths are
             then admitted by :func:`admit_growth`.
 
@@ -138,13 +139,14 @@ def grow_bars(dims: Sequence[int], costs: Sequence[int] | None, config: DimGrowC
     The bar's height above the export threshold scales with the table's price relative to
     the mean active slot (the normalisation of the bytes penalty), and never exceeds
     ``grow_threshold``: a table cheaper than the mean slot needs less evidence to grow, a
-    dearer one keeps the paper's bar. With exponent 0 every table gets ``grow_threshold``.
+    dearer one keeps the paper's bar. With exponent 0, or without ``costs`` (a caller that
+    prices nothing, e.g. a unit test of the rule), every table gets ``grow_threshold``.
     """
     gamma = config.grow_price_exponent
-    if gamma == 0:
+    if gamma == 0 or costs is None:
         return [config.grow_threshold] * len(dims)
-    if costs is None or len(costs) != len(dims):
-        raise ValueError("decide: grow_price_exponent needs one byte cost per table")
+    if len(costs) != len(dims):
+        raise ValueError(f"decide: {len(costs)} byte costs for {len(dims)} tables")
     mean = sum(c * d for c, d in zip(costs, dims)) / max(1, sum(dims))
     base, rise = config.final_threshold, config.grow_threshold - config.final_threshold
     return [base + rise * min(1.0, c / mean) ** gamma for c in costs]
