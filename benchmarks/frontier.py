@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,50 +226,46 @@ def summarise(
     return row
 
 
-def fixed_row(
-    spec: str,
-    data: Any,
-    vocab: Mapping[str, int],
-    work: Path,
-    curve: list[tuple[float, float]],
-    args: argparse.Namespace,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Retrains:
+    """What every retrained allocation of one run shares: the data, the cache and the curve."""
+
+    data: Any
+    vocab: Mapping[str, int]
+    work: Path
+    curve: list[tuple[float, float]]
+    args: argparse.Namespace
+
+
+def fixed_row(spec: str, ctx: Retrains) -> dict[str, Any]:
     """The row of one hand-picked allocation (``--fixed``): retrained like a uniform point,
     with its margin over the uniform curve."""
+    fields = list(ctx.data.fields)
     dims_list = [int(d) for d in spec.split(",")]
-    if len(dims_list) != len(data.fields):
-        raise SystemExit(
-            f"error: --fixed {spec!r}: {len(dims_list)} dims for {len(data.fields)} fields {list(data.fields)}"
-        )
-    dims = dict(zip(data.fields, dims_list))
-    key = work / f"fixed{'-'.join(map(str, dims_list))}-r{args.retrain_seeds}.json"
-    r = cached(key, lambda: {"dims": dims, "aucs": retrain_aucs(dims, data, args)})
-    return {**summarise("fixed", None, [r], vocab, curve), "budget": spec}
+    if len(dims_list) != len(fields):
+        raise SystemExit(f"error: --fixed {spec!r}: {len(dims_list)} dims for {len(fields)} fields {fields}")
+    dims = dict(zip(fields, dims_list))
+    key = ctx.work / f"fixed{'-'.join(map(str, dims_list))}-r{ctx.args.retrain_seeds}.json"
+    r = cached(key, lambda: {"dims": dims, "aucs": retrain_aucs(dims, ctx.data, ctx.args)})
+    return {**summarise("fixed", None, [r], ctx.vocab, ctx.curve), "budget": spec}
 
 
-def random_rows(
-    budget: float,
-    n: int,
-    data: Any,
-    vocab: Mapping[str, int],
-    work: Path,
-    curve: list[tuple[float, float]],
-    args: argparse.Namespace,
-) -> list[dict[str, Any]]:
+def random_rows(budget: float, n: int, ctx: Retrains) -> list[dict[str, Any]]:
     """``--random``: the mean of ``n`` random allocations filling ``budget``, and the best by
     validation AUC."""
+    args, vocab = ctx.args, ctx.vocab
     cap = int(budget * embedding_bytes(vocab, dict.fromkeys(vocab, args.d_max)))
     runs = []
     for i in range(n):
         rng = random.Random(f"{args.random_seed}-{budget}-{i}")
         dims = random_allocation(vocab, cap, args.d_max, rng)
-        key = work / f"alloc{'-'.join(str(dims[f]) for f in vocab)}-r{args.retrain_seeds}.json"
-        runs.append(cached(key, lambda dims=dims: {"dims": dims, **retrain_scores(dims, data, args)}))  # type: ignore[misc]
+        key = ctx.work / f"alloc{'-'.join(str(dims[f]) for f in vocab)}-r{args.retrain_seeds}.json"
+        runs.append(cached(key, lambda dims=dims: {"dims": dims, **retrain_scores(dims, ctx.data, args)}))  # type: ignore[misc]
         print(f"  random budget {budget} #{i}: {runs[-1]}", flush=True)
     best = max(runs, key=lambda r: mean_std(r["val_aucs"])[0])
     return [
-        summarise(f"random x{n}", budget, runs, vocab, curve),
-        summarise("random, best val", budget, [best], vocab, curve),
+        summarise(f"random x{n}", budget, runs, vocab, ctx.curve),
+        summarise("random, best val", budget, [best], vocab, ctx.curve),
     ]
 
 
@@ -368,10 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {**summarise("uniform", None, [r], vocab, []), "method": "uniform", "budget": f"dim {d}"}
             )
             curve.append((rows[-1]["bytes"], rows[-1]["auc"]))
+        ctx = Retrains(data, vocab, work, curve, args)
         for spec in [a for a in args.fixed.split(";") if a.strip()]:
-            rows.append(fixed_row(spec, data, vocab, work, curve, args))
+            rows.append(fixed_row(spec, ctx))
         for budget in budgets if args.random else []:
-            rows += random_rows(budget, args.random, data, vocab, work, curve, args)
+            rows += random_rows(budget, args.random, ctx)
         points: list[tuple[str, float | None]] = []
         if "dimgrow" in methods:
             points += [("dimgrow", b) for b in budgets] + ([] if args.no_unbudgeted else [("dimgrow", None)])
