@@ -42,6 +42,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec_dimgrow import DimGrowConfig, export, swap_in  # DimGrow
 from torchrec_dimgrow.artifacts import write_dims_json  # DimGrow
 from torchrec_dimgrow.data import PreparedData, Split, load_prepared, prepare
+from torchrec_dimgrow.distributed.env import exit_without_teardown  # DimGrow
 
 log = logging.getLogger("dlrm_criteo")
 
@@ -207,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             retrain_model = export(fresh, found, device="cpu")  # DimGrow: plain EBC at the found dims
             loss, _ = retrain_model(next(data.test.batches(64)))  # DimGrow
             log.info("exported DLRM runs: loss %.4f", loss.item())  # DimGrow
+    dist.barrier()  # every rank leaves the group together, after rank 0's export
     dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    if code == 0:  # DimGrow: a finished rank skips CPython's teardown, where gloo may abort it
+        exit_without_teardown(code)
+    raise SystemExit(code)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -73,3 +75,22 @@ def destroy_distributed(synchronize: bool = False) -> None:
     if synchronize and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def exit_without_teardown(code: int) -> None:
+    """End a finished rank of a multi-process run with ``os._exit``, after flushing.
+
+    Gloo's worker threads may still be freeing a completed collective (its work object holds
+    tensors with Python references) when CPython finalizes; the thread then dies waiting for
+    the GIL inside a destructor and the process aborts: "terminate called without an active
+    exception", exit -6, and torchrun reports the run failed (core dump: ``~AsyncAllgatherWork``
+    -> ``decref_pyobject`` -> ``take_gil`` in ``ProcessGroupGloo::runLoop`` while the main
+    thread is in ``Py_FinalizeEx``; pytorch/pytorch#190489). About one 2-rank run in four hit
+    it on this 2-core machine. Call it only once every output is written and closed, and only
+    on success: torchrun stops the peers when one rank exits non-zero, so failing ranks should
+    exit normally to let the others print their errors.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
