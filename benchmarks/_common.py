@@ -36,18 +36,6 @@ def quiet_logs() -> None:
 
 
 # ----------------------------------------------------------------------------- output
-def parse_value(text: str) -> Any:
-    """A ``--set key=value`` value as int, else float, ``None`` for "None", else the string itself."""
-    if text == "None":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         if math.isnan(value):

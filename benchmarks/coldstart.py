@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, parse_value, quiet_logs, write_rows
+from _common import markdown_table, quiet_logs, write_rows
 
 COLUMNS = ["search_seed", "spearman", "stalled", "epochs", "best_epoch", "val_auc", "max_logical", "dims"]
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from scipy.stats import spearmanr
 
+    from torchrec_dimgrow.cli import parse_sets
     from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
     from torchrec_dimgrow.data.synthetic import FMConfig, fm_interactions
     from torchrec_dimgrow.distributed.env import init_distributed
@@ -46,8 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     torch.set_num_threads(1)
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    dg = DimGrowConfig(**{k: parse_value(v) for k, v in overrides.items()})
+    overrides = parse_sets(args.set)
+    dg = DimGrowConfig(**overrides)
     data = fm_interactions(FMConfig(rows=args.rows, seed=args.data_seed))
     need = data.source["need"]
     env = init_distributed("gloo")

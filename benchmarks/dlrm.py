@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import REPO, markdown_table, mean_std, parse_value, pm, write_rows
+from _common import REPO, markdown_table, mean_std, pm, write_rows
 from torch import nn
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "criteo" / "criteo_head8k"
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from torchrec_dimgrow.cli import parse_sets
+
     def ints(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x]
 
@@ -331,7 +333,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         alphas=[float(a) for a in args.alphas.split(",") if a],
         keep_fields=not args.no_keep_fields,
         threads=args.threads,
-        dimgrow_set={k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)},
+        dimgrow_set=parse_sets(args.set),
     )
     if args.quick:
         cfg.seeds, cfg.search_epochs, cfg.retrain_epochs = cfg.seeds[:1], 2, 3

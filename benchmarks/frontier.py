@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, mean_std, parse_value, quiet_logs, write_rows
+from _common import markdown_table, mean_std, quiet_logs, write_rows
 from quality import DATASETS, QualityConfig, load_dataset
 
 SYNTHETIC = {"fm": "fm", "shaped": "criteo_shaped"}
@@ -340,11 +340,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     search_seeds = [int(s) for s in args.search_seeds.split(",") if s]
     budgets = [float(b) for b in args.budgets.split(",") if b]
     methods = [m for m in args.methods.split(",") if m]
-    args.dimgrow_set = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     quiet_logs()
     import torch
 
+    from torchrec_dimgrow.cli import parse_sets
     from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
+
+    args.dimgrow_set = parse_sets(args.set)
 
     torch.set_num_threads(args.threads)
     name, data = load(args)
