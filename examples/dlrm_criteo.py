@@ -42,7 +42,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec_dimgrow import DimGrowConfig, export, swap_in  # DimGrow
 from torchrec_dimgrow.artifacts import write_dims_json  # DimGrow
 from torchrec_dimgrow.data import PreparedData, Split, load_prepared, prepare
-from torchrec_dimgrow.distributed.env import exit_without_teardown  # DimGrow
+from torchrec_dimgrow.distributed.env import exit_rank  # DimGrow
 
 log = logging.getLogger("dlrm_criteo")
 
@@ -214,7 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if code == 0:  # DimGrow: a finished rank skips CPython's teardown, where gloo may abort it
-        exit_without_teardown(code)
-    raise SystemExit(code)
+    exit_rank(main())  # DimGrow: a finished rank skips CPython's teardown, where gloo may abort it

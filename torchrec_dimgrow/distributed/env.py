@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -65,10 +66,10 @@ def init_distributed(backend: str | None = None) -> DistEnv:
 def destroy_distributed(synchronize: bool = False) -> None:
     """Leave the process group.
 
-    ``synchronize`` (the success path): wait at a barrier first, so no rank tears down its
-    gloo connections while a peer still has traffic in flight on them; a rank that exits
-    early that way can make the peer's gloo threads abort ("terminate called without an
-    active exception"). Never on an error path: a failed peer would never reach the barrier.
+    ``synchronize`` (the success path): wait at a barrier first, so every rank leaves the
+    group together instead of one tearing down its gloo connections while a peer still works
+    (rank 0 writing outputs). Never on an error path: a failed peer would never reach the
+    barrier. The abort some finished ranks met at exit is handled by :func:`exit_rank`.
     """
     if not dist.is_initialized():
         return
@@ -77,20 +78,23 @@ def destroy_distributed(synchronize: bool = False) -> None:
     dist.destroy_process_group()
 
 
-def exit_without_teardown(code: int) -> None:
-    """End a finished rank of a multi-process run with ``os._exit``, after flushing.
+def exit_rank(code: int) -> NoReturn:
+    """Exit this process with ``code``; a finished rank of a multi-process run skips teardown.
 
     Gloo's worker threads may still be freeing a completed collective (its work object holds
     tensors with Python references) when CPython finalizes; the thread then dies waiting for
     the GIL inside a destructor and the process aborts: "terminate called without an active
     exception", exit -6, and torchrun reports the run failed (core dump: ``~AsyncAllgatherWork``
     -> ``decref_pyobject`` -> ``take_gil`` in ``ProcessGroupGloo::runLoop`` while the main
-    thread is in ``Py_FinalizeEx``; pytorch/pytorch#190489). About one 2-rank run in four hit
-    it on this 2-core machine. Call it only once every output is written and closed, and only
-    on success: torchrun stops the peers when one rank exits non-zero, so failing ranks should
-    exit normally to let the others print their errors.
+    thread is in ``Py_FinalizeEx``; pytorch/pytorch#190489). It hit 4 of 12 2-rank runs of
+    ``examples/dlrm_criteo.py`` on this 2-core machine. So code 0 with ``WORLD_SIZE > 1``
+    flushes and leaves with ``os._exit``: call this last, once every output is written and
+    closed. Any other code exits normally: torchrun stops the peers as soon as one rank exits
+    non-zero, and a fast exit there would cut off their own error lines.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(code)
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
+    sys.exit(code)
