@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--grow-price-exponent",
         type=float,
         default=DimGrowConfig.grow_price_exponent,
-        help="raise a table's growth bar with its bytes per dim: final_threshold + "
-        "(grow_threshold - final_threshold) * (bytes / mean active slot's) ** this; 0: one bar",
+        help="lower the growth bar of tables cheaper than the mean active slot: final_threshold + "
+        "(grow_threshold - final_threshold) * min(1, bytes per dim / mean slot's) ** this; "
+        "0: the paper's one bar (default 1)",
     )
     s.add_argument("--shrink-threshold", type=float, default=0.01)
     s.add_argument("--grow-patience", type=int, default=1)
