@@ -282,6 +282,29 @@ def test_resume_takes_the_saved_settings_and_refuses_contradictions(
     assert config["dimgrow"]["alpha"] == 0.05 and config["train"]["max_steps"] == 12
 
 
+def test_resume_of_a_checkpoint_older_than_a_rule_flag_keeps_the_old_rule() -> None:
+    import argparse
+
+    from torchrec_dimgrow.errors import UsageError
+    from torchrec_dimgrow.validation import apply_saved_config
+
+    def fresh() -> argparse.Namespace:  # today's defaults
+        return argparse.Namespace(alpha=0.1, grow_price_exponent=1.0, cap_dims_at_rows=True)
+
+    saved = {"alpha": 0.05}  # written before either rule flag existed
+    args = fresh()
+    apply_saved_config(args, saved, explicit=set())
+    assert (args.alpha, args.grow_price_exponent, args.cap_dims_at_rows) == (0.05, 0.0, False)
+    # a checkpoint that recorded the flag keeps its own value
+    args = fresh()
+    apply_saved_config(args, {**saved, "cap_dims_at_rows": True}, explicit=set())
+    assert args.cap_dims_at_rows is True and args.grow_price_exponent == 0.0
+    with pytest.raises(
+        UsageError, match="--cap-dims-at-rows True contradicts the checkpoint's --cap-dims-at-rows False"
+    ):
+        apply_saved_config(fresh(), saved, explicit={"cap_dims_at_rows"})
+
+
 def test_damaged_checkpoint_file_is_named(
     cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

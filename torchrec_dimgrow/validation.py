@@ -220,9 +220,17 @@ def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+BEHAVIOUR_BEFORE_FLAG = {"grow_price_exponent": 0.0, "cap_dims_at_rows": False}
+"""What a search did before each of these flags existed (their defaults changed the rule).
+
+A checkpoint written before a flag was added records no value for it; resuming it must
+continue the rule it was searched with, not the newer default."""
+
+
 def apply_saved_config(args: argparse.Namespace, saved: dict[str, Any], explicit: set[str]) -> None:
     """Resume takes the checkpoint's settings; a typed flag that contradicts them is refused."""
-    for dest, value in sorted(saved.items()):
+    older = {k: v for k, v in BEHAVIOUR_BEFORE_FLAG.items() if k not in saved and hasattr(args, k)}
+    for dest, value in sorted({**saved, **older}.items()):
         if dest in RUN_CONTROL or not hasattr(args, dest):
             continue
         typed = _jsonable(getattr(args, dest))
