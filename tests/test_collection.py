@@ -228,6 +228,32 @@ def test_auto_scale_recognises_the_weighted_penalty_share() -> None:
     assert float(m.post.penalty_scale) == pytest.approx(scale, rel=1e-5)
 
 
+def test_a_table_never_outgrows_its_row_count_unless_padded() -> None:
+    from torchrec_dimgrow.policy import PolicyState, decide
+
+    rows = (3, 990)
+    project = DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=8), align="project")
+    assert project.max_dims == [3, 8]
+    assert DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=16), align="raw").max_dims == [3, 16]
+    # zero-padded widths share coordinates with the other fields: no cap there
+    assert DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=8), align="pad").max_dims == [8, 8]
+    off = start1(d_max=8, cap_dims_at_rows=False)
+    assert DimGrowEmbeddingBagCollection(_two_tables(rows), off, align="project").max_dims == [8, 8]
+    # a fractional budget still refers to the uncapped d_max model
+    budgeted = DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=8, budget=0.5), align="project")
+    assert budgeted.budget_bytes() == int(0.5 * 8 * 4 * sum(rows))
+    # the rule as the controller calls it: every gate high, only the big table grows
+    new, changes = decide(
+        [[0.9] * 8] * 2,
+        PolicyState([3, 3]),
+        project.config,
+        project.max_dims,
+        project.dim_costs(),
+        project.budget_bytes(),
+    )
+    assert new.dims == [3, 4] and [c.table for c in changes] == [1]
+
+
 def test_row_counts_must_match_tables() -> None:
     with pytest.raises(ValueError, match="row count"):
         DimGrowPostProcess(["a"], [0], ["a"], [4], [4], start1(), "raw", table_rows=[3, 4])

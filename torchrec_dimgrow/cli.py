@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shrink-patience", type=int, default=1)
     s.add_argument("--shrink-slot", choices=["lowest", "last"], default="lowest")
     s.add_argument(
+        "--cap-dims-at-rows",
+        action=argparse.BooleanOptionalAction,
+        default=DimGrowConfig.cap_dims_at_rows,
+        help="a table never grows past its row count: an n-row table's columns span at most n "
+        "dimensions (default on)",
+    )
+    s.add_argument(
         "--final-gates",
         choices=["epoch", "step"],
         default="step",
@@ -288,6 +295,7 @@ def _dimgrow_config(args: argparse.Namespace, alpha: float) -> DimGrowConfig:
         gate_every=args.gate_every,
         grow_threshold=args.grow_threshold,
         grow_price_exponent=args.grow_price_exponent,
+        cap_dims_at_rows=args.cap_dims_at_rows,
         shrink_threshold=args.shrink_threshold,
         grow_patience=args.grow_patience,
         shrink_patience=args.shrink_patience,

@@ -23,6 +23,17 @@ class DimGrowConfig:
 
     Attributes:
         d_max: most dimensions any field may reach (slots 1..d_max carry a gate each).
+        cap_dims_at_rows: a table never grows past its row count (in ``"raw"`` and
+            ``"project"`` mode). Why: the columns of an ``n``-row table span at most ``n``
+            dimensions, and what reads them is linear (the projection, or the first layer
+            of the MLP that takes the concatenated widths), so dims beyond ``n`` add
+            parameters but no function the model could not already express; the
+            retrain's ``concat -> Linear`` model reads them the same way. Without the cap
+            a 2-row field can wander to 6 dims on noise, and a 1-row (constant) field to
+            16, which only adds slots that dilute the auto penalty's mean task pull. A
+            budget given as a fraction still refers to the uncapped ``d_max`` model.
+            ``"pad"`` mode (zero-padded, then e.g. DLRM's dot products) is never capped:
+            there the coordinates are shared with the other fields, and the argument fails.
         initial_dim: logical dim every field starts with (default 1, the paper's). ``None``:
             the columns a field's storage block holds anyway (``capacity_block``, capped by
             ``d_max`` and, under a ``budget``, lowered until every field fits); the fused
@@ -121,6 +132,7 @@ class DimGrowConfig:
     """
 
     d_max: int = 16
+    cap_dims_at_rows: bool = True
     initial_dim: int | None = 1
     tau: float = 5.0
     theta_init: float = 0.0

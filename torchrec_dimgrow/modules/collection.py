@@ -489,7 +489,15 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         for t in self._user_configs:
             if not t.feature_names:
                 t.feature_names = [t.name]
-        d_max = [cfg.d_max if align == "raw" else min(cfg.d_max, t.embedding_dim) for t in self._user_configs]
+        # Widths the tables may be presented at; the budget's "fraction of the d_max model"
+        # refers to these, before the row cap (see DimGrowConfig.cap_dims_at_rows).
+        self._width_caps = [
+            cfg.d_max if align == "raw" else min(cfg.d_max, t.embedding_dim) for t in self._user_configs
+        ]
+        d_max = [
+            min(m, t.num_embeddings) if cfg.cap_dims_at_rows and align != "pad" else m
+            for m, t in zip(self._width_caps, self._user_configs)
+        ]
         if align == "pad":
             for t in self._user_configs:
                 if t.embedding_dim < cfg.d_max:
@@ -685,7 +693,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
     def budget_bytes(self) -> int | None:
         """``config.budget`` in bytes (a fraction applies to the ``d_max`` model), or ``None``."""
-        full = sum(c * m for c, m in zip(self.dim_costs(), self.post.d_max))
+        full = sum(c * m for c, m in zip(self.dim_costs(), self._width_caps))
         return resolve_budget(self.config.budget, full)
 
     def _start_dims(self, d_max: list[int]) -> list[int]:
@@ -694,7 +702,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
         if cfg.initial_dim is not None:
             return [min(cfg.initial_dim, m) for m in d_max]
         costs = self.dim_costs()
-        budget = resolve_budget(cfg.budget, sum(c * m for c, m in zip(costs, d_max)))
+        budget = self.budget_bytes()
         for k in range(min(cfg.capacity_block, max(d_max)), 0, -1):
             dims = [min(k, m) for m in d_max]
             if budget is None or sum(c * d for c, d in zip(costs, dims)) <= budget:
