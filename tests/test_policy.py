@@ -3,7 +3,15 @@ import torch
 
 from torchrec_dimgrow.config import DimGrowConfig
 from torchrec_dimgrow.distributed.importance import SlotGateMean
-from torchrec_dimgrow.policy import DimChange, PolicyState, capacity_for, decide, final_dims, grow_bars
+from torchrec_dimgrow.policy import (
+    DimChange,
+    PolicyState,
+    capacity_for,
+    decide,
+    final_dims,
+    grow_bars,
+    vote_dims,
+)
 
 
 def cfg(**kw) -> DimGrowConfig:
@@ -284,3 +292,23 @@ def test_auto_scale_recovers_the_task_gradient_under_a_budget_price() -> None:
     expected = 0.3 / (post.config.tau * g * (1 - g))
     cfg_ema = post.config.auto_ema
     assert torch.allclose(post.task_grad_ema[tab_t, tab_s], (1 - cfg_ema) * expected, rtol=1e-4)
+
+
+def test_vote_takes_the_per_field_median_and_repairs_it_into_the_budget() -> None:
+    votes = [[4, 2, 7], [3, 3, 1], [5, 2, 16]]
+    costs = [100, 10, 1]
+    assert vote_dims(votes, costs) == [4, 2, 7]
+    assert vote_dims(votes[:2], costs) == [3, 2, 1]  # even count: the lower median
+    # every vote fits 520 bytes, and so does their median (427 bytes)
+    assert vote_dims(votes, costs, budget=520) == [4, 2, 7]
+    # a tighter budget than the median: the dearest field above its smallest vote gives back
+    # first (field 0 down to 3), then the next dearest (field 1 is at its minimum, so field 2)
+    assert vote_dims(votes, costs, budget=325) == [3, 2, 5]
+    # votes that each fit 90 bytes but whose median (4, 4, 4) does not: ties go to the
+    # lower index, and the repair never goes below a field's smallest vote
+    spread = [[4, 4, 1], [4, 1, 4], [1, 4, 4]]
+    assert vote_dims(spread, [10, 10, 10], budget=90) == [1, 4, 4]
+    with pytest.raises(ValueError, match="every vote needs 3 dims"):
+        vote_dims([[1, 2, 3], [1, 2]], costs)
+    with pytest.raises(ValueError, match="no votes"):
+        vote_dims([], costs)

@@ -250,3 +250,32 @@ def final_dims(
     """
     thr = config.final_threshold if threshold is None else threshold
     return [sum(1 for v in row if float(v) > thr) for row in gates]
+
+
+def vote_dims(votes: Sequence[Sequence[int]], costs: Sequence[int], budget: int | None = None) -> list[int]:
+    """One allocation from several searches' found dims: the per-field median, within budget.
+
+    Why a vote: a search's found dims depend on its seed (which field grows first shapes the
+    rest), and the seed-to-seed spread of one field's dim is larger than what the data can
+    tell apart. The per-field median of independent searches keeps what they agree on. With
+    an even count the lower median is taken (never more bytes than needed to agree). If the
+    median exceeds ``budget``, dims are taken back one at a time from the field whose dim
+    costs most among those still above their smallest vote (ties: the lower index); the
+    per-field minimum is dominated by every vote, so it always fits and the repair ends.
+    Pure and deterministic: every rank derives the same dims from the same votes.
+    """
+    if not votes:
+        raise ValueError("vote_dims: no votes")
+    n = len(costs)
+    if any(len(v) != n for v in votes):
+        raise ValueError(f"vote_dims: every vote needs {n} dims, got {[len(v) for v in votes]}")
+    columns = [sorted(int(v[t]) for v in votes) for t in range(n)]
+    dims = [col[(len(col) - 1) // 2] for col in columns]
+    if budget is None:
+        return dims
+    used = sum(c * d for c, d in zip(costs, dims))
+    while used > budget:
+        t = max((u for u in range(n) if dims[u] > columns[u][0]), key=lambda u: (costs[u], -u))
+        dims[t] -= 1
+        used -= costs[t]
+    return dims
