@@ -292,3 +292,28 @@ def test_search_with_budget_never_exceeds_it_and_refuses_an_impossible_one(tmp_p
     assert not bad.exists(), "no partial output"
     r = cli("search", *args, "--out", str(bad), "--budget", "12 parsecs")
     assert r.returncode == 2 and "--budget" in r.stderr and "cannot read" in r.stderr
+
+
+def test_voted_search_on_two_ranks_exports_the_vote_of_its_searches(tmp_path: Path) -> None:
+    from torchrec_dimgrow.policy import vote_dims
+
+    out = tmp_path / "voted"
+    args = ["--data", MOVIELENS, "--format", "movielens", "--epochs", "1", "--max-steps", "30", "--quiet",
+            "--budget", "0.1", "--grow-threshold", "0.3", "--seed", "5"]  # fmt: skip
+    r = cli("search", *args, "--out", str(out), "--votes", "3", ranks=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [out / "votes" / f"seed-{s}" for s in (5, 6, 7)]
+    assert sorted((out / "votes").iterdir()) == runs
+    fields = list(json.loads((out / "dims.json").read_text()))
+    vocab = dict(zip(fields, _vocab(out)))
+    votes = [json.loads((run / "dims.json").read_text()) for run in runs]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["world_size"] == 2 and [v["seed"] for v in m["votes"]] == [5, 6, 7]
+    assert [v["dims"] for v in m["votes"]] == votes
+    costs = [4 * vocab[f] for f in fields]
+    expect = vote_dims([[v[f] for f in fields] for v in votes], costs, m["budget_bytes"])
+    assert json.loads((out / "dims.json").read_text()) == dict(zip(fields, expect))
+    assert 0 < m["found_embedding_bytes"] <= m["budget_bytes"] == int(0.1 * 16 * 4 * sum(vocab.values()))
+    # one of the votes is a complete search; resuming it alone would break the vote
+    r = cli("search", *args, "--out", str(runs[0]), "--resume", str(runs[0]))
+    assert r.returncode == 2 and "a --votes run cannot be resumed" in r.stderr, r.stderr[-2000:]

@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="embedding memory cap: bytes (48MiB, 2.5GB, 1000000) or a fraction of the d_max model (0.3)",
     )
     s.add_argument(
+        "--votes",
+        type=int,
+        default=1,
+        help="run K searches (seeds --seed .. --seed+K-1, each kept in OUT/votes/seed-N) and export "
+        "their per-field median dims, within --budget: dims that move less between seeds, at K "
+        "times the cost (default 1: one search)",
+    )
+    s.add_argument(
         "--budget-pressure",
         type=float,
         default=DimGrowConfig().budget_pressure,
@@ -339,10 +347,15 @@ def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
 
 
 def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
-    from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+    from torchrec_dimgrow.recipes.search import SearchOptions, run_search, run_voted_search
 
     out: Path = args.out
     resumed = _resume_preflight(args, explicit) if args.resume is not None else None
+    if resumed is not None and args.votes > 1:  # given now, or saved with the checkpoint
+        raise UsageError(
+            "--resume continues one search; a --votes run cannot be resumed (its finished "
+            "searches stay in OUT/votes; start it again with --overwrite)"
+        )
     check_ranges(args)  # again: the saved settings are now in args
     # resuming writes into the run it continues; any other --out must not hold a previous run
     continuing = resumed is not None and out.resolve() == resumed.path.parent.resolve()
@@ -378,7 +391,10 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             tensorboard=args.tensorboard,
             resave=resumed is not None and resumed.world_size != env.world_size,
         )
-        result = run_search(data, dg, tc, planning, env, opts)
+        if args.votes > 1:
+            result = run_voted_search(data, dg, tc, planning, env, opts, args.votes)
+        else:
+            result = run_search(data, dg, tc, planning, env, opts)
         finished = True
     except NonFiniteError:
         raise  # keeps the last good checkpoint for inspection or --resume

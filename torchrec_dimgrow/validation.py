@@ -73,6 +73,7 @@ RANGES: dict[str, Bound] = {
     "initial_dim": Bound(1, MAX_DIM),  # None = "block"
     "alpha": NON_NEGATIVE,
     "budget_pressure": NON_NEGATIVE,
+    "votes": AT_LEAST_1,
     "gate_lr": POSITIVE,
     "check_interval": AT_LEAST_1,
     "grow_threshold": Bound(0, 1, low_open=True),
@@ -137,6 +138,7 @@ SEARCH_OUTPUTS = (
     "trajectory.csv",
     "checkpoint",
     "checkpoint.prev",
+    "votes",
 )
 RETRAIN_OUTPUTS = ("metrics.json", "model")
 

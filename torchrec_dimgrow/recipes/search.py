@@ -24,7 +24,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,9 @@ from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import NonFiniteError
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.modules.tables import field_bytes
+from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.policy import final_dims
+from torchrec_dimgrow.policy import final_dims, vote_dims
 from torchrec_dimgrow.training import EarlyStopping, bce, evaluate
 
 log = logging.getLogger(__name__)
@@ -509,3 +509,59 @@ def run_search(
 ) -> dict[str, Any]:
     """Run one DimGrow search and write dims.json / trajectory.csv / metrics.json (rank 0)."""
     return DimGrowSearch(data, dg, tc, planning, env, opts).run()
+
+
+def run_voted_search(
+    data: PreparedData,
+    dg: DimGrowConfig,
+    tc: TrainConfig,
+    planning: PlanningConfig,
+    env: DistEnv,
+    opts: SearchOptions,
+    votes: int,
+) -> dict[str, Any]:
+    """``votes`` searches with seeds ``tc.seed`` .. ``tc.seed + votes - 1``, one exported vote.
+
+    Each search is a complete run in ``out_dir/votes/seed-N`` (its own dims, gates,
+    trajectory and checkpoints, so any one can be inspected or retrained); ``out_dir`` gets
+    the vote (:func:`~torchrec_dimgrow.policy.vote_dims`: the per-field median, within the
+    budget) as ``dims.json`` and a ``metrics.json`` that lists every search. Why: the seed
+    spread of one search's dims is larger than what the data can tell apart; the vote costs
+    ``votes`` searches and moves far less from seed to seed (benchmarks/README.md).
+    """
+    if votes < 1:
+        raise ValueError(f"votes must be >= 1, got {votes}")
+    results: list[dict[str, Any]] = []
+    for k in range(votes):
+        seed = tc.seed + k
+        sub = replace(opts, out_dir=opts.out_dir / "votes" / f"seed-{seed}", tensorboard=None)
+        results.append(run_search(data, dg, replace(tc, seed=seed), planning, env, sub))
+    vocab = dict(zip(data.fields, data.vocab_sizes))
+    costs = [FP32_BYTES * vocab[f] for f in data.fields]
+    budget = results[0]["metrics"]["budget_bytes"]
+    voted = vote_dims([[r["dims"][f] for f in data.fields] for r in results], costs, budget)
+    found = dict(zip(data.fields, voted))
+    each = [r["metrics"] for r in results]
+    metrics = {
+        "votes": [
+            {
+                "seed": tc.seed + k,
+                "dims": r["dims"],
+                "val_auc": m["val_auc"],
+                "found_embedding_bytes": m["found_embedding_bytes"],
+            }
+            for k, (r, m) in enumerate(zip(results, each))
+        ],
+        "val_auc": sum(m["val_auc"] for m in each) / votes,
+        "world_size": env.world_size,
+        "replans": sum(m["replans"] for m in each),
+        "wall_seconds": round(sum(m["wall_seconds"] for m in each), 3),
+        "found_total_dim": sum(voted),
+        "found_embedding_bytes": field_bytes(vocab, found),
+        "budget_bytes": budget,
+        "dropped_fields": sorted(f for f, d in found.items() if d == 0),
+    }
+    if env.is_main:
+        write_dims_json(opts.out_dir / "dims.json", found)
+        write_json_atomic(opts.out_dir / "metrics.json", metrics)
+    return {"dims": found, "metrics": metrics}
