@@ -37,6 +37,7 @@ add seeds); the table goes to stdout and ``<out>/frontier_<data>.{csv,json,png}`
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -140,6 +141,31 @@ def search(
         data, tc, placement=Placement(env, planning)
     )
     return dict(found.dims)
+
+
+def voted_point(
+    tag: str, budget: float | None, seed: int, data: Any, args: argparse.Namespace, env: Any, work: Path
+) -> dict:
+    """One DimGrow point from ``--search-votes`` searches: their vote, retrained.
+
+    Each search's dims are cached on their own (``-search.json``), so points with more votes
+    or other retrain seeds reuse them.
+    """
+    from torchrec_dimgrow.config import resolve_budget
+    from torchrec_dimgrow.policy import vote_dims
+
+    k = args.search_votes
+    votes = []
+    for s in range(seed * k, seed * k + k):
+        found = cached(
+            work / f"{tag}-b{budget}-s{s}-search.json",
+            lambda s=s: {"dims": search("dimgrow", budget, s, data, args, env)},  # type: ignore[misc]
+        )
+        votes.append([found["dims"][f] for f in data.fields])
+    costs = [4 * v for v in data.vocab_sizes]
+    cap = resolve_budget(budget, sum(costs) * args.d_max)
+    dims = dict(zip(data.fields, vote_dims(votes, costs, cap)))
+    return {"dims": dims, "votes": votes, "aucs": retrain_aucs(dims, data, args)}
 
 
 def retrain_scores(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> dict[str, list[float]]:
@@ -321,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="dimgrow,sseds,autodim,optembed")
     p.add_argument("--no-unbudgeted", action="store_true", help="skip DimGrow without a budget")
     p.add_argument("--search-seeds", default="0,1,2")
+    p.add_argument(
+        "--search-votes",
+        type=int,
+        default=1,
+        help="DimGrow points vote over K searches each (search seed i uses seeds i*K .. i*K+K-1; "
+        "see torchrec_dimgrow.policy.vote_dims); 1: one search per point",
+    )
     p.add_argument("--retrain-seeds", default="0,1,2")
     p.add_argument("--d-max", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
@@ -388,6 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     dims = search(method, budget, seed, data, args, env)
                     return {"dims": dims, "aucs": retrain_aucs(dims, data, args)}
 
+                if method == "dimgrow" and args.search_votes > 1:
+                    key = work / f"{tag}-v{args.search_votes}-b{budget}-s{seed}-r{args.retrain_seeds}.json"
+                    compute = functools.partial(voted_point, tag, budget, seed, data, args, env, work)
                 runs.append(cached(key, compute))
                 print(f"  {tag} budget {budget} seed {seed}: {runs[-1]}", flush=True)
             label = (
@@ -396,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else {"sseds": "SSEDS", "autodim": "AutoDim", "optembed": "OptEmbed-D"}[method]
             )
             label += f" {args.label}" if args.label and method == "dimgrow" else ""
+            label += f" ({args.search_votes} votes)" if method == "dimgrow" and args.search_votes > 1 else ""
             label += " (no budget)" if method == "dimgrow" and budget is None else ""
             rows.append(summarise(label, budget, runs, vocab, curve))
     finally:
