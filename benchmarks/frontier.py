@@ -438,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         destroy_distributed()
     stem = f"frontier_{name}{'_' + args.label if args.label else ''}"
+    stem += f"_votes{args.search_votes}" if args.search_votes > 1 else ""
     command = "python -m torchrec_dimgrow bench frontier " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )

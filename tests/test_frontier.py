@@ -108,3 +108,33 @@ def test_bench_frontier_retrains_hand_picked_allocations_with_their_margin(tmp_p
     assert max(rand["per_search_bytes"]) <= cap
     bad = bench("--fixed", "1,2,3")
     assert bad.returncode != 0 and "3 dims for 6 fields" in bad.stderr
+
+
+def test_bench_frontier_votes_over_cached_searches(tmp_path: Path) -> None:
+    from torchrec_dimgrow.data.synthetic import generate
+    from torchrec_dimgrow.policy import vote_dims
+
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "work"
+    args = ["--data", "fm", "--rows", "3000", "--uniform", "1", "--budgets", "0.2", "--methods", "dimgrow",
+            "--no-unbudgeted", "--search-seeds", "1", "--search-votes", "3", "--retrain-seeds", "0",
+            "--search-epochs", "1", "--retrain-epochs", "1", "--work", str(work), "--out", str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "torchrec_dimgrow", "bench", "frontier", *args],
+        cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [
+        x
+        for x in json.loads((tmp_path / "out" / "frontier_fm_votes3.json").read_text())["rows"]
+        if x["method"] != "uniform"
+    ]
+    assert row["method"] == "DimGrow (3 votes)" and row["runs"] == "1x1"
+    data = generate("fm", rows=3000)
+    # voted point 1 uses the searches of seeds 3, 4 and 5, each cached on its own
+    searches = [
+        json.loads(next(work.glob(f"*/dimgrow-b0.2-s{s}-search.json")).read_text())["dims"] for s in (3, 4, 5)
+    ]
+    costs = [4 * v for v in data.vocab_sizes]
+    expect = vote_dims([[d[f] for f in data.fields] for d in searches], costs, int(0.2 * 16 * sum(costs)))
+    assert row["dims"] == " ".join(map(str, expect))
