@@ -347,7 +347,7 @@ def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
 
 
 def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
-    from torchrec_dimgrow.recipes.search import SearchOptions, run_search, run_voted_search
+    from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     out: Path = args.out
     resumed = _resume_preflight(args, explicit) if args.resume is not None else None
@@ -391,10 +391,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             tensorboard=args.tensorboard,
             resave=resumed is not None and resumed.world_size != env.world_size,
         )
-        if args.votes > 1:
-            result = run_voted_search(data, dg, tc, planning, env, opts, args.votes)
-        else:
-            result = run_search(data, dg, tc, planning, env, opts)
+        result = run_search(data, dg, tc, planning, env, opts, votes=args.votes)
         finished = True
     except NonFiniteError:
         raise  # keeps the last good checkpoint for inspection or --resume

@@ -506,36 +506,33 @@ def run_search(
     planning: PlanningConfig,
     env: DistEnv,
     opts: SearchOptions,
+    votes: int = 1,
 ) -> dict[str, Any]:
-    """Run one DimGrow search and write dims.json / trajectory.csv / metrics.json (rank 0)."""
-    return DimGrowSearch(data, dg, tc, planning, env, opts).run()
+    """Run one DimGrow search and write dims.json / trajectory.csv / metrics.json (rank 0).
 
-
-def run_voted_search(
-    data: PreparedData,
-    dg: DimGrowConfig,
-    tc: TrainConfig,
-    planning: PlanningConfig,
-    env: DistEnv,
-    opts: SearchOptions,
-    votes: int,
-) -> dict[str, Any]:
-    """``votes`` searches with seeds ``tc.seed`` .. ``tc.seed + votes - 1``, one exported vote.
-
-    Each search is a complete run in ``out_dir/votes/seed-N`` (its own dims, gates,
-    trajectory and checkpoints, so any one can be inspected or retrained); ``out_dir`` gets
-    the vote (:func:`~torchrec_dimgrow.policy.vote_dims`: the per-field median, within the
-    budget) as ``dims.json`` and a ``metrics.json`` that lists every search. Why: the seed
-    spread of one search's dims is larger than what the data can tell apart; the vote costs
-    ``votes`` searches and moves far less from seed to seed (benchmarks/README.md).
+    With ``votes`` > 1: that many searches with seeds ``tc.seed`` .. ``tc.seed + votes - 1``,
+    each a complete run in ``out_dir/votes/seed-N`` (its own dims, gates, trajectory and
+    checkpoints, so any one can be inspected or retrained), and one exported vote in
+    ``out_dir`` (:func:`~torchrec_dimgrow.policy.vote_dims`: the per-field median, within the
+    budget). Why: the seed spread of one search's dims is larger than what the data can tell
+    apart; the vote costs ``votes`` searches and moves far less from seed to seed
+    (benchmarks/README.md).
     """
     if votes < 1:
         raise ValueError(f"votes must be >= 1, got {votes}")
-    results: list[dict[str, Any]] = []
-    for k in range(votes):
-        seed = tc.seed + k
+    if votes == 1:
+        return DimGrowSearch(data, dg, tc, planning, env, opts).run()
+    results = []
+    for seed in range(tc.seed, tc.seed + votes):
         sub = replace(opts, out_dir=opts.out_dir / "votes" / f"seed-{seed}", tensorboard=None)
-        results.append(run_search(data, dg, replace(tc, seed=seed), planning, env, sub))
+        results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
+    return _publish_vote(data, tc.seed, results, env, opts.out_dir)
+
+
+def _publish_vote(
+    data: PreparedData, first_seed: int, results: list[dict[str, Any]], env: DistEnv, out_dir: Path
+) -> dict[str, Any]:
+    """The vote of ``results`` (one per seed from ``first_seed``); rank 0 writes dims and metrics."""
     vocab = dict(zip(data.fields, data.vocab_sizes))
     costs = [FP32_BYTES * vocab[f] for f in data.fields]
     budget = results[0]["metrics"]["budget_bytes"]
@@ -545,14 +542,14 @@ def run_voted_search(
     metrics = {
         "votes": [
             {
-                "seed": tc.seed + k,
+                "seed": first_seed + k,
                 "dims": r["dims"],
                 "val_auc": m["val_auc"],
                 "found_embedding_bytes": m["found_embedding_bytes"],
             }
             for k, (r, m) in enumerate(zip(results, each))
         ],
-        "val_auc": sum(m["val_auc"] for m in each) / votes,
+        "val_auc": sum(m["val_auc"] for m in each) / len(each),
         "world_size": env.world_size,
         "replans": sum(m["replans"] for m in each),
         "wall_seconds": round(sum(m["wall_seconds"] for m in each), 3),
@@ -562,6 +559,6 @@ def run_voted_search(
         "dropped_fields": sorted(f for f, d in found.items() if d == 0),
     }
     if env.is_main:
-        write_dims_json(opts.out_dir / "dims.json", found)
-        write_json_atomic(opts.out_dir / "metrics.json", metrics)
+        write_dims_json(out_dir / "dims.json", found)
+        write_json_atomic(out_dir / "metrics.json", metrics)
     return {"dims": found, "metrics": metrics}
