@@ -29,8 +29,9 @@ class DimGrowConfig:
             of the MLP that takes the concatenated widths), so dims beyond ``n`` add
             parameters but no function the model could not already express; the
             retrain's ``concat -> Linear`` model reads them the same way. Without the cap
-            a 2-row field can wander to 6 dims on noise, and a 1-row (constant) field to
-            16, which only adds slots that dilute the auto penalty's mean task pull. A
+            MovieLens-100k's 3-row ``gender`` reached 8 dims on some seeds and the
+            Criteo-shaped data's 2-row fields up to 16: slots that only dilute the auto
+            penalty's mean task pull. A
             budget given as a fraction still refers to the uncapped ``d_max`` model.
             Measured over 5 search seeds (benchmarks/README.md, "Capping a table's dims"):
             MovieLens-100k +0.0014/-0.0003 -> +0.0016/+0.0000 AUC over the uniform curve at
