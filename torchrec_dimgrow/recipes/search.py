@@ -534,25 +534,24 @@ def _publish_vote(
 ) -> dict[str, Any]:
     """The vote of ``results`` (one per seed from ``first_seed``); rank 0 writes dims and metrics."""
     vocab = dict(zip(data.fields, data.vocab_sizes))
-    costs = [FP32_BYTES * vocab[f] for f in data.fields]
+    costs = [FP32_BYTES * v for v in data.vocab_sizes]
     budget = results[0]["metrics"]["budget_bytes"]
     voted = vote_dims([[r["dims"][f] for f in data.fields] for r in results], costs, budget)
     found = dict(zip(data.fields, voted))
-    each = [r["metrics"] for r in results]
     metrics = {
         "votes": [
             {
                 "seed": first_seed + k,
                 "dims": r["dims"],
-                "val_auc": m["val_auc"],
-                "found_embedding_bytes": m["found_embedding_bytes"],
+                "val_auc": r["metrics"]["val_auc"],
+                "found_embedding_bytes": r["metrics"]["found_embedding_bytes"],
             }
-            for k, (r, m) in enumerate(zip(results, each))
+            for k, r in enumerate(results)
         ],
-        "val_auc": sum(m["val_auc"] for m in each) / len(each),
+        "val_auc": sum(r["metrics"]["val_auc"] for r in results) / len(results),
         "world_size": env.world_size,
-        "replans": sum(m["replans"] for m in each),
-        "wall_seconds": round(sum(m["wall_seconds"] for m in each), 3),
+        "replans": sum(r["metrics"]["replans"] for r in results),
+        "wall_seconds": round(sum(r["metrics"]["wall_seconds"] for r in results), 3),
         "found_total_dim": sum(voted),
         "found_embedding_bytes": field_bytes(vocab, found),
         "budget_bytes": budget,
