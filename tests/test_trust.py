@@ -20,11 +20,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.dist_utils import dcp_tensors, same_tensors
 from torchrec_dimgrow.cli import main
 from torchrec_dimgrow.data import prepare
 from torchrec_dimgrow.manifest import verify
+from torchrec_dimgrow.optim import EmbeddingOptimizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO = str(DATA / "criteo" / "criteo_head8k")
@@ -123,6 +125,19 @@ def test_directory_given_as_a_split_file_is_named(tmp_path: Path, capsys: pytest
     assert main(["search", "--data", str(tmp_path / "d"), "--format", "criteo", "--out", str(out)]) == 2
     assert "is a directory, expected a file" in one_error_line(capsys)
     assert not out.exists()
+
+
+def test_fused_optimizer_without_a_cpu_kernel_is_refused_before_any_work(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fbgemm's CPU kernel has no fused Adam: refused by flag name, not by an fbgemm assertion."""
+    out = tmp_path / "out"
+    assert main(search_args(cache, out, "--embedding-optimizer", "adam")) == 2
+    line = one_error_line(capsys)
+    assert line.startswith("error: --embedding-optimizer adam:") and "rowwise_adagrad" in line, line
+    assert not out.exists()
+    EmbeddingOptimizer("adam").check_device(torch.device("cuda"))  # CUDA has the kernel
+    EmbeddingOptimizer("rowwise_adagrad").check_device(torch.device("cpu"))
 
 
 # ------------------------------------------------------------------ 3: meaningless runs

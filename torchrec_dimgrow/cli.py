@@ -34,6 +34,7 @@ from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.errors import CheckpointError, DimGrowError, NonFiniteError, UsageError
 from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, select
+from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.validation import (
     RETRAIN_OUTPUTS,
     SEARCH_OUTPUTS,
@@ -366,6 +367,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     env = init_distributed(args.backend)
     finished = False
     try:
+        EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr).check_device(env.device)
         cache = args.cache_dir or out / "data"
         data = _prepare_on_rank0(args, cache, env)
         fingerprint = data_fingerprint(data.source, cache)

@@ -21,6 +21,11 @@ import torch
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 
+from torchrec_dimgrow.errors import UsageError
+
+#: Fused table optimizers fbgemm's CPU kernel implements (the others need CUDA).
+CPU_FUSED_OPTIMIZERS: tuple[str, ...] = ("sgd", "adagrad", "rowwise_adagrad")
+
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adagrad": torch.optim.Adagrad,
     "sgd": torch.optim.SGD,
@@ -64,6 +69,19 @@ class EmbeddingOptimizer:
             "sgd": {},
             "adam": {"momentum1": False, "momentum2": False},
         }[self.name]
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse a fused optimizer the tables' kernel lacks on ``device``.
+
+        fbgemm's CPU kernel trains fused tables with SGD, Adagrad and RowWiseAdagrad only;
+        without this check a CPU run with ``adam`` fails deep inside TorchRec's sharding,
+        after the data was prepared, with an assertion naming no flag.
+        """
+        if device.type == "cpu" and self.name not in CPU_FUSED_OPTIMIZERS:
+            raise UsageError(
+                f"--embedding-optimizer {self.name}: the fused CPU kernel (fbgemm-gpu) supports "
+                f"{', '.join(CPU_FUSED_OPTIMIZERS)} only; use one of those, or run on CUDA"
+            )
 
     def apply(self, params: Any) -> None:
         apply_optimizer_in_backward(self.cls(), params, {"lr": self.lr, **self.extra})

@@ -74,6 +74,7 @@ def shard_model(
     """
     planning = planning or PlanningConfig()
     optimizer = optimizer or EmbeddingOptimizer()
+    optimizer.check_device(device)
     group = group if group is not None else dist.GroupMember.WORLD
     world = dist.get_world_size(group)
     tables = stock_collections(model)
