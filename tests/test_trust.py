@@ -140,6 +140,44 @@ def test_fused_optimizer_without_a_cpu_kernel_is_refused_before_any_work(
     EmbeddingOptimizer("rowwise_adagrad").check_device(torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("backend", "gpus", "expect"),
+    [
+        ("nccl", 0, "error: --backend nccl needs CUDA GPUs"),
+        ("nccl", 1, None),  # rank 0 of 1 with one GPU: accepted (the NCCL build decides below)
+        ("foo", 0, "error: --backend / DIMGROW_BACKEND: unknown backend 'foo'"),
+    ],
+)
+def test_backend_this_process_cannot_run_is_refused_by_flag(
+    monkeypatch: pytest.MonkeyPatch, backend: str, gpus: int, expect: str | None
+) -> None:
+    """``--backend nccl`` without GPUs failed in init_process_group with a RuntimeError trace."""
+    from torchrec_dimgrow.distributed import env as dist_env
+    from torchrec_dimgrow.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(dist_env.dist, "is_nccl_available", lambda: True)
+    if expect is None:
+        dist_env.check_backend(backend, local_rank=0)
+        with pytest.raises(UsageError, match="local rank 1 has no GPU"):
+            dist_env.check_backend(backend, local_rank=1)
+        return
+    with pytest.raises(UsageError) as err:
+        dist_env.check_backend(backend)
+    assert f"error: {err.value}".startswith(expect)
+
+
+def test_nccl_on_this_cpu_machine_is_one_error_line(
+    cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    assert main(search_args(cache, out, "--backend", "nccl")) == 2
+    assert one_error_line(capsys).startswith("error: --backend nccl needs CUDA GPUs")
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------ 3: meaningless runs
 def test_batch_larger_than_train_split_is_refused(
     cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -12,6 +12,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from torchrec_dimgrow.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -37,6 +39,28 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def check_backend(backend: str, local_rank: int = 0) -> None:
+    """Refuse a backend this process cannot run, naming the flag instead of a torch trace.
+
+    Without it ``--backend nccl`` on a CPU machine (or a rank beyond the visible GPUs)
+    fails inside ``init_process_group`` / ``cuda.set_device`` with a RuntimeError.
+    """
+    if backend not in ("gloo", "nccl"):
+        raise UsageError(f"--backend / DIMGROW_BACKEND: unknown backend {backend!r} (gloo or nccl)")
+    if backend != "nccl":
+        return
+    if not (dist.is_nccl_available() and torch.cuda.is_available()):
+        raise UsageError(
+            "--backend nccl needs CUDA GPUs and a torch build with NCCL; this process has "
+            f"{'no NCCL' if not dist.is_nccl_available() else 'no visible GPU'}: use --backend gloo"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise UsageError(
+            f"--backend nccl: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+            "launch at most one rank per GPU"
+        )
+
+
 def init_distributed(backend: str | None = None) -> DistEnv:
     """Join the process group ``torchrun`` describes, or make a 1-rank group.
 
@@ -45,6 +69,7 @@ def init_distributed(backend: str | None = None) -> DistEnv:
     """
     backend = backend or os.environ.get("DIMGROW_BACKEND") or default_backend()
     if not dist.is_initialized():
+        check_backend(backend, int(os.environ.get("LOCAL_RANK", "0")))
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
