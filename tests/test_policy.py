@@ -197,7 +197,15 @@ def test_budget_none_keeps_the_unbudgeted_rule() -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("48MiB", 48 * 2**20), ("2.5GB", 2.5e9), ("1000000", 1e6), ("0.3", 0.3), ("1", 1.0), ("12 kB", 12e3)],
+    [
+        ("48MiB", 48 * 2**20),
+        ("2.5GB", 2.5e9),
+        ("1000000", 1e6),
+        ("2e6", 2e6),
+        ("0.3", 0.3),
+        ("1", 1.0),
+        ("12 kB", 12e3),
+    ],
 )
 def test_parse_budget_units_and_fractions(text: str, value: float) -> None:
     from torchrec_dimgrow.config import parse_budget
@@ -205,7 +213,7 @@ def test_parse_budget_units_and_fractions(text: str, value: float) -> None:
     assert parse_budget(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "-3", "0", "12 parsecs", "MiB", "1B"])
+@pytest.mark.parametrize("text", ["", "-3", "0", "12 parsecs", "MiB", "1B", "1.5", "2000.5"])
 def test_parse_budget_rejects_nonsense(text: str) -> None:
     from torchrec_dimgrow.config import parse_budget
 

@@ -277,6 +277,11 @@ def parse_budget(text: str | float) -> float:
         if n_bytes <= 1:
             raise ValueError(f"budget: {raw!r} is {n_bytes} bytes, too small for any table")
         return float(n_bytes)
+    if value > 1 and value != int(value):
+        raise ValueError(
+            f"budget: {raw!r} is neither a fraction of the d_max model in (0, 1] nor a whole "
+            "number of bytes; for bytes with a fraction give a unit (2.5MB)"
+        )
     return value if value <= 1 else float(int(value))
 
 
