@@ -45,3 +45,59 @@ def test_views_are_saved_without_clone_and_byte_identical(
     dcp.load(back, checkpoint_id=str(tmp_path / "aliased"))
     for k, v in state.items():
         assert torch.equal(back[k], v), k
+
+
+def _checkpoint_like(directory: Path) -> dict[str, int]:
+    """Files shaped like a 3-rank checkpoint: one big DCP shard per rank, small rank files."""
+    sizes = {
+        "dcp/__0_0.distcp": 9000,
+        "dcp/__1_0.distcp": 7000,
+        "dcp/__2_0.distcp": 8000,
+        "dcp/.metadata": 300,
+        "rank0.pt": 500,
+        "rank1.pt": 500,
+        "rank2.pt": 500,
+        "search_state.json": 80,
+    }
+    for name, size in sizes.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    return sizes
+
+
+def test_file_shares_split_every_file_once_with_balanced_bytes(tmp_path: Path) -> None:
+    """Each rank hashes one share of the checkpoint; together they must cover every file once."""
+    from torchrec_dimgrow.manifest import file_shares
+
+    sizes = _checkpoint_like(tmp_path)
+    shares = file_shares(tmp_path, 3)
+    names = [str(p.relative_to(tmp_path)) for share in shares for p in share]
+    assert sorted(names) == sorted(sizes)  # every file, none twice
+    loads = [sum(sizes[str(p.relative_to(tmp_path))] for p in share) for share in shares]
+    assert max(loads) - min(loads) <= 2000, loads  # one big shard each, small files fill in
+    assert all(any(p.suffix == ".distcp" for p in share) for share in shares)
+    assert file_shares(tmp_path, 3) == shares  # every rank derives the same split
+    assert [len(s) for s in file_shares(tmp_path, 1)] == [len(sizes)]
+    assert file_shares(tmp_path, 12)[8:] == [[], [], [], []]  # more ranks than files: idle ranks
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        file_shares(tmp_path, 0)
+
+
+def test_manifest_from_shares_equals_one_process_hashing_and_refuses_a_gap(tmp_path: Path) -> None:
+    import json
+
+    from torchrec_dimgrow.manifest import MANIFEST, file_shares, hash_files, verify, write_manifest
+
+    _checkpoint_like(tmp_path)
+    meta = {"config": {}, "data": {}, "world_size": 3, "step": 7}
+    write_manifest(tmp_path, **meta)
+    serial = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    gathered: dict[str, dict[str, object]] = {}
+    for share in file_shares(tmp_path, 3):
+        gathered.update(hash_files(tmp_path, share))
+    write_manifest(tmp_path, entries=gathered, **meta)  # type: ignore[arg-type]
+    assert json.loads((tmp_path / MANIFEST).read_text())["files"] == serial
+    assert verify(tmp_path).manifest["step"] == 7
+    gathered.pop("rank1.pt")  # a rank's share lost: that file would escape verification
+    with pytest.raises(RuntimeError, match=r"no hash for \['rank1.pt'\]"):
+        write_manifest(tmp_path, entries=gathered, **meta)  # type: ignore[arg-type]

@@ -443,6 +443,9 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(cache: Path, finished: Path, t
     assert m["world_size"] == 2 and m["steps"] == 12 and 0 < m["val_auc"] < 1
     resharded = verify(run / "checkpoint.prev")  # the step-10 state, rewritten by 2 ranks
     assert resharded.manifest["world_size"] == 2 and resharded.manifest["step"] == 10
+    for ckpt in ("checkpoint", "checkpoint.prev"):  # 2 ranks hashed a share each: all files listed
+        on_disk = {str(p.relative_to(run / ckpt)) for p in (run / ckpt).rglob("*") if p.is_file()}
+        assert set(verify(run / ckpt).manifest["files"]) == on_disk - {"manifest.json"}
     assert same_tensors(dcp_tensors(run / "checkpoint.prev" / "dcp"), original) == []
 
 

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import WriteItem
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import ShardingPlan
 
-from torchrec_dimgrow.manifest import write_manifest
+from torchrec_dimgrow.manifest import file_shares, hash_files, write_manifest
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
 STATE_FILE = "search_state.json"
@@ -186,7 +186,8 @@ class CheckpointClient:
         """Write a complete checkpoint to ``path`` (all ranks call; rank 0's run state is kept).
 
         ``manifest`` (``config``, ``data``, ``step``): rank 0 also writes ``manifest.json``
-        (sha256 of every file, see :mod:`torchrec_dimgrow.manifest`). The checkpoint it
+        (sha256 of every file, see :mod:`torchrec_dimgrow.manifest`; each rank hashes a
+        share of the files and rank 0 gathers them). The checkpoint it
         replaces is kept as ``NAME.prev`` (``discard_latest``: set aside as
         ``NAME.damaged`` instead, when resume found it broken).
         """
@@ -208,11 +209,23 @@ class CheckpointClient:
         if self.rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps({**run_state, "world_size": self.world_size}))
         _barrier()
+        entries = self._hash_shares(tmp) if manifest is not None else None
         if self.rank == 0:
             if manifest is not None:
-                write_manifest(tmp, world_size=self.world_size, **manifest)
+                write_manifest(tmp, world_size=self.world_size, entries=entries, **manifest)
             rotate(tmp, path, discard_latest=discard_latest)
         _barrier()
+
+    def _hash_shares(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        """Every file's manifest entry; each rank hashes one :func:`file_shares` share."""
+        mine = hash_files(tmp, file_shares(tmp, self.world_size)[self.rank])
+        if self.world_size == 1:
+            return mine
+        if not (dist.is_initialized() and dist.get_world_size() == self.world_size):
+            raise RuntimeError(f"checkpoint of {self.world_size} ranks saved without their process group")
+        shares: list[dict[str, dict[str, Any]] | None] = [None] * self.world_size
+        dist.all_gather_object(shares, mine)
+        return {name: entry for share in shares for name, entry in (share or {}).items()}
 
     def load(self, path: Path, optional: tuple[str, ...] = ()) -> Restored:
         """Restore every tensor and stateful object from ``path``; return its run state.

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,57 @@ def data_fingerprint(source: dict[str, Any], cache_dir: Path | None) -> dict[str
     }
 
 
-def write_manifest(
-    directory: Path, *, config: dict[str, Any], data: dict[str, Any], world_size: int, step: int
-) -> None:
-    """Hash every file under ``directory`` (all ranks must have finished writing)."""
-    entries = {
-        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in _files(directory)
+def file_shares(directory: Path, world_size: int) -> list[list[Path]]:
+    """The files under ``directory`` in ``world_size`` shares of about equal bytes.
+
+    Why: one process hashing a whole sharded checkpoint reads every rank's tables serially
+    while the other ranks wait; with a share each, the ranks hash in parallel. Largest file
+    first onto the lightest share (ties: lower share, then name), so every rank derives the
+    same split from the same listing.
+    """
+    if world_size < 1:
+        raise ValueError(f"file_shares: world_size must be >= 1, got {world_size}")
+    sized = sorted(((p.stat().st_size, p) for p in _files(directory)), key=lambda sp: (-sp[0], str(sp[1])))
+    shares: list[list[Path]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for size, path in sized:
+        lightest = min(range(world_size), key=lambda r: (loads[r], r))
+        shares[lightest].append(path)
+        loads[lightest] += size
+    return shares
+
+
+def hash_files(directory: Path, files: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Manifest entries (sha256 and size, keyed by path relative to ``directory``) of ``files``."""
+    return {
+        str(p.relative_to(directory)): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files
     }
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    config: dict[str, Any],
+    data: dict[str, Any],
+    world_size: int,
+    step: int,
+    entries: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Write ``manifest.json`` (all ranks must have finished writing).
+
+    ``entries``: the files' hashes, e.g. gathered from every rank's :func:`file_shares`
+    share; by default this process hashes every file. They must cover every file under
+    ``directory``: a file the manifest does not list would escape verification.
+    """
+    if entries is None:
+        entries = hash_files(directory, _files(directory))
+    missing = sorted(
+        str(p.relative_to(directory))
+        for p in _files(directory)
+        if str(p.relative_to(directory)) not in entries
+    )
+    if missing:
+        raise RuntimeError(f"manifest of {directory}: no hash for {missing}")
     payload = {
         "version": VERSION,
         "step": step,
