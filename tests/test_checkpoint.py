@@ -101,3 +101,43 @@ def test_manifest_from_shares_equals_one_process_hashing_and_refuses_a_gap(tmp_p
     gathered.pop("rank1.pt")  # a rank's share lost: that file would escape verification
     with pytest.raises(RuntimeError, match=r"no hash for \['rank1.pt'\]"):
         write_manifest(tmp_path, entries=gathered, **meta)  # type: ignore[arg-type]
+
+
+def test_verify_hashes_only_its_share_but_checks_every_size(tmp_path: Path) -> None:
+    from torchrec_dimgrow.errors import CheckpointError
+    from torchrec_dimgrow.manifest import share_of, verify, write_manifest
+
+    _checkpoint_like(tmp_path)
+    write_manifest(tmp_path, config={}, data={}, world_size=2, step=3)
+    manifest = verify(tmp_path).manifest
+    shares = [share_of(manifest, r, 2) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(manifest["files"]) and not set(shares[0]) & set(shares[1])
+    victim = tmp_path / shares[1][0]  # same size, one byte flipped: only a hash can tell
+    blob = bytearray(victim.read_bytes())
+    blob[0] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    verify(tmp_path, share=(0, 2))  # not rank 0's file to hash
+    for share in ((1, 2), None):
+        with pytest.raises(CheckpointError, match="sha256 mismatch"):
+            verify(tmp_path, share=share)
+    victim.write_bytes(bytes(blob[:-5]))  # truncated: every rank sees the size
+    for share in ((0, 2), (1, 2)):
+        with pytest.raises(CheckpointError, match="truncated"):
+            verify(tmp_path, share=share)
+
+
+def test_select_follows_the_ranks_agreed_verdict(tmp_path: Path) -> None:
+    """Rank 0's share of the latest checkpoint is intact, rank 1's is not: both fall back."""
+    from torchrec_dimgrow.errors import CheckpointError
+    from torchrec_dimgrow.manifest import LATEST, PREVIOUS, select, write_manifest
+
+    for name, step in ((LATEST, 2), (PREVIOUS, 1)):
+        _checkpoint_like(tmp_path / name)
+        write_manifest(tmp_path / name, config={}, data={}, world_size=2, step=step)
+    rank1_says = "checkpoint/rank1.pt: sha256 mismatch"
+    verdicts = iter([[None, rank1_says], [None, None]])  # latest, then previous
+    found = select(tmp_path, share=(0, 2), agree=lambda mine: next(verdicts))
+    assert found.path == tmp_path / PREVIOUS and found.fell_back and found.manifest["step"] == 1
+    assert select(tmp_path, share=(0, 2), agree=lambda mine: [mine, None]).path == tmp_path / LATEST
+    with pytest.raises(CheckpointError, match=r"rank1\.pt: sha256 mismatch"):
+        select(tmp_path, share=(0, 2), agree=lambda mine: [mine, rank1_says])

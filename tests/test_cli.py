@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import dcp_tensors, same_tensors
+from torchrec_dimgrow.manifest import read_manifest, share_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -158,9 +159,10 @@ def test_two_rank_torchrun_search_replans_and_writes_outputs_on_rank0(tmp_path: 
     assert len(resharded) > 50 and any("embedding_bags" in k for k in resharded)
     assert same_tensors(resharded, original) == []
 
-    # 2,000 flipped bytes in the latest DCP shard: resume falls back to the previous checkpoint
-    # (end of epoch 0) and reproduces the run exactly
-    shard = out / "checkpoint" / "dcp" / "__0_0.distcp"
+    # 2,000 flipped bytes in the latest checkpoint: resume falls back to the previous one (end of
+    # epoch 0) and reproduces the run exactly. The file is one only rank 1 hashes (each rank
+    # hashes a byte-balanced share): rank 0 must still learn of it, fall back and say so.
+    shard = out / "checkpoint" / share_of(read_manifest(out / "checkpoint"), 1, 2)[0]
     blob = bytearray(shard.read_bytes())
     blob[100:2100] = bytes(b ^ 0xFF for b in blob[100:2100])
     shard.write_bytes(bytes(blob))

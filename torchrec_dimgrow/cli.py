@@ -33,7 +33,7 @@ from torchrec_dimgrow.data import FORMATS, DataError, PreparedData, load_prepare
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.errors import CheckpointError, DimGrowError, NonFiniteError, UsageError
-from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, select
+from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, peek, select
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.validation import (
     RETRAIN_OUTPUTS,
@@ -331,8 +331,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
-    """Verify the checkpoint and adopt its settings before anything is written (every rank)."""
-    found = select(args.resume)
+    """Adopt the checkpoint's settings before anything is written (every rank).
+
+    Only its manifest is read here; the files are verified once the process group exists
+    (:func:`_verified_resume`), each rank hashing a share.
+    """
+    found = peek(args.resume)
     apply_saved_config(args, found.config, explicit)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if found.world_size != world and int(os.environ.get("RANK", "0")) == 0:
@@ -345,6 +349,19 @@ def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
             found.world_size,
         )
     return found
+
+
+def _verified_resume(path: Path, env: DistEnv) -> Verified:
+    """The checkpoint to resume from, verified by all ranks together (same choice on each)."""
+
+    def agree(error: str | None) -> list[str | None]:
+        verdicts: list[str | None] = [None] * env.world_size
+        if env.world_size == 1:
+            return [error]
+        dist.all_gather_object(verdicts, error)
+        return verdicts
+
+    return select(path, share=(env.rank, env.world_size), agree=agree)
 
 
 def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
@@ -368,6 +385,8 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     finished = False
     try:
         EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr).check_device(env.device)
+        if resumed is not None:  # before any data work: a damaged checkpoint stops the run here
+            resumed = _verified_resume(args.resume, env)
         cache = args.cache_dir or out / "data"
         data = _prepare_on_rank0(args, cache, env)
         fingerprint = data_fingerprint(data.source, cache)

@@ -9,6 +9,10 @@ or a traceback from deep inside ``torch.load``.
 
 Two checkpoints are kept (``checkpoint`` and ``checkpoint.prev``); when the latest fails
 verification, resume falls back to the previous one and says so.
+
+Hashing is split across ranks (:func:`file_shares` on save, :func:`share_of` on resume):
+each rank hashes a byte-balanced share, so a sharded checkpoint is read once in all, not
+once serially by rank 0 on save and once by every rank on resume.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,24 +63,29 @@ def data_fingerprint(source: dict[str, Any], cache_dir: Path | None) -> dict[str
     }
 
 
+def _balanced(sized: Sequence[tuple[int, str]], world_size: int) -> list[list[str]]:
+    """Names in ``world_size`` groups of about equal bytes: largest first onto the lightest
+    group (ties: lower group; equal sizes in name order), the same on every rank."""
+    if world_size < 1:
+        raise ValueError(f"file_shares: world_size must be >= 1, got {world_size}")
+    groups: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for size, name in sorted(sized, key=lambda sn: (-sn[0], sn[1])):
+        lightest = min(range(world_size), key=lambda r: (loads[r], r))
+        groups[lightest].append(name)
+        loads[lightest] += size
+    return groups
+
+
 def file_shares(directory: Path, world_size: int) -> list[list[Path]]:
     """The files under ``directory`` in ``world_size`` shares of about equal bytes.
 
     Why: one process hashing a whole sharded checkpoint reads every rank's tables serially
-    while the other ranks wait; with a share each, the ranks hash in parallel. Largest file
-    first onto the lightest share (ties: lower share, then name), so every rank derives the
-    same split from the same listing.
+    while the other ranks wait; with a share each, the ranks hash in parallel. Every rank
+    derives the same split from the same listing.
     """
-    if world_size < 1:
-        raise ValueError(f"file_shares: world_size must be >= 1, got {world_size}")
-    sized = sorted(((p.stat().st_size, p) for p in _files(directory)), key=lambda sp: (-sp[0], str(sp[1])))
-    shares: list[list[Path]] = [[] for _ in range(world_size)]
-    loads = [0] * world_size
-    for size, path in sized:
-        lightest = min(range(world_size), key=lambda r: (loads[r], r))
-        shares[lightest].append(path)
-        loads[lightest] += size
-    return shares
+    sized = [(p.stat().st_size, str(p.relative_to(directory))) for p in _files(directory)]
+    return [[directory / name for name in group] for group in _balanced(sized, world_size)]
 
 
 def hash_files(directory: Path, files: Sequence[Path]) -> dict[str, dict[str, Any]]:
@@ -125,7 +134,8 @@ def write_manifest(
 
 @dataclass(frozen=True)
 class Verified:
-    """A checkpoint directory whose every file matched its manifest."""
+    """A checkpoint directory and its manifest: every file matched it (from :func:`verify` or
+    :func:`select`), or not checked yet (from :func:`peek`)."""
 
     path: Path
     manifest: dict[str, Any]
@@ -153,18 +163,35 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(directory: Path) -> Verified:
-    """Check size and sha256 of every file the manifest lists; raise on the first mismatch."""
+def share_of(manifest: dict[str, Any], rank: int, world_size: int) -> list[str]:
+    """The listed files (relative paths) that ``rank`` of ``world_size`` hashes at resume."""
+    sized = [(int(entry["bytes"]), rel) for rel, entry in manifest["files"].items()]
+    return _balanced(sized, world_size)[rank]
+
+
+def verify(directory: Path, share: tuple[int, int] | None = None) -> Verified:
+    """Check size and sha256 of every file the manifest lists; raise on the first mismatch.
+
+    ``share`` = (rank, world size): every listed file's presence and size are checked, but
+    only this rank's byte-balanced share of them is hashed, so that N ranks resuming
+    together read the checkpoint once between them instead of N times (:func:`select`
+    with ``agree`` combines the ranks' verdicts).
+    """
     manifest = read_manifest(directory)
-    for rel, entry in sorted(manifest["files"].items()):
+    files: dict[str, dict[str, Any]] = manifest["files"]
+    to_hash = set(files) if share is None else set(share_of(manifest, *share))
+    for rel, entry in sorted(files.items()):
         path = directory / rel
         if not path.is_file():
             raise CheckpointError(f"{path}: missing from the checkpoint")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated?)")
-        if sha256_file(path) != entry["sha256"]:
-            raise CheckpointError(f"{path}: sha256 mismatch (the file changed after it was written)")
+    for rel in sorted(to_hash):
+        if sha256_file(directory / rel) != files[rel]["sha256"]:
+            raise CheckpointError(
+                f"{directory / rel}: sha256 mismatch (the file changed after it was written)"
+            )
     return Verified(directory, manifest)
 
 
@@ -176,22 +203,57 @@ def candidates(path: Path) -> list[Path]:
     return [p for p in (path / LATEST, path / PREVIOUS) if p.is_dir()]
 
 
-def select(path: Path) -> Verified:
-    """The newest intact checkpoint under ``path``; falls back to the previous one, loudly."""
+def select(
+    path: Path,
+    share: tuple[int, int] | None = None,
+    agree: Callable[[str | None], list[str | None]] | None = None,
+) -> Verified:
+    """The newest intact checkpoint under ``path``; falls back to the previous one, loudly.
+
+    Across ranks: ``share`` = (rank, world size) hashes only this rank's share of each
+    candidate (:func:`verify`), and ``agree`` gathers every rank's verdict (its error, or
+    ``None``) so that all ranks take the same checkpoint, or all stop with the same error.
+    """
+    options = candidates(path)
+    if not options:
+        raise CheckpointError(f"--resume {path}: no DimGrow checkpoint there (expected {path / LATEST})")
+    first_error: CheckpointError | None = None
+    for option in options:
+        found: Verified | None = None
+        error: str | None = None
+        try:
+            found = verify(option, share)
+        except CheckpointError as err:
+            error = str(err)
+        verdicts = agree(error) if agree is not None else [error]
+        failed = next((v for v in verdicts if v is not None), None)
+        if failed is not None:
+            first_error = first_error or CheckpointError(failed)
+            continue
+        assert found is not None
+        if first_error is not None:
+            log.warning("%s; resuming from the previous checkpoint %s instead", first_error, option)
+            return Verified(found.path, found.manifest, fell_back=True)
+        return found
+    assert first_error is not None
+    raise first_error
+
+
+def peek(path: Path) -> Verified:
+    """The newest checkpoint under ``path`` whose manifest reads, *not* verified yet.
+
+    What a resume needs before its process group exists (the saved settings and world
+    size); :func:`select` verifies the files afterwards, with every rank hashing a share.
+    """
     options = candidates(path)
     if not options:
         raise CheckpointError(f"--resume {path}: no DimGrow checkpoint there (expected {path / LATEST})")
     first_error: CheckpointError | None = None
     for option in options:
         try:
-            found = verify(option)
+            return Verified(option, read_manifest(option))
         except CheckpointError as err:
             first_error = first_error or err
-            continue
-        if first_error is not None:
-            log.warning("%s; resuming from the previous checkpoint %s instead", first_error, option)
-            return Verified(found.path, found.manifest, fell_back=True)
-        return found
     assert first_error is not None
     raise first_error
 
