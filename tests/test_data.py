@@ -188,6 +188,56 @@ def test_movielens_sample(tmp_path: Path) -> None:
     assert len(reseeded.train) != len(data.train) or not np.array_equal(reseeded.train.ids, data.train.ids)
 
 
+def _movielens_1m(directory: Path, ratings: int = 400) -> Path:
+    """A small directory in MovieLens-1M's layout ("::"-separated, latin-1, colons in titles)."""
+    directory.mkdir()
+    users = ["1::F::1::10::48067", "2::M::56::16::70072", "3::M::25::15::55117-6026", "4::F::45::7::02460"]
+    (directory / "users.dat").write_text("\n".join(users) + "\n", encoding="latin1")
+    movies = [
+        "1::Toy Story (1995)::Animation|Children's|Comedy",
+        "2::Star Wars: Episode IV - A New Hope (1977)::Action|Adventure",
+        "3::Cité des enfants perdus, La (1995)::Adventure|Sci-Fi",
+        "4::Untitled::Drama",
+    ]
+    (directory / "movies.dat").write_text("\n".join(movies) + "\n", encoding="latin1")
+    rng = np.random.default_rng(0)
+    lines = [
+        f"{rng.integers(1, 5)}::{rng.integers(1, 5)}::{rng.integers(1, 6)}::97830{i:04d}"
+        for i in range(ratings)
+    ]
+    (directory / "ratings.dat").write_text("\n".join(lines) + "\n", encoding="latin1")
+    return directory
+
+
+def test_movielens_1m_layout_gives_the_same_fields(tmp_path: Path) -> None:
+    """The raw ML-1M release (the DimGrow code's MovieLens) reads with the same --format."""
+    directory = _movielens_1m(tmp_path / "ml-1m")
+    data = prepare(str(directory), "movielens", tmp_path / "cache", min_count=1)
+    assert data.fields == [
+        "user_id",
+        "item_id",
+        "age",
+        "gender",
+        "occupation",
+        "zip",
+        "release_year",
+        "first_genre",
+    ]
+    assert sum(len(split) for split in (data.train, data.val, data.test)) == 400
+    ratings = [int(line.split("::")[2]) for line in (directory / "ratings.dat").read_text().split()]
+    positives = sum(int(split.labels.sum()) for split in (data.train, data.val, data.test))
+    assert positives == sum(r > 3 for r in ratings)  # label: rating > 3
+    # every user and movie is rated in train (400 draws over 4 x 4); "Untitled" has no year
+    assert set(vocab_of(tmp_path / "cache", "release_year")) == {"1995", "1977", MISSING}
+    assert set(vocab_of(tmp_path / "cache", "first_genre")) == {"Animation", "Action", "Adventure", "Drama"}
+    assert set(vocab_of(tmp_path / "cache", "zip")) == {"48067", "70072", "55117-6026", "02460"}
+    assert set(vocab_of(tmp_path / "cache", "age")) == {"1", "56", "25", "45"}
+    with (directory / "ratings.dat").open("a", encoding="latin1") as fh:
+        fh.write("9::1::5::978300000\n")  # a user users.dat does not know
+    with pytest.raises(DataError, match=r"ratings\.dat: line 401: id '9' not found in users\.dat"):
+        prepare(str(directory), "movielens", tmp_path / "cache2")
+
+
 def test_avazu_sample_with_headerless_dev_and_test(tmp_path: Path) -> None:
     data = prepare(str(SHARED / "avazu" / "avazu_head9k"), "avazu", tmp_path / "az")
     assert len(data.fields) == 22 and data.num_dense == 0
@@ -258,7 +308,7 @@ def test_missing_file_names_path_and_split(tmp_path: Path) -> None:
     Path(f"{prefix}_test.csv").unlink()
     with pytest.raises(DataError, match=r"missing test split file: .*d_test\.csv"):
         prepare(prefix, "csv", tmp_path / "x")
-    with pytest.raises(DataError, match=r"missing MovieLens file .*u\.data"):
+    with pytest.raises(DataError, match=r"missing MovieLens file .*u\.data: no ratings file .*ratings\.dat"):
         prepare(str(tmp_path), "movielens", tmp_path / "x")
     assert_clean(tmp_path, tmp_path / "x")
 

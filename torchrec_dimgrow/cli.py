@@ -55,7 +55,9 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="file prefix, directory (movielens) or '{split}' pattern")
+    p.add_argument(
+        "--data", required=True, help="file prefix, directory (movielens: 100K or 1M) or '{split}' pattern"
+    )
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--label-col", default="label")
     p.add_argument("--drop-cols", default="", help="comma-separated columns to ignore (parquet/csv)")

@@ -81,11 +81,16 @@ def resolve_files(data: str, fmt: str) -> Layout:
     return Layout(files={s: _prefix_file(data, s, SUFFIXES[fmt]) for s in SPLITS})
 
 
-def resolve_movielens(data: str, names: tuple[str, ...]) -> Layout:
-    """MovieLens: a directory holding ``u.data`` (split randomly) and its lookup tables."""
+def resolve_movielens(data: str, layouts: tuple[tuple[str, ...], ...]) -> Layout:
+    """MovieLens: a directory holding one release's ratings file (split randomly) and its
+    lookup tables; ``layouts`` lists each release's files, ratings first."""
     directory = Path(data)
-    if directory.is_file():  # accept the path of u.data itself
+    if directory.is_file():  # accept the path of the ratings file itself
         directory = directory.parent
+    names = next((files for files in layouts if (directory / files[0]).is_file()), layouts[0])
+    if not (directory / names[0]).is_file():
+        tried = " or ".join(str(directory / files[0]) for files in layouts)
+        raise DataError(f"missing MovieLens file {directory / names[0]}: no ratings file ({tried})")
     for name in names:
         if not (directory / name).is_file():
             raise DataError(f"missing MovieLens file {directory / name} (needed for train/val/test)")

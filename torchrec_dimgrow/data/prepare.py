@@ -26,7 +26,7 @@ from torchrec_dimgrow.data.columns import MISSING
 from torchrec_dimgrow.data.criteo import CriteoReader
 from torchrec_dimgrow.data.errors import DataError
 from torchrec_dimgrow.data.layout import SPLITS, Layout, resolve_files, resolve_movielens
-from torchrec_dimgrow.data.movielens import FILES as MOVIELENS_FILES
+from torchrec_dimgrow.data.movielens import LAYOUTS as MOVIELENS_LAYOUTS
 from torchrec_dimgrow.data.movielens import MovieLensReader
 from torchrec_dimgrow.data.npy_writer import NpyAppender
 from torchrec_dimgrow.data.store import (
@@ -65,7 +65,9 @@ def prepare(
     """
     fractions = _check_arguments(fmt, min_count, split_fractions)
     layout = (
-        resolve_movielens(str(data), MOVIELENS_FILES) if fmt == "movielens" else resolve_files(str(data), fmt)
+        resolve_movielens(str(data), MOVIELENS_LAYOUTS)
+        if fmt == "movielens"
+        else resolve_files(str(data), fmt)
     )
     source = _source(data, fmt, layout, label_col, drop_cols, min_count, split_seed, fractions)
     cache_dir = Path(cache_dir)
