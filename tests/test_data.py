@@ -255,6 +255,18 @@ def test_aliccp_sample_as_csv_template(tmp_path: Path) -> None:
     assert len(data.fields) == 23 and data.fields[0] == "101" and data.fields[-1] == "150_14"
     # The files hold 100/50/50 data rows (SOURCE.md's 99/49/49 misses the unterminated last line).
     assert [len(data.train), len(data.val), len(data.test)] == [100, 50, 50]
+    # --format aliccp: the same 23 fields without naming the label and the dropped columns
+    preset = prepare(template, "aliccp", tmp_path / "ali2")
+    assert preset.fields == data.fields and "purchase" not in preset.fields
+    assert [len(preset.train), len(preset.val), len(preset.test)] == [100, 50, 50]
+    assert np.array_equal(preset.train.labels, data.train.labels)
+
+
+def test_aliccp_without_the_conversion_column_is_named(tmp_path: Path) -> None:
+    header = "click,101,121,D109_14"
+    prefix = write_splits(tmp_path, ".csv", *[f"{header}\n0,1,2,0.5\n1,2,1,0.1\n"] * 3)
+    with pytest.raises(DataError, match=r"d_train\.csv: drop_cols \['purchase'\] not found"):
+        prepare(prefix, "aliccp", tmp_path / "x")
 
 
 # --- cache ----------------------------------------------------------------------------------

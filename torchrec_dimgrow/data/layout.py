@@ -18,6 +18,7 @@ _ALIASES = {"train": ("train",), "val": ("val", "dev", "valid"), "test": ("test"
 SUFFIXES = {
     "criteo": (".tsv", ".txt"),
     "avazu": (".csv",),
+    "aliccp": (".csv",),
     "csv": (".csv",),
     "parquet": (".parquet", ".pq"),
 }

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from torchrec_dimgrow.data.aliccp import aliccp_reader
 from torchrec_dimgrow.data.avazu import AvazuReader
 from torchrec_dimgrow.data.chunk import Chunk, FormatReader
 from torchrec_dimgrow.data.columns import MISSING
@@ -43,7 +44,7 @@ from torchrec_dimgrow.data.vocab import FieldVocab, ValueCounter
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("criteo", "avazu", "movielens", "csv", "parquet")
+FORMATS = ("criteo", "avazu", "aliccp", "movielens", "csv", "parquet")
 _TABULAR = ("csv", "parquet")
 
 
@@ -148,6 +149,8 @@ def _make_reader(fmt: str, layout: Layout, label_col: str, drop_cols: Sequence[s
         return CriteoReader()
     if fmt == "avazu":
         return AvazuReader(layout.schema_file)
+    if fmt == "aliccp":
+        return aliccp_reader(layout.schema_file)
     if fmt == "movielens":
         return MovieLensReader(layout.schema_file.parent)
     if fmt == "csv":

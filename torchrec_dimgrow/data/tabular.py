@@ -18,7 +18,8 @@ from torchrec_dimgrow.data.csv_stream import CsvDialect, header_names, stream_te
 from torchrec_dimgrow.data.errors import DataError
 
 PARQUET_BATCH_ROWS = 65_536
-_DIALECT = CsvDialect(delimiter=",", quoting=True)
+CSV_DIALECT = CsvDialect(delimiter=",", quoting=True)
+_DIALECT = CSV_DIALECT
 
 
 def select_fields(names: list[str], label_col: str, drop_cols: Sequence[str], path: Path) -> list[str]:
