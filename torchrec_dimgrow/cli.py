@@ -59,8 +59,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         "--data", required=True, help="file prefix, directory (movielens: 100K or 1M) or '{split}' pattern"
     )
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--label-col", default="label")
-    p.add_argument("--drop-cols", default="", help="comma-separated columns to ignore (parquet/csv)")
+    p.add_argument("--label-col", default="label", help="label column (parquet/csv only)")
+    p.add_argument("--drop-cols", default="", help="comma-separated columns to ignore (parquet/csv only)")
     p.add_argument("--min-count", type=int, default=2, help="ids seen fewer times share bucket 0")
     p.add_argument("--cache-dir", type=Path, default=None, help="prepared data (default OUT/data)")
 

@@ -65,6 +65,7 @@ def prepare(
     :func:`load_prepared` (concurrent calls are safe but each would redo the work).
     """
     fractions = _check_arguments(fmt, min_count, split_fractions)
+    _check_columns_apply(fmt, label_col, drop_cols)
     layout = (
         resolve_movielens(str(data), MOVIELENS_LAYOUTS)
         if fmt == "movielens"
@@ -95,6 +96,23 @@ def _check_arguments(fmt: str, min_count: int, split_fractions: Sequence[float])
         )
     total = float(sum(split_fractions))
     return [float(f) / total for f in split_fractions]
+
+
+def _check_columns_apply(fmt: str, label_col: str, drop_cols: Sequence[str]) -> None:
+    """``label_col`` / ``drop_cols`` name columns of csv and parquet files only.
+
+    The other formats fix their label and fields, and ignoring the flags would run a search
+    on other columns than the user asked for, without a word.
+    """
+    if fmt in _TABULAR:
+        return
+    given = [f"--label-col {label_col}"] if label_col != "label" else []
+    given += [f"--drop-cols {','.join(drop_cols)}"] if drop_cols else []
+    if given:
+        raise DataError(
+            f"{' and '.join(given)}: only --format csv or parquet take column names; "
+            f"--format {fmt} fixes its label and fields (convert it to csv/parquet to choose them)"
+        )
 
 
 def _source(
