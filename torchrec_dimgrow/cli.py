@@ -340,16 +340,6 @@ def _resume_preflight(args: argparse.Namespace, explicit: set[str]) -> Verified:
     """
     found = peek(args.resume)
     apply_saved_config(args, found.config, explicit)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if found.world_size != world and int(os.environ.get("RANK", "0")) == 0:
-        log.warning(
-            "resuming a %d-rank checkpoint on %d rank(s): the tables are re-planned and the data "
-            "continues from the rows consumed so far, so the result will not match an "
-            "uninterrupted %d-rank run exactly",
-            found.world_size,
-            world,
-            found.world_size,
-        )
     return found
 
 
@@ -363,7 +353,17 @@ def _verified_resume(path: Path, env: DistEnv) -> Verified:
         dist.all_gather_object(verdicts, error)
         return verdicts
 
-    return select(path, share=(env.rank, env.world_size), agree=agree)
+    found = select(path, share=(env.rank, env.world_size), agree=agree)
+    if found.world_size != env.world_size and env.is_main:
+        log.warning(
+            "resuming a %d-rank checkpoint on %d rank(s): the tables are re-planned and the data "
+            "continues from the rows consumed so far, so the result will not match an "
+            "uninterrupted %d-rank run exactly",
+            found.world_size,
+            env.world_size,
+            found.world_size,
+        )
+    return found
 
 
 def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
