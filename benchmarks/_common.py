@@ -27,10 +27,11 @@ MiB = 1 << 20
 
 def quiet_logs() -> None:
     """Silence TorchRec planner/DDP chatter so the printed tables stay readable."""
-    import logging
     import warnings
 
-    logging.getLogger("torchrec").setLevel(logging.ERROR)
+    from torchrec_dimgrow.cli import silence_library_warnings
+
+    silence_library_warnings()  # the CLI's set, e.g. torch.fx's is_fx_tracing notice
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 

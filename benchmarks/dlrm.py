@@ -25,11 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
-from _common import REPO, markdown_table, mean_std, pm, write_rows
+from _common import REPO, markdown_table, mean_std, pm, quiet_logs, write_rows
 from torch import nn
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "criteo" / "criteo_head8k"
@@ -341,12 +339,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if bad:
         raise SystemExit(f"error: unknown modes/aligns {bad}")
     return cfg
-
-
-def quiet_logs() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
