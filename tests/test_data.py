@@ -22,6 +22,7 @@ from torchrec_dimgrow.data import (
     vocab_path,
 )
 from torchrec_dimgrow.data.criteo import bucketize
+from torchrec_dimgrow.data.movielens import FIELDS as MOVIELENS_FIELDS
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ALICCP_DENSE = ["D109_14", "D110_14", "D127_14", "D150_14", "D508", "D509", "D702", "D853"]
@@ -213,16 +214,7 @@ def test_movielens_1m_layout_gives_the_same_fields(tmp_path: Path) -> None:
     """The raw ML-1M release (the DimGrow code's MovieLens) reads with the same --format."""
     directory = _movielens_1m(tmp_path / "ml-1m")
     data = prepare(str(directory), "movielens", tmp_path / "cache", min_count=1)
-    assert data.fields == [
-        "user_id",
-        "item_id",
-        "age",
-        "gender",
-        "occupation",
-        "zip",
-        "release_year",
-        "first_genre",
-    ]
+    assert data.fields == MOVIELENS_FIELDS  # the 100K release's 8 fields (test_movielens_sample)
     assert sum(len(split) for split in (data.train, data.val, data.test)) == 400
     ratings = [int(line.split("::")[2]) for line in (directory / "ratings.dat").read_text().split()]
     positives = sum(int(split.labels.sum()) for split in (data.train, data.val, data.test))
