@@ -19,7 +19,6 @@ from torchrec_dimgrow.data.errors import DataError
 
 PARQUET_BATCH_ROWS = 65_536
 CSV_DIALECT = CsvDialect(delimiter=",", quoting=True)
-_DIALECT = CSV_DIALECT
 
 
 def select_fields(names: list[str], label_col: str, drop_cols: Sequence[str], path: Path) -> list[str]:
@@ -52,13 +51,13 @@ class CsvTableReader:
 
     def __init__(self, schema_path: Path, label_col: str, drop_cols: Sequence[str]) -> None:
         self.label_col = label_col
-        self.fields = select_fields(header_names(schema_path, _DIALECT), label_col, drop_cols, schema_path)
+        self.fields = select_fields(header_names(schema_path, CSV_DIALECT), label_col, drop_cols, schema_path)
 
     def chunks(self, path: Path) -> Iterator[Chunk]:
-        names = header_names(path, _DIALECT)
+        names = header_names(path, CSV_DIALECT)
         wanted = [self.label_col, *self.fields]
         require_columns(names, wanted, path)
-        for block in stream_text(path, names, dialect=_DIALECT, skip_header=True, include=wanted):
+        for block in stream_text(path, names, dialect=CSV_DIALECT, skip_header=True, include=wanted):
             labels = text_labels(block.batch.column(self.label_col), path, block.first_line)
             yield Chunk([as_tokens(block.batch.column(f)) for f in self.fields], labels)
 
