@@ -86,8 +86,11 @@ class MovieLensReader:
     fields: list[str] = FIELDS
     num_dense: int = 0
 
-    def __init__(self, directory: Path) -> None:
-        self._release_1m = (directory / FILES_1M[0]).is_file() and not (directory / FILES[0]).is_file()
+    def __init__(self, ratings: Path) -> None:
+        """``ratings``: the release's ratings file as the layout resolved it (its name says
+        which release; the lookup tables sit next to it)."""
+        directory = ratings.parent
+        self._release_1m = ratings.name == FILES_1M[0]
         self._users_file, self._items_file = (FILES_1M if self._release_1m else FILES)[1:]
         if self._release_1m:
             users = _read_small(directory / "users.dat", _USERS_1M, _COLONS, include=_USERS)

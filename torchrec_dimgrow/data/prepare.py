@@ -170,7 +170,7 @@ def _make_reader(fmt: str, layout: Layout, label_col: str, drop_cols: Sequence[s
     if fmt == "aliccp":
         return aliccp_reader(layout.schema_file)
     if fmt == "movielens":
-        return MovieLensReader(layout.schema_file.parent)
+        return MovieLensReader(layout.schema_file)
     if fmt == "csv":
         return CsvTableReader(layout.schema_file, label_col, list(drop_cols))
     return ParquetReader(layout.schema_file, label_col, list(drop_cols))
