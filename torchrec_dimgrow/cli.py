@@ -347,9 +347,9 @@ def _verified_resume(path: Path, env: DistEnv) -> Verified:
     """The checkpoint to resume from, verified by all ranks together (same choice on each)."""
 
     def agree(error: str | None) -> list[str | None]:
-        verdicts: list[str | None] = [None] * env.world_size
         if env.world_size == 1:
             return [error]
+        verdicts: list[str | None] = [None] * env.world_size
         dist.all_gather_object(verdicts, error)
         return verdicts
 

@@ -110,13 +110,10 @@ def write_manifest(
     share; by default this process hashes every file. They must cover every file under
     ``directory``: a file the manifest does not list would escape verification.
     """
+    files = _files(directory)
     if entries is None:
-        entries = hash_files(directory, _files(directory))
-    missing = sorted(
-        str(p.relative_to(directory))
-        for p in _files(directory)
-        if str(p.relative_to(directory)) not in entries
-    )
+        entries = hash_files(directory, files)
+    missing = sorted(rel for rel in (str(p.relative_to(directory)) for p in files) if rel not in entries)
     if missing:
         raise RuntimeError(f"manifest of {directory}: no hash for {missing}")
     payload = {
