@@ -40,6 +40,22 @@ def test_fm_data_has_signal_only_in_interactions() -> None:
     assert data.source["need"] == dict(zip(data.fields, FMConfig().ranks))
 
 
+def test_fm_zipf_data_keeps_per_field_rows_hot_ids_and_no_main_effects() -> None:
+    vocab = (30, 400, 60, 200)
+    data = fm_interactions(FMConfig(rows=40_000, vocab=vocab, ranks=(0, 4, 2, 4), exponent=1.1, seed=1))
+    assert data.vocab_sizes == list(vocab)
+    ids, labels = data.train.ids, data.train.labels
+    for f, v in enumerate(vocab):
+        counts = np.bincount(ids[:, f], minlength=v)
+        assert ids[:, f].max() < v and counts[0] > 5 * counts[v // 2], data.fields[f]  # Zipf: hot head
+        hot = np.flatnonzero(counts >= 200)  # ids seen often enough to measure their click rate
+        rates = np.array([labels[ids[:, f] == i].mean() for i in hot])
+        noise = np.sqrt(labels.mean() * (1 - labels.mean()) / counts[hot])
+        assert np.all(np.abs(rates - labels.mean()) < 4.5 * noise), data.fields[f]  # centred under Zipf
+    with pytest.raises(ValueError, match="2 vocab sizes for 4 ranks"):
+        fm_interactions(FMConfig(rows=100, vocab=(5, 5), ranks=(0, 4, 2, 4)))
+
+
 def test_generators_are_reproducible_and_seeded() -> None:
     a, b, c = (fm_interactions(FMConfig(rows=2_000, seed=s)) for s in (1, 1, 2))
     assert np.array_equal(a.train.ids, b.train.ids) and np.array_equal(a.test.labels, b.test.labels)

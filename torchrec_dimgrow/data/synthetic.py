@@ -222,20 +222,32 @@ class FMConfig:
     """Signal only in pairwise interactions: a factorization-machine teacher over hidden ranks.
 
     Field ``f`` has a latent vector per id whose first ``ranks[f]`` coordinates are random and
-    the rest zero, centred over the ids so no field has a main effect of its own:
+    the rest zero (one latent space shared by all fields), centred over the ids' frequencies
+    so no field has a main effect of its own:
     ``logit = signal * sum_{f<g} <u_f[id_f], u_g[id_g]> / sqrt(sum_{f<g} min(r_f, r_g))``.
     A pair needs ``min(r_f, r_g)`` dims per side, so field ``f`` needs ``r_f`` dims (0: noise).
     With one dim per field a model sees only the rank-1 part of each interaction, which is
-    where a search that starts every field at dim 1 can stall: the data for item 4 of the
-    budget issue (cold start).
+    where a search that starts every field at dim 1 can stall (the cold-start case).
+
+    ``vocab`` is one row count for every field or one per field; ``exponent`` draws ids
+    Zipf(``exponent``) instead of uniformly. Zipf ids over tables of 50-5,000 rows with cheap
+    noise fields is the shape on which a search could end at chance AUC before any field grew.
     """
 
     rows: int = 60_000
-    vocab: int = 20
+    vocab: int | tuple[int, ...] = 20
     ranks: tuple[int, ...] = (0, 0, 1, 2, 4, 8)
     signal: float = 3.0
     seed: int = 0
     split: tuple[float, float] = (0.8, 0.1)
+    exponent: float | None = None
+
+    def vocabs(self) -> list[int]:
+        if isinstance(self.vocab, int):
+            return [self.vocab] * len(self.ranks)
+        if len(self.vocab) != len(self.ranks):
+            raise ValueError(f"FMConfig: {len(self.vocab)} vocab sizes for {len(self.ranks)} ranks")
+        return list(self.vocab)
 
 
 def fm_interactions(cfg: FMConfig | None = None) -> PreparedData:
@@ -243,12 +255,23 @@ def fm_interactions(cfg: FMConfig | None = None) -> PreparedData:
     cfg = cfg or FMConfig()
     rng = np.random.default_rng(cfg.seed)
     k = max(cfg.ranks)
-    ids = rng.integers(0, cfg.vocab, (cfg.rows, len(cfg.ranks)))
+    vocabs = cfg.vocabs()
+    if cfg.exponent is None and isinstance(cfg.vocab, int):
+        ids = rng.integers(0, cfg.vocab, (cfg.rows, len(cfg.ranks)))
+    elif cfg.exponent is None:
+        ids = np.stack([rng.integers(0, v, cfg.rows) for v in vocabs], axis=1)
+    else:
+        ids = np.stack([zipf_ids(v, cfg.rows, cfg.exponent, rng) for v in vocabs], axis=1)
     latent = []
-    for r in cfg.ranks:
-        u = np.zeros((cfg.vocab, k))
-        u[:, :r] = rng.normal(size=(cfg.vocab, r))
-        latent.append(u - u.mean(axis=0))  # centred: no per-id main effect through any partner
+    for f, (r, v) in enumerate(zip(cfg.ranks, vocabs)):
+        u = np.zeros((v, k))
+        u[:, :r] = rng.normal(size=(v, r))
+        # Centred under the ids' distribution: no per-id main effect through any partner.
+        # (Uniform ids: the plain mean over the table, the original form of this generator.)
+        weight = (
+            np.full(v, 1.0 / v) if cfg.exponent is None else np.bincount(ids[:, f], minlength=v) / cfg.rows
+        )
+        latent.append(u - weight @ u)
     logit = np.zeros(cfg.rows)
     scale = 0.0
     for f, g in itertools.combinations(range(len(cfg.ranks)), 2):
@@ -258,9 +281,7 @@ def fm_interactions(cfg: FMConfig | None = None) -> PreparedData:
     labels = (rng.random(cfg.rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
     fields = [f"f{i}_r{r}" for i, r in enumerate(cfg.ranks)]
     need = dict(zip(fields, cfg.ranks))
-    return from_arrays(
-        fields, [cfg.vocab] * len(fields), ids.astype(np.int64), labels, cfg.split, kind="fm", need=need
-    )
+    return from_arrays(fields, vocabs, ids.astype(np.int64), labels, cfg.split, kind="fm", need=need)
 
 
 @dataclass
