@@ -62,7 +62,15 @@ def _models(data: Any, dim: int, adapter: int = 64) -> tuple[Any, Any, Any]:
     from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
     torch.manual_seed(0)
-    cfg = DimGrowConfig(d_max=max(16, dim), initial_dim=dim, grow_threshold=1.0, shrink_threshold=0.0)
+    # Every field at ``dim``, like the plain model: the row cap would start the small tables
+    # below it (a 2-row field at 2), and the comparison would no longer be at equal dims.
+    cfg = DimGrowConfig(
+        d_max=max(16, dim),
+        initial_dim=dim,
+        grow_threshold=1.0,
+        shrink_threshold=0.0,
+        cap_dims_at_rows=False,
+    )
     coll = DimGrowEmbeddingBagCollection(data.table_configs(adapter), cfg, align="project")
     dg = CTRModel(coll, "sum", adapter, hidden=(32, 16))
     plain_ebc = EmbeddingBagCollection(tables=data.table_configs(dim))
