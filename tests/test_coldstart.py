@@ -1,18 +1,69 @@
-"""Cold start: epochs spent with every field still at its starting dim never count toward early stopping."""
+"""No stall by construction: early stopping never ends a run that has not learned anything.
+
+A run counts as having learned once its best validation AUC is more than
+``training.LEARNED_Z`` standard errors (Hanley & McNeil) above where it started; until then
+non-improving epochs are not held against the patience, whatever the dims did, and only the
+epoch cap ends the run.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.dist_utils import run_ranks
+from torchrec_dimgrow.training import LEARNED_Z, EarlyStopping, auc_standard_error, learned_floor
 
 
-def noise_search(rank: int, world: int, out: str, grow_threshold: float) -> dict[str, Any]:
-    import numpy as np
+def _rank_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    ranks = np.argsort(np.argsort(np.concatenate([pos, neg]))) + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
+
+@pytest.mark.parametrize("auc", [0.5, 0.75])
+def test_auc_standard_error_matches_the_spread_of_simulated_aucs(auc: float) -> None:
+    """The Hanley-McNeil error is the spread of AUCs over resampled validation sets."""
+    rng = np.random.default_rng(0)
+    n1, n0 = 150, 600
+    # Exponential scores, the model the formula is derived for: P(pos > neg) = 1 / (1 + rate).
+    rate = 1 / auc - 1
+    draws = [_rank_auc(rng.exponential(1 / rate, n1), rng.exponential(1, n0)) for _ in range(3000)]
+    assert auc_standard_error(auc, n1, n0) == pytest.approx(float(np.std(draws)), rel=0.1)
+    assert float(np.mean(draws)) == pytest.approx(auc, abs=0.005)
+
+
+def test_floor_is_chance_or_the_start_plus_its_noise() -> None:
+    se = auc_standard_error(0.5, 200, 800)
+    assert learned_floor({"auc": 0.47, "positives": 200, "negatives": 800}) == 0.5 + LEARNED_Z * se
+    above = learned_floor({"auc": 0.6, "positives": 200, "negatives": 800})
+    assert above == 0.6 + LEARNED_Z * auc_standard_error(0.6, 200, 800)
+    assert math.isnan(learned_floor({"auc": float("nan"), "positives": 0, "negatives": 10}))
+
+
+def test_patience_runs_only_once_the_best_clears_the_floor() -> None:
+    early = EarlyStopping(patience=1, floor=0.52)
+    assert early.update(0.505, 0)
+    for epoch, auc in enumerate([0.50, 0.51, 0.49, 0.515], start=1):  # a plateau: never counted
+        early.update(auc, epoch)
+        assert not early.stop and not early.learned
+    assert early.update(0.56, 5) and early.learned
+    assert not early.update(0.55, 6) and early.stop
+
+
+def test_without_a_floor_it_is_plain_patience() -> None:
+    early = EarlyStopping(patience=2)
+    early.update(0.49, 0)
+    early.update(0.48, 1)
+    assert not early.stop
+    early.update(0.47, 2)
+    assert early.stop and early.learned
+
+
+def search_run(rank: int, world: int, out: str, grow_threshold: float, signal: bool) -> dict[str, Any]:
     from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
     from torchrec_dimgrow.data.synthetic import from_arrays
     from torchrec_dimgrow.distributed.env import init_distributed
@@ -22,7 +73,10 @@ def noise_search(rank: int, world: int, out: str, grow_threshold: float) -> dict
     env = init_distributed("gloo")
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 10, (2_000, 3))
-    labels = (rng.random(2_000) < 0.5).astype(np.float32)  # pure noise: val AUC wanders
+    if signal:  # the label is the parity of field a's id: learned within an epoch
+        labels = (rng.random(2_000) < np.where(ids[:, 0] % 2 == 0, 0.85, 0.15)).astype(np.float32)
+    else:  # pure noise: val AUC wanders around 0.5
+        labels = (rng.random(2_000) < 0.5).astype(np.float32)
     data = from_arrays(["a", "b", "c"], [10, 10, 10], ids, labels, (0.6, 0.2))
     dg = DimGrowConfig(d_max=4, initial_dim=1, grow_threshold=grow_threshold, gate_lr=0.05)
     tc = TrainConfig(epochs=6, batch_size=64, seed=0, early_stop_patience=1)
@@ -34,17 +88,29 @@ def noise_search(rank: int, world: int, out: str, grow_threshold: float) -> dict
         "epochs": m["epochs"],
         "aucs": [h["val_auc"] for h in m["history"]],
         "dims": [h["total_dim"] for h in m["history"]],
+        "learned": m["learned"],
+        "floor": m["val_auc_floor"],
     }
 
 
 @pytest.mark.parametrize("grows", [False, True], ids=["stuck-at-start", "grows"])
-def test_patience_counts_only_after_the_dims_moved(tmp_path: Path, grows: bool) -> None:
-    (r,) = run_ranks(noise_search, 1, str(tmp_path), 0.3 if grows else 0.99, timeout=600)
+def test_a_search_that_learned_nothing_runs_to_the_epoch_cap(tmp_path: Path, grows: bool) -> None:
+    (r,) = run_ranks(search_run, 1, str(tmp_path), 0.3 if grows else 0.99, False, timeout=600)
     aucs = r["aucs"]
     stale = [i for i in range(1, len(aucs)) if aucs[i] <= max(aucs[:i])]
     assert stale, f"the noise data must give non-improving epochs: {aucs}"
+    assert max(aucs) <= r["floor"] and not r["learned"], r
     if grows:
-        # dims moved in the first epoch, so the first non-improving epoch ends the search
-        assert r["dims"][0] > 3 and r["epochs"] == stale[0] + 1 < 6, r
+        assert r["dims"][0] > 3, r  # the dims moved: that alone no longer starts the patience
     else:
-        assert r["dims"] == [3] * 6 and r["epochs"] == 6, "at the start dims, patience must not run out"
+        assert r["dims"] == [3] * 6, r
+    assert r["epochs"] == 6, "patience must not end a run that is still at its start"
+
+
+def test_a_search_that_learned_stops_on_its_patience(tmp_path: Path) -> None:
+    (r,) = run_ranks(search_run, 1, str(tmp_path), 0.6, True, timeout=600)
+    aucs = r["aucs"]
+    assert r["learned"] and max(aucs) > r["floor"] + 0.1, r
+    stale = [i for i in range(1, len(aucs)) if aucs[i] <= max(aucs[:i])]
+    assert stale, f"the run must see a non-improving epoch once learned: {aucs}"
+    assert r["epochs"] == stale[0] + 1 < 6, r  # patience 1: the first one ends the run

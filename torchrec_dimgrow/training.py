@@ -8,7 +8,7 @@ decisions agree without another broadcast).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,49 @@ def auc_logloss(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     else:
         auc = float(binary_auroc(torch.sigmoid(scores), labels.to(torch.int64)))
     logloss = float(bce(scores, labels))
-    return {"auc": auc, "logloss": logloss}
+    positives = int(labels.sum())
+    return {"auc": auc, "logloss": logloss, "positives": positives, "negatives": labels.numel() - positives}
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Standard error of a ROC AUC estimated on ``positives`` / ``negatives`` examples.
+
+    Hanley & McNeil (1982): ``Q1 = A / (2 - A)``, ``Q2 = 2 A^2 / (1 + A)``,
+    ``SE^2 = (A (1 - A) + (n1 - 1)(Q1 - A^2) + (n0 - 1)(Q2 - A^2)) / (n1 n0)``.
+    NaN without both classes.
+    """
+    if positives < 1 or negatives < 1 or math.isnan(auc):
+        return float("nan")
+    a = auc
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (
+        positives * negatives
+    )
+    return math.sqrt(max(var, 0.0))
+
+
+# How many standard errors above its start a validation AUC must be before the run counts as
+# having learned anything (and early stopping may end it): 2 SE, about the 98th percentile
+# of the start's own noise, so an untrained model rarely passes by chance.
+LEARNED_Z = 2.0
+
+
+def learned_floor(start: Mapping[str, float]) -> float:
+    """The validation AUC a run must beat before early stopping may end it.
+
+    ``start`` is the metric of the model before its first step (:func:`evaluate`'s dict).
+    Why: on data whose label lives in interactions, a model starting from near-zero
+    embeddings sits on a plateau at chance AUC for several epochs before it learns; a
+    patience counted from the first epoch ends such a run there, and its "best" epoch is an
+    untrained model. Chance (0.5) is the floor's lowest start: an unlucky start below it
+    must still climb past chance.
+    """
+    auc = float(start["auc"])
+    if math.isnan(auc):
+        return float("nan")  # one class only: no AUC to wait for, the plain patience rule
+    base = max(auc, 0.5)
+    se = auc_standard_error(base, int(start["positives"]), int(start["negatives"]))
+    return base + LEARNED_Z * se
 
 
 def gather_1d(local: torch.Tensor) -> torch.Tensor:
@@ -113,23 +155,31 @@ class EarlyStopping:
     :meth:`update` returns True when the epoch is the new best (the caller snapshots
     what it exports then). A NaN never improves on a number, but the first epoch is
     always the best so far, so there is always a best epoch. Training stops once
-    ``patience`` epochs in a row did not improve.
+    ``patience`` epochs in a row did not improve, but never while the best metric is
+    still at or below ``floor`` (:func:`learned_floor`: within noise of where the run
+    started): a run that has not learned anything yet is on a plateau, not converged, and
+    only the epoch cap ends it. ``floor`` NaN: no such wait.
     """
 
     patience: int
     best: float = float("nan")
     best_epoch: int = -1
     bad_epochs: int = 0
+    floor: float = float("nan")
 
-    def update(self, value: float, epoch: int, counts: bool = True) -> bool:
-        """Record an epoch's metric; ``counts=False``: a non-improving epoch is not held
-        against the patience (the search's cold start, before any field has moved)."""
+    def update(self, value: float, epoch: int) -> bool:
+        """Record an epoch's metric; True when it is the new best."""
         if is_better(value, self.best) or self.best_epoch < 0:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
-        if counts:
+        if self.learned:
             self.bad_epochs += 1
         return False
+
+    @property
+    def learned(self) -> bool:
+        """The best metric so far is above the floor (always True without a floor)."""
+        return math.isnan(self.floor) or (not math.isnan(self.best) and self.best > self.floor)
 
     @property
     def stop(self) -> bool:
@@ -149,7 +199,8 @@ def fit(
     """The shared epoch loop of the retrain and the SuperNet baselines.
 
     Per epoch: ``model.train()``, ``step(batch, step_index)`` over ``batches(epoch)``,
-    then ``validate()`` (AUC / log loss) and :class:`EarlyStopping`; ``on_best`` runs
+    then ``validate()`` (AUC / log loss) and :class:`EarlyStopping`, whose floor is set
+    from a ``validate()`` before the first step (:func:`learned_floor`); ``on_best`` runs
     when an epoch is the new best (snapshot what the caller restores or exports).
     ``max_steps`` caps the total step count. Returns the per-epoch history (epoch, steps
     so far, val AUC and log loss) and the step count. The search recipe keeps its own
@@ -157,6 +208,7 @@ def fit(
     """
     history: list[dict[str, float]] = []
     steps = 0
+    early.floor = learned_floor(validate())
     for epoch in range(epochs):
         model.train()
         for batch in batches(epoch):

@@ -100,6 +100,7 @@ def retrain(
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
         "val_auc": early.best,
+        "learned": early.learned,
         "embedding_params": field_params(vocab, found),
         "embedding_bytes": field_bytes(vocab, found),
         "total_dim": int(sum(int(dims[f]) for f in data.fields)),

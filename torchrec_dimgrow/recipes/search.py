@@ -50,7 +50,7 @@ from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import final_dims, vote_dims
-from torchrec_dimgrow.training import EarlyStopping, bce, evaluate
+from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, learned_floor
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,9 @@ class DimGrowSearch:
             self.save_checkpoint()
         if st.step == 0:
             self._log_trajectory()
+            # Where the search starts: early stopping waits until validation AUC is clearly
+            # above it (training.learned_floor), whatever the dims do meanwhile.
+            st.early.floor = learned_floor(self.evaluate(self.data.val))
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
         total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
         bar = tqdm(
@@ -354,7 +357,7 @@ class DimGrowSearch:
                 "total_dim": sum(self.coll.dims_list()),
             }
         )
-        if st.early.update(metrics["auc"], st.epoch, counts=not self._at_start()):
+        if st.early.update(metrics["auc"], st.epoch):
             st.best_gates = self._selection_gates().tolist()
             st.best_dims = self.coll.dims_list()
         if self.env.is_main:
@@ -376,16 +379,6 @@ class DimGrowSearch:
         if st.early.stop:
             st.done = True
         self.save_checkpoint()
-
-    def _at_start(self) -> bool:
-        """Every field still at its starting dim: no epoch then counts toward early stopping.
-
-        Why: with little signal per dim (e.g. only interactions, one dim each) validation
-        AUC can stay flat until the first field grows; stopping then would end the search
-        before its dims had any chance to move (the cold-start stall, issue 10 item 4). The
-        epoch cap still bounds the run.
-        """
-        return self.coll.dims_list() == self.coll.start_dims
 
     def _board_epoch(self, metrics: dict[str, float]) -> None:
         assert self.board is not None
@@ -437,6 +430,8 @@ class DimGrowSearch:
         metrics = {
             "val_auc": st.early.best,
             "best_epoch": st.early.best_epoch,
+            "learned": st.early.learned,
+            "val_auc_floor": None if math.isnan(st.early.floor) else st.early.floor,
             "search_test_auc": test["auc"],
             "search_test_logloss": test["logloss"],
             "steps": st.step,
@@ -455,6 +450,15 @@ class DimGrowSearch:
             "history": st.history,
         }
         if self.env.is_main:
+            if not st.early.learned:
+                log.warning(
+                    "validation AUC never rose clearly above its start (best %.4f, needed > %.4f) "
+                    "in %d epochs: these dims are not a search result; train longer (--epochs) "
+                    "or check that the label depends on the fields",
+                    st.early.best,
+                    st.early.floor,
+                    st.epoch,
+                )
             self._publish(found, metrics)
         return {"dims": found, "metrics": metrics}
 
