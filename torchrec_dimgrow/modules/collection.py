@@ -146,7 +146,7 @@ class DimGrowPostProcess(nn.Module):
         self.gate = ShuffleGate(n, max(d_max), config.tau, config.theta_init)
         if initial is None:
             initial = [min(config.initial_dim or 1, m) for m in d_max]
-        # The dims the search started from (early stopping waits until they moved).
+        # The dims the search started from.
         self.start_dims = list(initial)
         self.register_buffer("dims", torch.tensor(initial, dtype=torch.int64))
         self.register_buffer(
