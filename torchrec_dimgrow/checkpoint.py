@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,11 +34,14 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItem
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import ShardingPlan
 
+from torchrec_dimgrow.diskwrite import DiskError, deferred_sigint, disk_cause, disk_errors
+from torchrec_dimgrow.errors import CheckpointError
 from torchrec_dimgrow.manifest import file_shares, hash_files, write_manifest
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
@@ -58,11 +61,6 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> Any: ...
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def rotate(tmp: Path, path: Path, discard_latest: bool = False) -> None:
@@ -192,10 +190,19 @@ class CheckpointClient:
         ``NAME.damaged`` instead, when resume found it broken).
         """
         tmp = path.with_name(path.name + ".tmp")
+        with disk_errors(path, partial=[tmp] if self.rank == 0 else []):
+            self._agreed(path, lambda: self._start(tmp))
+            self._agreed(path, lambda: self._write(tmp, run_state))
+            entries = self._hash_shares(tmp) if manifest is not None else None
+            self._agreed(path, lambda: self._publish(tmp, path, manifest, entries, discard_latest))
+
+    def _start(self, tmp: Path) -> None:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+
+    def _write(self, tmp: Path, run_state: Mapping[str, Any]) -> None:
+        """This rank's part: its DCP shards, its local state (and rank 0 the run state)."""
         dcp.save(_tensor_state(self.dmp), checkpoint_id=str(tmp / "dcp"), planner=AliasingSavePlanner())
         torch.save(
             {
@@ -208,13 +215,47 @@ class CheckpointClient:
         )
         if self.rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps({**run_state, "world_size": self.world_size}))
-        _barrier()
-        entries = self._hash_shares(tmp) if manifest is not None else None
-        if self.rank == 0:
-            if manifest is not None:
-                write_manifest(tmp, world_size=self.world_size, entries=entries, **manifest)
+
+    def _publish(
+        self,
+        tmp: Path,
+        path: Path,
+        manifest: Mapping[str, Any] | None,
+        entries: dict[str, dict[str, Any]] | None,
+        discard_latest: bool,
+    ) -> None:
+        """Rank 0: the manifest, then the renames that make ``tmp`` the latest checkpoint."""
+        if self.rank != 0:
+            return
+        if manifest is not None:
+            write_manifest(tmp, world_size=self.world_size, entries=entries, **manifest)
+        with deferred_sigint():
             rotate(tmp, path, discard_latest=discard_latest)
-        _barrier()
+
+    def _agreed(self, path: Path, step: Callable[[], None]) -> None:
+        """Run ``step`` on this rank, then learn whether any rank failed (a barrier too).
+
+        Why: a rank whose write fails (full disk on its node) would otherwise raise alone
+        while the others wait at the next barrier until the process group times out. Every
+        rank raises instead: the failing one its own error, the others one naming that rank.
+        """
+        failure: BaseException | None = None
+        try:
+            step()
+        except (Exception, CheckpointException) as exc:  # shared below, then re-raised unchanged
+            failure = exc  # (DCP's CheckpointException is a BaseException)
+        if self.world_size > 1 and dist.is_initialized():
+            cause = None if failure is None else disk_cause(failure, path)
+            mine = None if failure is None else (cause is not None, cause or repr(failure))
+            verdicts: list[tuple[bool, str] | None] = [None] * self.world_size
+            dist.all_gather_object(verdicts, mine)
+            bad = next(((r, v) for r, v in enumerate(verdicts) if v is not None), None)
+            if failure is None and bad is not None:
+                rank, (disk, what) = bad
+                error = DiskError if disk else CheckpointError
+                raise error(f"checkpoint {path} not written: rank {rank} failed ({what})")
+        if failure is not None:
+            raise failure
 
     def _hash_shares(self, tmp: Path) -> dict[str, dict[str, Any]]:
         """Every file's manifest entry; each rank hashes one :func:`file_shares` share."""

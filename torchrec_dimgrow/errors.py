@@ -21,3 +21,10 @@ class CheckpointError(DimGrowError):
 
 class NonFiniteError(DimGrowError):
     """The loss or a gate became NaN/inf; names the step. The last good checkpoint is kept."""
+
+
+class Interrupted(DimGrowError):
+    """Ctrl-C (SIGINT) stopped the run; the message says where and how to continue.
+
+    The CLI prints it as one line and exits 130 (128 + SIGINT, the shell's convention).
+    """
