@@ -4,10 +4,11 @@
 ``torchrun --nproc_per_node=N -m torchrec_dimgrow search ...`` (gloo on CPU, nccl on GPU,
 ``--backend`` overrides).
 
-Exit codes: 0 success; 2 an expected failure (bad flag, data, output dir or checkpoint, or
-a diverged run), reported as one ``error:`` line on stderr by rank 0 and with code 2 on
-every rank; 3 the search finished but kept no field and ``--strict`` was given; 1 (with a
-traceback) a bug.
+Exit codes: 0 success; 2 an expected failure (bad flag, data, output dir, checkpoint or saved
+model, full disk, a live run on the same ``--out``, or a diverged run), reported as one
+``error:`` line on stderr by rank 0 and with code 2 on every rank; 3 the search finished but
+kept no field and ``--strict`` was given; 130 Ctrl-C (one line saying how to resume); 1 (with
+a traceback) a bug.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.errors import CheckpointError, DimGrowError, Interrupted, NonFiniteError, UsageError
 from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, peek, select
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.runlock import run_lock, sibling_lock
+from torchrec_dimgrow.runlock import DirectoryInUse, run_lock, sibling_lock
 from torchrec_dimgrow.validation import (
     RETRAIN_OUTPUTS,
     SEARCH_OUTPUTS,
@@ -278,9 +279,9 @@ def _lock_out(stack: contextlib.ExitStack, out: Path, env: DistEnv) -> None:
     if env.is_main:
         try:
             stack.enter_context(run_lock(out))
-        except UsageError as exc:
+        except DirectoryInUse as exc:
             error = [str(exc)]
-    _agree(error, env, UsageError)
+    _agree(error, env, DirectoryInUse)
 
 
 def _check_meaningful(data: PreparedData, batch_size: int | None, world: int) -> None:
@@ -438,7 +439,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     except (NonFiniteError, DiskError, Interrupted):
         raise  # keeps the last good checkpoint for inspection or --resume
     except (DimGrowError, BudgetError) as exc:
-        if env.is_main and not _refused_by_lock(exc):
+        if env.is_main and not isinstance(exc, DirectoryInUse):  # another run's files stay
             guard.discard_new()
         raise
     finally:
@@ -460,11 +461,6 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
         if args.strict:
             return EXIT_STRICT
     return 0
-
-
-def _refused_by_lock(exc: BaseException) -> bool:
-    """The directory belongs to another live run: this one must not remove anything in it."""
-    return isinstance(exc, UsageError) and "is in use by another run" in str(exc)
 
 
 def _check_tensorboard(args: argparse.Namespace) -> None:
@@ -715,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted ({args.command}); nothing was published", file=sys.stderr)
+            print(f"interrupted ({args.command})", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (DimGrowError, BudgetError) as exc:
         if rank == 0:
