@@ -7,7 +7,9 @@ the CLI in a child process. All runs share one small synthetic CSV dataset.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.dist_utils import run_ranks
 from torchrec_dimgrow.artifacts import write_json_atomic
 from torchrec_dimgrow.cli import main
 from torchrec_dimgrow.data import load_prepared, prepare
@@ -256,6 +259,39 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(
     assert not (out / "checkpoint.tmp").exists() and not (out / "dims.json").exists()
 
 
+def _search_with_full_disk_on_rank1(
+    rank: int, world: int, prefix: str, cache: str, out: str
+) -> tuple[int, str]:
+    """One rank of a 2-rank search whose rank 1 cannot write its second checkpoint file."""
+    if rank == 1:
+        real = torch.save
+
+        def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+            if str(f).endswith("checkpoint.tmp/rank1.pt") and (Path(out) / "checkpoint").is_dir():
+                raise OSError(errno.ENOSPC, "No space left on device", str(f))
+            real(obj, f, *args, **kwargs)  # type: ignore[arg-type]
+
+        torch.save = save  # type: ignore[assignment]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(search_args(prefix, Path(cache), Path(out), "--max-steps", "12", "--checkpoint-every", "5"))
+    return rc, err.getvalue()
+
+
+def test_a_rank_that_cannot_write_its_checkpoint_stops_every_rank(
+    csv_prefix: str, cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    results = run_ranks(_search_with_full_disk_on_rank1, 2, csv_prefix, str(cache), str(out), timeout=240)
+    (rc0, err0), (rc1, _) = results
+    assert (rc0, rc1) == (2, 2)  # both ranks return; neither waits at a barrier for the other
+    assert err0.strip() == f"error: cannot write {out / 'checkpoint'}: no space left on device (on rank 1)", (
+        err0
+    )
+    assert verify(out / "checkpoint").manifest["step"] == 5
+    assert not (out / "checkpoint.tmp").exists()
+
+
 def _child(args: list[str], limit_bytes: int | None = None) -> subprocess.Popen[str]:
     """The CLI in a child process (this tree first on its path), optionally under ``ulimit -f``."""
 
@@ -326,6 +362,7 @@ def test_second_run_on_a_live_out_is_refused_and_a_killed_runs_lock_is_taken(
     assert (out / LOCK_FILE).exists()  # left behind, and harmless
     assert main(search_args(csv_prefix, cache, out, "--resume", str(out))) == 0
     assert (out / "dims.json").is_file()
+    assert not (out / LOCK_FILE).exists()  # a run that ends removes its lock file
 
 
 def test_ctrl_c_is_one_line_exit_130_and_the_checkpoint_resumes(

@@ -17,7 +17,10 @@ Layout of a checkpoint directory:
   interrupted one had it and continues bit-exactly.
 
 A checkpoint is written to ``NAME.tmp`` and swapped in only when every rank has finished,
-so killing the job mid-save leaves the previous checkpoint intact. Rank 0 then writes
+so killing the job mid-save leaves the previous checkpoint intact. The ranks agree on the
+outcome of each step of a save, so a rank whose disk is full stops every rank with one
+:class:`~torchrec_dimgrow.diskwrite.DiskError` (``NAME.tmp`` removed) instead of leaving
+the others at a barrier; a Ctrl-C cannot land between the renames that publish it. Rank 0 then writes
 ``manifest.json`` (sha256 of every file, run config, data fingerprint: see
 ``torchrec_dimgrow/manifest.py``) and keeps the replaced checkpoint as ``NAME.prev``.
 """
@@ -252,8 +255,9 @@ class CheckpointClient:
             bad = next(((r, v) for r, v in enumerate(verdicts) if v is not None), None)
             if failure is None and bad is not None:
                 rank, (disk, what) = bad
-                error = DiskError if disk else CheckpointError
-                raise error(f"checkpoint {path} not written: rank {rank} failed ({what})")
+                if disk:
+                    raise DiskError(f"cannot write {path}: {what} (on rank {rank})")
+                raise CheckpointError(f"checkpoint {path} not written: rank {rank} failed ({what})")
         if failure is not None:
             raise failure
 
