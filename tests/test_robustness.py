@@ -230,6 +230,20 @@ def test_json_results_survive_a_full_disk(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_full_disk_during_an_export_is_one_line_and_leaves_no_partial_artifact(
+    model_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def full(self: object, f: object, **kwargs: object) -> None:
+        Path(str(f)).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch.jit.RecursiveScriptModule, "save", full)
+    out = tmp_path / "serve"
+    assert main(["export", "--model", str(model_run), "--serving", "fp32", "--out", str(out)]) == 2
+    assert one_error_line(capsys) == f"error: cannot write {out}: no space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no serve, serve.tmp, nor lock file
+
+
 def _fail_second_save(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
     """``torch.save`` (a checkpoint's ``rank0.pt``) works once, then raises ``error``."""
     real, calls = torch.save, []
