@@ -36,7 +36,8 @@ from torchrec_dimgrow.data import load_prepared, prepare
 from torchrec_dimgrow.data.columns import MISSING, as_tokens
 from torchrec_dimgrow.data.store import load_vocab
 from torchrec_dimgrow.diskwrite import DiskError, disk_errors
-from torchrec_dimgrow.manifest import verify
+from torchrec_dimgrow.errors import CheckpointError
+from torchrec_dimgrow.manifest import compare_data, data_fingerprint, verify
 from torchrec_dimgrow.runlock import LOCK_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,6 +186,17 @@ def test_saved_model_manifest_records_the_vocab_of_every_field(model_run: Path, 
     manifest = json.loads((model_run / "model" / "manifest.json").read_text())
     assert sorted(manifest["data"]["vocab_fields"]) == sorted(FIELDS)
     assert verify(model_run / "model", what="saved model").path == model_run / "model"
+
+
+def test_vocab_fingerprint_covers_the_values_and_resume_names_the_changed_field(
+    cache: Path, csv_prefix: str, tmp_path: Path
+) -> None:
+    permuted = write_csv(tmp_path / "permuted", relabel={"b": {v: 9 - v for v in range(10)}})
+    other = _prep(permuted, tmp_path / "data")
+    saved, now = data_fingerprint(load_prepared(cache).source, cache), data_fingerprint({}, other)
+    assert [f for f in FIELDS if saved["vocab_fields"][f] != now["vocab_fields"][f]] == ["b"]
+    with pytest.raises(CheckpointError, match=r"^field 'b': its vocab differs from the checkpoint's"):
+        compare_data(saved, {**saved, "vocab_fields": now["vocab_fields"]})
 
 
 # ---------------------------------------------------------------- disk errors
