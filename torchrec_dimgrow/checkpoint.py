@@ -37,14 +37,12 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItem
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import ShardingPlan
 
-from torchrec_dimgrow.diskwrite import DiskError, deferred_sigint, disk_cause, disk_errors
-from torchrec_dimgrow.errors import CheckpointError
+from torchrec_dimgrow.diskwrite import agreed_write, deferred_sigint, disk_errors
 from torchrec_dimgrow.manifest import file_shares, hash_files, write_manifest
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
@@ -236,30 +234,7 @@ class CheckpointClient:
             rotate(tmp, path, discard_latest=discard_latest)
 
     def _agreed(self, path: Path, step: Callable[[], None]) -> None:
-        """Run ``step`` on this rank, then learn whether any rank failed (a barrier too).
-
-        Why: a rank whose write fails (full disk on its node) would otherwise raise alone
-        while the others wait at the next barrier until the process group times out. Every
-        rank raises instead: the failing one its own error, the others one naming that rank.
-        """
-        failure: BaseException | None = None
-        try:
-            step()
-        except (Exception, CheckpointException) as exc:  # shared below, then re-raised unchanged
-            failure = exc  # (DCP's CheckpointException is a BaseException)
-        if self.world_size > 1 and dist.is_initialized():
-            cause = None if failure is None else disk_cause(failure, path)
-            mine = None if failure is None else (cause is not None, cause or repr(failure))
-            verdicts: list[tuple[bool, str] | None] = [None] * self.world_size
-            dist.all_gather_object(verdicts, mine)
-            bad = next(((r, v) for r, v in enumerate(verdicts) if v is not None), None)
-            if failure is None and bad is not None:
-                rank, (disk, what) = bad
-                if disk:
-                    raise DiskError(f"cannot write {path}: {what} (on rank {rank})")
-                raise CheckpointError(f"checkpoint {path} not written: rank {rank} failed ({what})")
-        if failure is not None:
-            raise failure
+        agreed_write(path, step, self.world_size)
 
     def _hash_shares(self, tmp: Path) -> dict[str, dict[str, Any]]:
         """Every file's manifest entry; each rank hashes one :func:`file_shares` share."""

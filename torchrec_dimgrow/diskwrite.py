@@ -21,11 +21,14 @@ import resource
 import shutil
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from torchrec_dimgrow.errors import DimGrowError
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+from torchrec_dimgrow.errors import CheckpointError, DimGrowError
 
 DISK_ERRNOS = {
     errno.ENOSPC: "no space left on device",
@@ -140,3 +143,31 @@ def deferred_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if pending:
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def agreed_write(path: Path, step: Callable[[], None], world_size: int) -> None:
+    """Run this rank's ``step`` of writing ``path``, then learn whether any rank failed.
+
+    It is also a barrier. Why: a rank whose write fails (full disk on its node) would
+    otherwise raise alone while the others wait at the next barrier until the process
+    group times out. Every rank raises instead: the failing one its own error, the others
+    a :class:`DiskError` (or :class:`CheckpointError` for anything else) naming that rank.
+    """
+    failure: BaseException | None = None
+    try:
+        step()
+    except (Exception, CheckpointException) as exc:  # shared below, then re-raised unchanged
+        failure = exc  # (DCP's CheckpointException is a BaseException)
+    if world_size > 1 and dist.is_initialized():
+        cause = None if failure is None else disk_cause(failure, path)
+        mine = None if failure is None else (cause is not None, cause or repr(failure))
+        verdicts: list[tuple[bool, str] | None] = [None] * world_size
+        dist.all_gather_object(verdicts, mine)
+        bad = next(((r, v) for r, v in enumerate(verdicts) if v is not None), None)
+        if failure is None and bad is not None:
+            rank, (disk, what) = bad
+            if disk:
+                raise DiskError(f"cannot write {path}: {what} (on rank {rank})")
+            raise CheckpointError(f"{path} not written: rank {rank} failed ({what})")
+    if failure is not None:
+        raise failure

@@ -33,7 +33,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors
+from torchrec_dimgrow.diskwrite import agreed_write, deferred_sigint, disk_errors
 from torchrec_dimgrow.errors import CheckpointError, DimGrowError
 from torchrec_dimgrow.manifest import MANIFEST, Verified, verify, write_manifest
 from torchrec_dimgrow.modules.backbone import CTRModel
@@ -114,11 +114,6 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def _single_process_is_intended() -> Iterator[None]:
     """DCP warns when no process group is up; for the unsharded save/load that is the intent."""
@@ -143,24 +138,31 @@ def save_model(
     spec.validate("save_model")
     final = Path(out_dir) / MODEL_SUBDIR
     tmp = final.with_name(final.name + ".tmp")
+    world = dist.get_world_size() if dist.is_initialized() else 1
     with disk_errors(final, partial=[tmp] if _is_main() else []):
-        if _is_main():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
+        agreed_write(final, lambda: _start(tmp), world)
         with _single_process_is_intended():
-            dcp.save(model.state_dict(), checkpoint_id=str(tmp / WEIGHTS_SUBDIR))
-        _barrier()
-        if _is_main():
-            (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            data = {"vocab_fields": dict(vocab) if vocab is not None else None}
-            write_manifest(tmp, config={"kind": MODEL_KIND}, data=data, world_size=world, step=0)
-            with deferred_sigint():
-                shutil.rmtree(final, ignore_errors=True)
-                tmp.rename(final)
-    _barrier()
+            dcp.save(model.state_dict(), checkpoint_id=str(tmp / WEIGHTS_SUBDIR))  # shares failures itself
+        agreed_write(final, lambda: _publish(tmp, final, spec, vocab, world), world)
     return final
+
+
+def _start(tmp: Path) -> None:
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+
+def _publish(tmp: Path, final: Path, spec: ModelSpec, vocab: Mapping[str, str] | None, world: int) -> None:
+    """Rank 0: the spec and the manifest, then the rename that makes ``tmp`` the model."""
+    if not _is_main():
+        return
+    (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    data = {"vocab_fields": dict(vocab) if vocab is not None else None}
+    write_manifest(tmp, config={"kind": MODEL_KIND}, data=data, world_size=world, step=0)
+    with deferred_sigint():
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
