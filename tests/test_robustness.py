@@ -38,7 +38,7 @@ from torchrec_dimgrow.data.store import load_vocab
 from torchrec_dimgrow.diskwrite import DiskError, disk_errors
 from torchrec_dimgrow.errors import CheckpointError
 from torchrec_dimgrow.manifest import compare_data, data_fingerprint, verify
-from torchrec_dimgrow.runlock import LOCK_FILE
+from torchrec_dimgrow.runlock import LOCK_FILE, acquire, release
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("a", "b", "c")
@@ -389,6 +389,30 @@ def test_second_run_on_a_live_out_is_refused_and_a_killed_runs_lock_is_taken(
     assert main(search_args(csv_prefix, cache, out, "--resume", str(out))) == 0
     assert (out / "dims.json").is_file()
     assert not (out / LOCK_FILE).exists()  # a run that ends removes its lock file
+
+
+def _search_rank(rank: int, world: int, prefix: str, cache: str, out: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(search_args(prefix, Path(cache), Path(out), "--max-steps", "4"))
+    return rc, err.getvalue()
+
+
+def test_every_rank_of_a_run_on_a_locked_out_stops_with_exit_2(
+    csv_prefix: str, cache: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    handle, path = acquire(out)  # this process stands for the live run
+    try:
+        (rc0, err0), (rc1, err1) = run_ranks(_search_rank, 2, csv_prefix, str(cache), str(out), timeout=240)
+    finally:
+        release(handle, path)
+    assert (rc0, rc1) == (2, 2) and err1 == ""
+    assert err0.strip() == (
+        f"error: --out {out} is in use by another run (pid {os.getpid()}); "
+        "wait for it to finish or choose another --out"
+    )
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written, and the lock file gone
 
 
 def test_ctrl_c_is_one_line_exit_130_and_the_checkpoint_resumes(
