@@ -446,6 +446,44 @@ def test_ctrl_c_inside_a_checkpoint_write_keeps_the_previous_one(
     assert not (out / "checkpoint.tmp").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "at_call", "expect"),
+    [
+        ((), 2, "interrupted at step 1, before the first checkpoint: nothing to resume (run it again)"),
+        (
+            ("--votes", "2"),
+            7,  # the second search's third step
+            "interrupted at step 2 of the search with seed 1; a --votes run cannot be resumed "
+            "(its finished searches stay in {out}/votes)",
+        ),
+    ],
+)
+def test_ctrl_c_says_when_there_is_nothing_to_resume(
+    csv_prefix: str,
+    cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    extra: tuple[str, ...],
+    at_call: int,
+    expect: str,
+) -> None:
+    from torchrec_dimgrow.recipes.search import DimGrowSearch
+
+    real, calls = DimGrowSearch.train_step, []
+
+    def step(self: DimGrowSearch, *args: object) -> object:
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DimGrowSearch, "train_step", step)
+    out = tmp_path / "run"
+    assert main(search_args(csv_prefix, cache, out, "--max-steps", "4", *extra)) == 130
+    assert capsys.readouterr().err.strip() == expect.format(out=out)
+
+
 # ---------------------------------------------------------------- inputs, progress bars
 
 

@@ -28,3 +28,7 @@ class Interrupted(DimGrowError):
 
     The CLI prints it as one line and exits 130 (128 + SIGINT, the shell's convention).
     """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step  # the training step reached, when a training loop was interrupted

@@ -345,7 +345,7 @@ class DimGrowSearch:
                 if tc.max_steps is not None and st.step >= tc.max_steps:
                     st.done = True
         except KeyboardInterrupt:
-            raise Interrupted(self._interrupted_at()) from None
+            raise Interrupted(self._interrupted_at(), step=self.state.step) from None
         bar.close()
         if self.board is not None:
             self.board.close()
@@ -538,7 +538,14 @@ def run_search(
     results = []
     for seed in range(tc.seed, tc.seed + votes):
         sub = replace(opts, out_dir=opts.out_dir / "votes" / f"seed-{seed}", tensorboard=None)
-        results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
+        try:
+            results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
+        except Interrupted as exc:  # a vote's searches cannot be resumed one by one
+            raise Interrupted(
+                f"interrupted at step {exc.step} of the search with seed {seed}; a --votes run cannot "
+                f"be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
+                step=exc.step,
+            ) from None
     return _publish_vote(data, tc.seed, results, env, opts.out_dir)
 
 
