@@ -10,6 +10,8 @@ writers publish by rename only after a complete write.
 
 :func:`deferred_sigint` keeps Ctrl-C out of the few renames that publish a write, so an
 interrupt lands either before them (nothing published) or after (all published).
+:func:`agreed_write` runs one rank's part of a collective write and shares its outcome, so
+one rank's full disk stops every rank instead of leaving the others at a barrier.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ DISK_ERRNOS = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EIO: "input/output error",
 }
-SHORT_WRITE_MARKERS = ("unexpected pos", "failed writing", "file write failed", "write failed")
-"""Substrings of torch's messages for a write the OS cut short (zip writer, file adapter)."""
+SHORT_WRITE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+"""Substrings of torch's zip writer's messages (``inline_container.cc``) for a write the OS
+cut short; specific enough not to match a collective's socket errors."""
 _LOW_SPACE = 1 << 20
 
 
