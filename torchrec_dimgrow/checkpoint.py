@@ -17,12 +17,14 @@ Layout of a checkpoint directory:
   interrupted one had it and continues bit-exactly.
 
 A checkpoint is written to ``NAME.tmp`` and swapped in only when every rank has finished,
-so killing the job mid-save leaves the previous checkpoint intact. The ranks agree on the
-outcome of each step of a save, so a rank whose disk is full stops every rank with one
-:class:`~torchrec_dimgrow.diskwrite.DiskError` (``NAME.tmp`` removed) instead of leaving
-the others at a barrier; a Ctrl-C cannot land between the renames that publish it. Rank 0 then writes
+so killing the job mid-save leaves the previous checkpoint intact. Rank 0 then writes
 ``manifest.json`` (sha256 of every file, run config, data fingerprint: see
 ``torchrec_dimgrow/manifest.py``) and keeps the replaced checkpoint as ``NAME.prev``.
+
+The ranks agree on the outcome of each step of a save, so a rank whose disk is full stops
+every rank with one :class:`~torchrec_dimgrow.diskwrite.DiskError` (``NAME.tmp`` removed)
+instead of leaving the others at a barrier; a Ctrl-C cannot land between the renames that
+publish a checkpoint.
 """
 
 from __future__ import annotations
