@@ -14,6 +14,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tests.dist_utils import run_ranks
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.synthetic import PlantedConfig, planted
+from torchrec_dimgrow.manifest import hash_files
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.recipes.evaluate import evaluate_saved
 from torchrec_dimgrow.recipes.export import export_saved
@@ -151,6 +152,14 @@ def test_bad_model_dirs_and_serving_values_are_refused_before_writing(tmp_path: 
     bad = json.loads((tmp_path / "run" / "model" / "spec.json").read_text())
     bad["dims"]["a"] = 7  # the stored table has 3 columns
     (tmp_path / "run" / "model" / "spec.json").write_text(json.dumps(bad))
+    with pytest.raises(
+        ModelError, match=r"spec\.json: \d+ bytes, the manifest says \d+"
+    ):  # the manifest notices first
+        export_saved(tmp_path / "run", "int8", out)
+    manifest = tmp_path / "run" / "model" / "manifest.json"
+    entries = json.loads(manifest.read_text())
+    entries["files"].update(hash_files(manifest.parent, [manifest.parent / "spec.json"]))
+    manifest.write_text(json.dumps(entries))  # a consistent manifest: the weights' shape check speaks
     with pytest.raises(ModelError, match=r"sparse\.embedding_bags\.a\.weight has shape \(40, 3\)"):
         export_saved(tmp_path / "run", "int8", out)
     assert not out.exists() and not (tmp_path / "serve.tmp").exists()

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from torchrec_dimgrow.diskwrite import disk_errors
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
 
@@ -27,10 +28,13 @@ def gate_table(collection: DimGrowEmbeddingBagCollection) -> dict[str, list[floa
 
 
 def write_json_atomic(path: str | Path, payload: object) -> None:
+    """Write ``path`` whole or not at all: through ``PATH.tmp`` and a rename; a full disk is
+    one :class:`~torchrec_dimgrow.diskwrite.DiskError` naming ``path`` and no ``.tmp`` left."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with disk_errors(path, partial=[tmp]):
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
 
 
 def write_dims_json(path: str | Path, dims: Mapping[str, int]) -> None:

@@ -20,13 +20,18 @@ A checkpoint is written to ``NAME.tmp`` and swapped in only when every rank has 
 so killing the job mid-save leaves the previous checkpoint intact. Rank 0 then writes
 ``manifest.json`` (sha256 of every file, run config, data fingerprint: see
 ``torchrec_dimgrow/manifest.py``) and keeps the replaced checkpoint as ``NAME.prev``.
+
+The ranks agree on the outcome of each step of a save, so a rank whose disk is full stops
+every rank with one :class:`~torchrec_dimgrow.diskwrite.DiskError` (``NAME.tmp`` removed)
+instead of leaving the others at a barrier; a Ctrl-C cannot land between the renames that
+publish a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +44,7 @@ from torch.distributed.checkpoint.planner import WriteItem
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import ShardingPlan
 
+from torchrec_dimgrow.diskwrite import agreed_write, deferred_sigint, disk_errors
 from torchrec_dimgrow.manifest import file_shares, hash_files, write_manifest
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
@@ -58,11 +64,6 @@ class Stateful(Protocol):
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> Any: ...
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def rotate(tmp: Path, path: Path, discard_latest: bool = False) -> None:
@@ -192,10 +193,19 @@ class CheckpointClient:
         ``NAME.damaged`` instead, when resume found it broken).
         """
         tmp = path.with_name(path.name + ".tmp")
+        with disk_errors(path, partial=[tmp] if self.rank == 0 else []):
+            self._agreed(path, lambda: self._start(tmp))
+            self._agreed(path, lambda: self._write(tmp, run_state))
+            entries = self._hash_shares(tmp) if manifest is not None else None
+            self._agreed(path, lambda: self._publish(tmp, path, manifest, entries, discard_latest))
+
+    def _start(self, tmp: Path) -> None:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _barrier()
+
+    def _write(self, tmp: Path, run_state: Mapping[str, Any]) -> None:
+        """This rank's part: its DCP shards, its local state (and rank 0 the run state)."""
         dcp.save(_tensor_state(self.dmp), checkpoint_id=str(tmp / "dcp"), planner=AliasingSavePlanner())
         torch.save(
             {
@@ -208,13 +218,25 @@ class CheckpointClient:
         )
         if self.rank == 0:
             (tmp / STATE_FILE).write_text(json.dumps({**run_state, "world_size": self.world_size}))
-        _barrier()
-        entries = self._hash_shares(tmp) if manifest is not None else None
-        if self.rank == 0:
-            if manifest is not None:
-                write_manifest(tmp, world_size=self.world_size, entries=entries, **manifest)
+
+    def _publish(
+        self,
+        tmp: Path,
+        path: Path,
+        manifest: Mapping[str, Any] | None,
+        entries: dict[str, dict[str, Any]] | None,
+        discard_latest: bool,
+    ) -> None:
+        """Rank 0: the manifest, then the renames that make ``tmp`` the latest checkpoint."""
+        if self.rank != 0:
+            return
+        if manifest is not None:
+            write_manifest(tmp, world_size=self.world_size, entries=entries, **manifest)
+        with deferred_sigint():
             rotate(tmp, path, discard_latest=discard_latest)
-        _barrier()
+
+    def _agreed(self, path: Path, step: Callable[[], None]) -> None:
+        agreed_write(path, step, self.world_size)
 
     def _hash_shares(self, tmp: Path) -> dict[str, dict[str, Any]]:
         """Every file's manifest entry; each rank hashes one :func:`file_shares` share."""

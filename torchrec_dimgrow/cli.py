@@ -4,16 +4,18 @@
 ``torchrun --nproc_per_node=N -m torchrec_dimgrow search ...`` (gloo on CPU, nccl on GPU,
 ``--backend`` overrides).
 
-Exit codes: 0 success; 2 an expected failure (bad flag, data, output dir or checkpoint, or
-a diverged run), reported as one ``error:`` line on stderr by rank 0 and with code 2 on
-every rank; 3 the search finished but kept no field and ``--strict`` was given; 1 (with a
-traceback) a bug.
+Exit codes: 0 success; 2 an expected failure (bad flag, data, output dir, checkpoint or saved
+model, full disk, a live run on the same ``--out``, or a diverged run), reported as one
+``error:`` line on stderr by rank 0 and with code 2 on every rank; 3 the search finished but
+kept no field and ``--strict`` was given; 130 Ctrl-C (one line saying how to resume); 1 (with
+a traceback) a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import os
@@ -30,11 +32,13 @@ import torch.distributed as dist
 from torchrec_dimgrow.baselines import BASELINES
 from torchrec_dimgrow.config import BudgetError, DimGrowConfig, TrainConfig, parse_budget
 from torchrec_dimgrow.data import FORMATS, DataError, PreparedData, load_prepared, prepare
+from torchrec_dimgrow.diskwrite import DiskError, disk_errors
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
-from torchrec_dimgrow.errors import CheckpointError, DimGrowError, NonFiniteError, UsageError
+from torchrec_dimgrow.errors import CheckpointError, DimGrowError, Interrupted, NonFiniteError, UsageError
 from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, peek, select
 from torchrec_dimgrow.optim import EmbeddingOptimizer
+from torchrec_dimgrow.runlock import DirectoryInUse, run_lock, sibling_lock
 from torchrec_dimgrow.validation import (
     RETRAIN_OUTPUTS,
     SEARCH_OUTPUTS,
@@ -51,6 +55,7 @@ log = logging.getLogger("torchrec_dimgrow")
 
 EXIT_USAGE = 2
 EXIT_STRICT = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a Ctrl-C'd command
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -260,12 +265,23 @@ def _prepare_on_rank0(args: argparse.Namespace, cache: Path, env: DistEnv) -> Pr
     return data
 
 
-def _agree(error: list[str | None], env: DistEnv) -> None:
+def _agree(error: list[str | None], env: DistEnv, kind: type[DimGrowError] = DataError) -> None:
     """Share rank 0's error (or None) with every rank, so all stop together with one message."""
     if env.world_size > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0] is not None:
-        raise DataError(str(error[0]))
+        raise kind(str(error[0]))
+
+
+def _lock_out(stack: contextlib.ExitStack, out: Path, env: DistEnv) -> None:
+    """Rank 0 locks ``out`` for the rest of the run (``runlock``); every rank learns a refusal."""
+    error: list[str | None] = [None]
+    if env.is_main:
+        try:
+            stack.enter_context(run_lock(out))
+        except DirectoryInUse as exc:
+            error = [str(exc)]
+    _agree(error, env, DirectoryInUse)
 
 
 def _check_meaningful(data: PreparedData, batch_size: int | None, world: int) -> None:
@@ -379,13 +395,17 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     check_ranges(args)  # again: the saved settings are now in args
     # resuming writes into the run it continues; any other --out must not hold a previous run
     continuing = resumed is not None and out.resolve() == resumed.path.parent.resolve()
-    check_out_dir(out, SEARCH_OUTPUTS, args.overwrite, resuming=continuing)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
     _check_tensorboard(args)
     dg, tc = _search_configs(args)
     guard = OutputGuard(out)
     env = init_distributed(args.backend)
     finished = False
+    lock = contextlib.ExitStack()
     try:
+        _lock_out(lock, out, env)  # a live run's directory is refused first, whatever it holds yet
+        check_out_dir(out, SEARCH_OUTPUTS, args.overwrite, resuming=continuing)
         EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr).check_device(env.device)
         if resumed is not None:  # before any data work: a damaged checkpoint stops the run here
             resumed = _verified_resume(args.resume, env)
@@ -416,13 +436,14 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
         )
         result = run_search(data, dg, tc, planning, env, opts, votes=args.votes)
         finished = True
-    except NonFiniteError:
+    except (NonFiniteError, DiskError, Interrupted):
         raise  # keeps the last good checkpoint for inspection or --resume
-    except (DimGrowError, BudgetError):
-        if env.is_main:
+    except (DimGrowError, BudgetError) as exc:
+        if env.is_main and not isinstance(exc, DirectoryInUse):  # another run's files stay
             guard.discard_new()
         raise
     finally:
+        lock.close()
         destroy_distributed(synchronize=finished)
     if env.is_main:
         m = result["metrics"]
@@ -454,18 +475,23 @@ def _check_tensorboard(args: argparse.Namespace) -> None:
 
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
-    from torchrec_dimgrow.recipes.retrain import retrain
-
     out = _retrain_out(args)
-    check_out_dir(out, RETRAIN_OUTPUTS, args.overwrite)
-    if args.overwrite:
-        clear_previous(out, RETRAIN_OUTPUTS)  # never a new metrics.json beside an old model/
     if args.dims is not None:
         _read_dims(args.dims, None)  # malformed/negative dims fail before any data is prepared
     cache = args.cache_dir
     if cache is None and args.dims is not None and (args.dims.parent / "data" / "meta.json").is_file():
         cache = args.dims.parent / "data"  # reuse the search's vocab
     guard = OutputGuard(out)
+    with run_lock(out):  # a live run's directory is refused first, whatever it holds yet
+        check_out_dir(out, RETRAIN_OUTPUTS, args.overwrite)
+        if args.overwrite:
+            clear_previous(out, RETRAIN_OUTPUTS)  # never a new metrics.json beside an old model/
+        return _retrain_locked(args, out, cache, guard)
+
+
+def _retrain_locked(args: argparse.Namespace, out: Path, cache: Path | None, guard: OutputGuard) -> int:
+    from torchrec_dimgrow.recipes.retrain import retrain
+
     try:
         env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
         data = _prepare_on_rank0(args, cache or out / "data", env)
@@ -473,6 +499,8 @@ def _cmd_retrain(args: argparse.Namespace) -> int:
         if not any(dims.values()):
             raise UsageError(f"--dims {args.dims}: every field has dim 0, nothing to retrain")
         metrics = retrain(dims, data, _train_config(args), out, quiet=args.quiet)
+    except DiskError:
+        raise  # the partial model was removed; what was there before stays
     except DimGrowError:
         guard.discard_new()
         raise
@@ -486,13 +514,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import tempfile
 
     from torchrec_dimgrow.recipes.evaluate import evaluate_saved
-    from torchrec_dimgrow.saved_model import read_spec
+    from torchrec_dimgrow.saved_model import read_spec, verify_model
 
-    read_spec(args.model)  # a bad model dir fails before the data is prepared (ModelError: one line)
+    verified = verify_model(args.model)  # every file checked before the data is prepared (one line)
+    read_spec(verified.path)
     with tempfile.TemporaryDirectory(prefix="dimgrow-eval-") as tmp:
         env = DistEnv(0, 1, 0, torch.device("cpu"), "none")
         data = _prepare_on_rank0(args, args.cache_dir or Path(tmp) / "data", env)
-        metrics = evaluate_saved(args.model, data, args.batch_size)
+        metrics = evaluate_saved(args.model, data, args.batch_size, verified=verified)
     print(
         f"test_auc {metrics['test_auc']:.6f}  test_logloss {metrics['test_logloss']:.6f}  val_auc {metrics['val_auc']:.6f}"
     )
@@ -502,7 +531,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from torchrec_dimgrow.recipes.export import export_saved
 
-    meta = export_saved(args.model, args.serving, args.out, args.row_alignment)
+    out: Path = args.out
+    with (
+        run_lock(out, lock_file=sibling_lock(out)),
+        disk_errors(out, partial=[out.with_name(out.name + ".tmp")]),
+    ):
+        meta = export_saved(args.model, args.serving, out, args.row_alignment)
     print(
         f"serving {meta['serving']}  serving_bytes {meta['serving_bytes']}  padding_bytes {meta['padding_bytes']}  "
         f"dropped {meta['dropped_fields']}  -> {args.out / 'serving.pt'}"
@@ -568,12 +602,15 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     tc = _train_config(args)
     env = None if args.local else init_distributed()
     finished = False
+    lock = contextlib.ExitStack()
     try:
+        _lock_out(lock, args.out, env or DistEnv(0, 1, 0, torch.device("cpu"), "none"))
         cache = args.cache_dir or args.out / "data"
         data = _prepare_on_rank0(args, cache, env or DistEnv(0, 1, 0, torch.device("cpu"), "none"))
         result = search.search(data, tc, out_dir=args.out, placement=Placement(env))
         finished = True
     finally:
+        lock.close()
         if env is not None:
             destroy_distributed(synchronize=finished)
     if env is None or env.is_main:
@@ -668,6 +705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "baseline":
             return _cmd_baseline(args)
         return _cmd_export(args)
+    except Interrupted as exc:
+        if rank == 0:
+            print(exc, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted ({args.command})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (DimGrowError, BudgetError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)

@@ -21,3 +21,14 @@ class CheckpointError(DimGrowError):
 
 class NonFiniteError(DimGrowError):
     """The loss or a gate became NaN/inf; names the step. The last good checkpoint is kept."""
+
+
+class Interrupted(DimGrowError):
+    """Ctrl-C (SIGINT) stopped the run; the message says where and how to continue.
+
+    The CLI prints it as one line and exits 130 (128 + SIGINT, the shell's convention).
+    """
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step  # the training step reached, when a training loop was interrupted

@@ -31,6 +31,7 @@ from torchrec_dimgrow.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+VOCAB_FILE = "vocab.json"  # data/store.py's name (manifest stays free of the data package)
 LATEST = "checkpoint"
 PREVIOUS = "checkpoint.prev"
 VERSION = 1
@@ -50,17 +51,49 @@ def _files(directory: Path) -> list[Path]:
 
 
 def data_fingerprint(source: dict[str, Any], cache_dir: Path | None) -> dict[str, Any]:
-    """Input files (path, size) and the vocab's sha256: what the run was trained on."""
+    """Input files (path, size), the vocab's sha256 and each field's vocab fingerprint
+    (:func:`vocab_fingerprint`): what the run was trained on."""
     files = {
         name: {"path": info.get("path"), "size": info.get("size")}
         for name, info in source.get("files", {}).items()
     }
-    vocab = cache_dir / "vocab.json" if cache_dir is not None else None
+    vocab = cache_dir / VOCAB_FILE if cache_dir is not None else None
     return {
         "format": source.get("format"),
         "files": files,
         "vocab_sha256": sha256_file(vocab) if vocab is not None and vocab.is_file() else None,
+        "vocab_fields": vocab_fingerprint(cache_dir) if cache_dir is not None else None,
     }
+
+
+def vocab_fingerprint(cache_dir: Path) -> dict[str, str] | None:
+    """Per field, the sha256 of its values in id order (``None`` without a ``vocab.json``).
+
+    Why per field and over the values, not the vocab sizes nor the whole file: a column
+    whose values were relabelled keeps its vocab size but gives its ids other meanings,
+    and the file also records paths and mtimes, which change when the same data is
+    copied elsewhere. Equal fingerprints mean every id stands for the same value.
+    """
+    path = cache_dir / VOCAB_FILE
+    if not path.is_file():
+        return None
+    try:
+        vocab = json.loads(path.read_text())["vocab"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: unreadable vocab ({err})") from err
+    out = {}
+    for name, mapping in vocab.items():
+        values = [value for value, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        out[name] = hashlib.sha256(json.dumps(values, ensure_ascii=False).encode()).hexdigest()
+    return out
+
+
+def vocab_difference(saved: dict[str, str], current: dict[str, str]) -> str | None:
+    """The first field (in saved order) whose ids mean other values now, or ``None``."""
+    for name in [*saved, *(n for n in current if n not in saved)]:
+        if saved.get(name) != current.get(name):
+            return name
+    return None
 
 
 def _balanced(sized: Sequence[tuple[int, str]], world_size: int) -> list[list[str]]:
@@ -166,13 +199,13 @@ def share_of(manifest: dict[str, Any], rank: int, world_size: int) -> list[str]:
     return _balanced(sized, world_size)[rank]
 
 
-def verify(directory: Path, share: tuple[int, int] | None = None) -> Verified:
+def verify(directory: Path, share: tuple[int, int] | None = None, what: str = "checkpoint") -> Verified:
     """Check size and sha256 of every file the manifest lists; raise on the first mismatch.
 
     ``share`` = (rank, world size): every listed file's presence and size are checked, but
     only this rank's byte-balanced share of them is hashed, so that N ranks resuming
     together read the checkpoint once between them instead of N times (:func:`select`
-    with ``agree`` combines the ranks' verdicts).
+    with ``agree`` combines the ranks' verdicts). ``what`` names the directory's kind in errors.
     """
     manifest = read_manifest(directory)
     files: dict[str, dict[str, Any]] = manifest["files"]
@@ -180,10 +213,15 @@ def verify(directory: Path, share: tuple[int, int] | None = None) -> Verified:
     for rel, entry in sorted(files.items()):
         path = directory / rel
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing from the checkpoint")
+            raise CheckpointError(f"{path}: missing from the {what}")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"{path}: {size} bytes, the manifest says {entry['bytes']} (truncated?)")
+    for path in _files(directory):
+        if str(path.relative_to(directory)) not in files:
+            raise CheckpointError(
+                f"{path}: not listed in the {what}'s {MANIFEST} (added after it was written)"
+            )
     for rel in sorted(to_hash):
         if sha256_file(directory / rel) != files[rel]["sha256"]:
             raise CheckpointError(
@@ -267,6 +305,12 @@ def compare_data(saved: dict[str, Any], current: dict[str, Any]) -> None:
             raise CheckpointError(
                 f"input {name!r} changed since the checkpoint: now {new.get(name)}, was {old.get(name)}"
             )
+    old_vocab, new_vocab = saved.get("vocab_fields"), current.get("vocab_fields")
+    changed = vocab_difference(old_vocab, new_vocab) if old_vocab and new_vocab else None
+    if changed is not None:
+        raise CheckpointError(
+            f"field {changed!r}: its vocab differs from the checkpoint's (its ids would mean other values)"
+        )
     if saved.get("vocab_sha256") != current.get("vocab_sha256"):
         raise CheckpointError(
             "the prepared vocab differs from the checkpoint's (different data or --min-count)"

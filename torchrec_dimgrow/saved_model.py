@@ -4,7 +4,10 @@ Layout of ``DIR/model/``:
 
 * ``spec.json``: fields, vocab sizes, found dims and the backbone settings, i.e. everything
   :func:`build_model` needs to rebuild the same ``CTRModel`` without the data;
-* ``dcp/``: the state dict written by ``torch.distributed.checkpoint``.
+* ``dcp/``: the state dict written by ``torch.distributed.checkpoint``;
+* ``manifest.json``: sha256 and size of every other file and the data's per-field vocab
+  fingerprint (``torchrec_dimgrow/manifest.py``, the machinery of search checkpoints):
+  ``evaluate`` and ``export`` verify the directory before loading it.
 
 DCP is used even for the single-process retrain because it is what a DMP-sharded model
 must use (each rank writes the shards it owns, no gather to one rank), and a DCP checkpoint
@@ -30,7 +33,9 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from torchrec_dimgrow.errors import DimGrowError
+from torchrec_dimgrow.diskwrite import agreed_write, deferred_sigint, disk_errors
+from torchrec_dimgrow.errors import CheckpointError, DimGrowError
+from torchrec_dimgrow.manifest import MANIFEST, Verified, verify, write_manifest
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.tables import normal_init
 
@@ -38,6 +43,8 @@ MODEL_SUBDIR = "model"
 SPEC_FILE = "spec.json"
 WEIGHTS_SUBDIR = "dcp"
 SPEC_VERSION = 1
+MODEL_KIND = "saved_model"
+"""``config.kind`` of a saved model's manifest (a search checkpoint's records its flags)."""
 
 
 class ModelError(DimGrowError, ValueError):
@@ -107,11 +114,6 @@ def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def _single_process_is_intended() -> Iterator[None]:
     """DCP warns when no process group is up; for the unsharded save/load that is the intent."""
@@ -120,41 +122,88 @@ def _single_process_is_intended() -> Iterator[None]:
         yield
 
 
-def save_model(model: nn.Module, spec: ModelSpec, out_dir: str | Path) -> Path:
-    """Write ``spec`` and ``model``'s weights to ``out_dir/model`` (collective under DMP).
+def save_model(
+    model: nn.Module, spec: ModelSpec, out_dir: str | Path, vocab: Mapping[str, str] | None = None
+) -> Path:
+    """Write ``spec``, ``model``'s weights and a manifest to ``out_dir/model`` (collective under DMP).
 
     ``model`` is a plain ``CTRModel`` or a ``DistributedModelParallel`` around one (its
     ``state_dict`` keys are the unwrapped names, its tables ``ShardedTensor``\\ s, which DCP
-    writes rank by rank). The directory is written as ``model.tmp`` and renamed when
-    complete, so a crash never leaves a half model that looks whole.
+    writes rank by rank). ``vocab``: the data's per-field vocab fingerprint
+    (:func:`~torchrec_dimgrow.manifest.vocab_fingerprint`), recorded so that ``evaluate``
+    refuses data whose ids mean other values. The directory is written as ``model.tmp``
+    and renamed when complete, so a crash never leaves a half model that looks whole; a
+    full disk is one :class:`~torchrec_dimgrow.diskwrite.DiskError` and no ``model.tmp``.
     """
     spec.validate("save_model")
     final = Path(out_dir) / MODEL_SUBDIR
     tmp = final.with_name(final.name + ".tmp")
-    if _is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    with _single_process_is_intended():
-        dcp.save(model.state_dict(), checkpoint_id=str(tmp / WEIGHTS_SUBDIR))
-    _barrier()
-    if _is_main():
-        (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    _barrier()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    with disk_errors(final, partial=[tmp] if _is_main() else []):
+        agreed_write(final, lambda: _start(tmp), world)
+        with _single_process_is_intended():
+            dcp.save(model.state_dict(), checkpoint_id=str(tmp / WEIGHTS_SUBDIR))  # shares failures itself
+        agreed_write(final, lambda: _publish(tmp, final, spec, vocab, world), world)
     return final
 
 
+def _start(tmp: Path) -> None:
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+
+
+def _publish(tmp: Path, final: Path, spec: ModelSpec, vocab: Mapping[str, str] | None, world: int) -> None:
+    """Rank 0: the spec and the manifest, then the rename that makes ``tmp`` the model."""
+    if not _is_main():
+        return
+    (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    data = {"vocab_fields": dict(vocab) if vocab is not None else None}
+    write_manifest(tmp, config={"kind": MODEL_KIND}, data=data, world_size=world, step=0)
+    with deferred_sigint():
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """``path`` itself if it holds ``spec.json``, else ``path/model``; ModelError if neither."""
+    """``path`` itself if it holds a saved model (``spec.json`` or ``manifest.json``), else
+    ``path/model``; ModelError if neither."""
     path = Path(path)
     for candidate in (path, path / MODEL_SUBDIR):
-        if (candidate / SPEC_FILE).is_file():
+        if (candidate / SPEC_FILE).is_file() or (candidate / MANIFEST).is_file():
             return candidate
     if not path.exists():
         raise ModelError(f"model directory not found: {path}")
     raise ModelError(f"{path}: no saved model ({SPEC_FILE} missing; run retrain first)")
+
+
+def verify_model(model_dir: str | Path) -> Verified:
+    """Check every file of a saved model against its manifest before anything is loaded.
+
+    A missing, extra or changed file is one :class:`ModelError` naming it (instead of a
+    chained ``FileNotFoundError`` from inside DCP). A model saved before models carried a
+    manifest is refused: nothing could tell a damaged weight shard or data with other ids
+    from a good run, and ``retrain`` rewrites it in the current layout.
+    """
+    root = resolve_model_dir(model_dir)
+    if not (root / MANIFEST).is_file():
+        raise ModelError(
+            f"{root}: no {MANIFEST} (saved by an older version): its files and vocab cannot be "
+            "verified; run retrain again to save it with one"
+        )
+    try:
+        found = verify(root, what="saved model")
+    except CheckpointError as err:
+        raise ModelError(str(err)) from err
+    if found.config.get("kind") != MODEL_KIND:
+        raise ModelError(f"{root / MANIFEST}: not the manifest of a saved model (a search checkpoint?)")
+    return found
+
+
+def saved_vocab(found: Verified) -> dict[str, str] | None:
+    """The per-field vocab fingerprint a verified model was trained with (``None``: not recorded)."""
+    vocab = found.manifest.get("data", {}).get("vocab_fields")
+    return dict(vocab) if vocab else None
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:

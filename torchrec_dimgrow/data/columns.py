@@ -24,11 +24,17 @@ ignored. Typed (Parquet) labels: integers, floats and booleans equal to 0 or 1."
 
 
 def as_tokens(column: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Cast to string; nulls and empty strings become :data:`MISSING`."""
+    """Cast to string; nulls, NaNs and empty strings become :data:`MISSING`.
+
+    Why NaN too: a float id column (pandas writes missing ints as NaN floats) would
+    otherwise give NaN its own category ``"nan"`` while a null of the same column is missing.
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
+    if pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     text = pc.cast(column, pa.string())
     return pc.fill_null(pc.if_else(pc.equal(text, ""), pa.scalar(MISSING), text), MISSING)
 

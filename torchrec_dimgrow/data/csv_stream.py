@@ -3,6 +3,10 @@
 pyarrow reads a file in blocks (``open_csv``), never whole. Its own errors lack the file
 name; this wrapper turns them into :class:`DataError` that names the file and, for rows
 with a wrong column count, the 1-based line (pyarrow reports it when single-threaded).
+
+Compressed files are read as they stream: pyarrow picks the codec from the extension
+(``.gz``, ``.bz2``, ``.zst``, ``.lz4``, ``.br``). A compressed file whose name does not
+say so is refused by name instead of failing later as undecodable text.
 """
 
 from __future__ import annotations
@@ -38,10 +42,34 @@ class TextBatch:
     first_line: int
 
 
+CODEC_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4", ".br")
+"""Extensions pyarrow decompresses on the fly (``compression="detect"``)."""
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\x28\xb5\x2f\xfd": "zstd"}
+"""Leading bytes of the compressed formats a text file is most often mistaken for."""
+
+
+def _first_raw_line(path: Path) -> bytes:
+    """The first line of ``path`` as bytes, decompressed when its extension names a codec."""
+    try:
+        if path.suffix.lower() in CODEC_SUFFIXES:
+            with io.BufferedReader(pa.input_stream(str(path), compression="detect")) as handle:
+                return handle.readline()
+        with open(path, "rb") as handle:
+            first = handle.readline()
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"{path}: cannot read: {err}") from err
+    kind = next((k for magic, k in COMPRESSED_MAGIC.items() if first.startswith(magic)), None)
+    if kind is not None:
+        raise DataError(
+            f"{path}: looks {kind}-compressed but its name does not say so; name it with the "
+            "codec's extension (.gz, .bz2, .zst) or decompress it"
+        )
+    return first
+
+
 def read_first_line(path: Path, encoding: str = "utf8") -> str:
     """The first line of ``path`` without its newline ('' for an empty file)."""
-    with open(path, encoding=encoding, errors="replace", newline="") as handle:
-        return handle.readline().rstrip("\r\n")
+    return _first_raw_line(path).decode(encoding, errors="replace").rstrip("\r\n")
 
 
 def header_names(path: Path, dialect: CsvDialect) -> list[str]:
@@ -50,11 +78,7 @@ def header_names(path: Path, dialect: CsvDialect) -> list[str]:
     Only the first line is parsed, so a bad data row further down is reported by the data
     stream with its line number rather than as an unreadable header.
     """
-    try:
-        with open(path, "rb") as handle:
-            first = handle.readline()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err}") from err
+    first = _first_raw_line(path)
     if not first.strip():
         raise DataError(f"{path}: file is empty (no header row)")
     try:
@@ -115,7 +139,7 @@ def stream_text(
     )
     line = 2 if skip_header else 1
     try:
-        reader = pacsv.open_csv(path, read_options, _parse_options(dialect, bad_rows), convert_options)
+        reader = pacsv.open_csv(str(path), read_options, _parse_options(dialect, bad_rows), convert_options)
         for batch in reader:
             yield TextBatch(batch, line)
             line += batch.num_rows
@@ -123,7 +147,7 @@ def stream_text(
         if "Empty CSV file" in str(err):
             return  # zero rows: the caller reports the empty split with its name
         raise _as_data_error(path, err, bad_rows) from err
-    except OSError as err:
+    except (OSError, UnicodeDecodeError, pa.ArrowException) as err:
         raise DataError(f"{path}: cannot read: {err}") from err
 
 

@@ -22,6 +22,9 @@ SUFFIXES = {
     "csv": (".csv",),
     "parquet": (".parquet", ".pq"),
 }
+COMPRESSIONS = ("", ".gz", ".bz2", ".zst")
+"""Text inputs may be compressed (pyarrow decompresses them as it reads); parquet compresses
+inside the file."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,14 @@ def _template_file(data: str, split: str) -> Path:
     return _first_existing(tried, split)
 
 
-def _prefix_file(data: str, split: str, suffixes: tuple[str, ...]) -> Path:
-    tried = [Path(f"{data}_{alias}{suffix}") for alias in _ALIASES[split] for suffix in suffixes]
+def _prefix_file(data: str, split: str, suffixes: tuple[str, ...], compressed: bool) -> Path:
+    codecs = COMPRESSIONS if compressed else ("",)
+    tried = [
+        Path(f"{data}_{alias}{suffix}{codec}")
+        for alias in _ALIASES[split]
+        for suffix in suffixes
+        for codec in codecs
+    ]
     return _first_existing(tried, split)
 
 
@@ -79,7 +88,8 @@ def resolve_files(data: str, fmt: str) -> Layout:
         return Layout(files={s: _template_file(data, s) for s in SPLITS})
     if Path(data).is_file():
         return Layout(single=Path(data))
-    return Layout(files={s: _prefix_file(data, s, SUFFIXES[fmt]) for s in SPLITS})
+    compressed = fmt != "parquet"
+    return Layout(files={s: _prefix_file(data, s, SUFFIXES[fmt], compressed) for s in SPLITS})
 
 
 def resolve_movielens(data: str, layouts: tuple[tuple[str, ...], ...]) -> Layout:

@@ -41,6 +41,7 @@ from torchrec_dimgrow.data.store import (
 )
 from torchrec_dimgrow.data.tabular import CsvTableReader, ParquetReader
 from torchrec_dimgrow.data.vocab import FieldVocab, ValueCounter
+from torchrec_dimgrow.diskwrite import disk_errors
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def prepare(
         return current
     _check_replaceable(cache_dir)
     reader = _make_reader(fmt, layout, label_col, drop_cols)
-    with _staging(cache_dir) as staging:
+    with disk_errors(cache_dir), _staging(cache_dir) as staging:  # a full disk: one line, no staging
         _build(reader, layout, source, staging)
         _publish(staging, cache_dir, source)
     return load_prepared(cache_dir)

@@ -50,6 +50,7 @@ class PreparedData:
     val: Split
     test: Split
     source: dict[str, Any]
+    directory: Path | None = None  # the prepared dataset on disk (its vocab.json); None: in memory
 
     def table_configs(self, embedding_dim: int | dict[str, int]) -> list[EmbeddingBagConfig]:
         """One table per field; a dict gives per-field dims and a 0 drops the field."""
@@ -115,6 +116,7 @@ def load_prepared(cache_dir: str | Path) -> PreparedData:
         vocab_sizes=[int(v) for v in meta["vocab_sizes"]],
         num_dense=num_dense,
         source=meta["source"],
+        directory=cache_dir,
         **splits,
     )
 

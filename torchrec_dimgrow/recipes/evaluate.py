@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from torchrec_dimgrow.data import PreparedData
-from torchrec_dimgrow.saved_model import ModelError, ModelSpec, load_model
+from torchrec_dimgrow.manifest import Verified, vocab_difference, vocab_fingerprint
+from torchrec_dimgrow.saved_model import ModelError, ModelSpec, load_model, saved_vocab, verify_model
 from torchrec_dimgrow.training import evaluate
+
+log = logging.getLogger(__name__)
 
 
 def check_data_matches(spec: ModelSpec, data: PreparedData, where: str) -> None:
@@ -21,10 +25,40 @@ def check_data_matches(spec: ModelSpec, data: PreparedData, where: str) -> None:
         )
 
 
-def evaluate_saved(model_dir: str | Path, data: PreparedData, batch_size: int = 256) -> dict[str, Any]:
-    """Test and validation AUC / log loss of the model saved in ``model_dir``."""
-    model, spec = load_model(model_dir)
+def check_vocab_matches(saved: dict[str, str] | None, data: PreparedData, where: str) -> None:
+    """Every field's ids must stand for the values they stood for in training.
+
+    Why beyond the sizes: a column whose values were relabelled keeps its vocab size, and
+    the model would score ids that mean other values without a sign of it.
+    """
+    current = vocab_fingerprint(data.directory) if data.directory is not None else None
+    if saved is None or current is None:
+        log.warning(
+            "%s: no vocab fingerprint to compare (%s); ids are checked by vocab size only",
+            where,
+            "the model records none" if saved is None else "the data has no vocab.json",
+        )
+        return
+    field = vocab_difference(saved, current)
+    if field is not None:
+        raise ModelError(
+            f"{where}: field {field!r}: the data's vocab differs from the one the model was trained on "
+            "(its ids would mean other values; different data or --min-count?)"
+        )
+
+
+def evaluate_saved(
+    model_dir: str | Path, data: PreparedData, batch_size: int = 256, verified: Verified | None = None
+) -> dict[str, Any]:
+    """Test and validation AUC / log loss of the model saved in ``model_dir``.
+
+    The directory is verified first (``verified``: already done by the caller), and the
+    data must match the model's fields, vocab sizes and per-field vocab fingerprint.
+    """
+    found = verified if verified is not None else verify_model(model_dir)
+    model, spec = load_model(found.path)
     check_data_matches(spec, data, str(model_dir))
+    check_vocab_matches(saved_vocab(found), data, str(model_dir))
     test = evaluate(model, data.test, batch_size)
     val = evaluate(model, data.val, batch_size)
     return {

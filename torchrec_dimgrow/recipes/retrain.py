@@ -9,6 +9,7 @@ from the best-validation epoch (the reference protocol).
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from torchrec_dimgrow.artifacts import write_json_atomic
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.manifest import vocab_fingerprint
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.tables import field_bytes, field_params
 from torchrec_dimgrow.saved_model import ModelSpec, build_model, save_model, spec_for
@@ -71,7 +73,7 @@ def retrain(
 
     def batches(epoch: int) -> Iterable[Batch]:
         split = data.train.batches(tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch, drop_last=True)
-        return tqdm(split, disable=quiet, desc=f"retrain epoch {epoch}")
+        return tqdm(split, disable=quiet or not sys.stderr.isatty(), desc=f"retrain epoch {epoch}")
 
     def step(batch: Batch, _: int) -> None:
         opt.zero_grad(set_to_none=True)
@@ -113,6 +115,7 @@ def retrain(
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_model(model, retrain_spec(data, dims, tc), out)
+        ids = vocab_fingerprint(data.directory) if data.directory is not None else None
+        save_model(model, retrain_spec(data, dims, tc), out, vocab=ids)
         write_json_atomic(out / "metrics.json", metrics)
     return metrics

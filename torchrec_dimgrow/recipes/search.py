@@ -40,11 +40,12 @@ from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
+from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.importance import SlotGateMean
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
-from torchrec_dimgrow.errors import NonFiniteError
+from torchrec_dimgrow.errors import Interrupted, NonFiniteError
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
@@ -288,6 +289,13 @@ class DimGrowSearch:
             return "no checkpoint was written yet (try a smaller --lr / --gate-lr)"
         return f"the last good checkpoint stays in {ckpt} (try a smaller --lr / --gate-lr)"
 
+    def _interrupted_at(self) -> str:
+        """The one line a Ctrl-C prints: where the run stopped and how to continue it."""
+        where = f"interrupted at step {self.state.step}"
+        if not (self.opts.out_dir / "checkpoint").is_dir():
+            return f"{where}, before the first checkpoint: nothing to resume (run it again)"
+        return f"{where}; resume with --resume {self.opts.out_dir}"
+
     def run(self) -> dict[str, Any]:
         st, tc = self.state, self.tc
         self._wall_before, self._wall_start = st.wall_seconds, time.perf_counter()
@@ -306,38 +314,41 @@ class DimGrowSearch:
             disable=self.opts.quiet or not self.env.is_main or not sys.stderr.isatty(),
             desc="search",
         )
-        while not st.done and st.epoch < tc.epochs and (tc.max_steps is None or st.step < tc.max_steps):
-            batches = self.data.train.batches(
-                tc.batch_size,
-                shuffle=True,
-                seed=tc.seed,
-                epoch=st.epoch,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-                drop_last=True,
-                start_batch=st.batch_in_epoch,
-            )
-            for batch in batches:
-                loss, check = self.train_step(batch, self.val_stream.next())
-                st.step += 1
-                st.batch_in_epoch += 1
-                self._check_finite(loss)
-                bar.update(1)
-                self.after_check(check)
-                if self.dg.final_gates == "epoch":  # the default export never reads the means
-                    self.epoch_gates.add(self.coll.gate_values(), self.coll.dims_list())
-                if self.opts.log_every and st.step % self.opts.log_every == 0:
-                    self._log_trajectory()
-                    if self.board is not None:
-                        self.board.add_scalar("train/loss", loss, st.step)
-                    bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.dims_list()))
+        try:
+            while not st.done and st.epoch < tc.epochs and (tc.max_steps is None or st.step < tc.max_steps):
+                batches = self.data.train.batches(
+                    tc.batch_size,
+                    shuffle=True,
+                    seed=tc.seed,
+                    epoch=st.epoch,
+                    rank=self.env.rank,
+                    world_size=self.env.world_size,
+                    drop_last=True,
+                    start_batch=st.batch_in_epoch,
+                )
+                for batch in batches:
+                    loss, check = self.train_step(batch, self.val_stream.next())
+                    st.step += 1
+                    st.batch_in_epoch += 1
+                    self._check_finite(loss)
+                    bar.update(1)
+                    self.after_check(check)
+                    if self.dg.final_gates == "epoch":  # the default export never reads the means
+                        self.epoch_gates.add(self.coll.gate_values(), self.coll.dims_list())
+                    if self.opts.log_every and st.step % self.opts.log_every == 0:
+                        self._log_trajectory()
+                        if self.board is not None:
+                            self.board.add_scalar("train/loss", loss, st.step)
+                        bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.dims_list()))
+                    if tc.max_steps is not None and st.step >= tc.max_steps:
+                        break
+                    if self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0:
+                        self.save_checkpoint()
+                self._end_epoch()
                 if tc.max_steps is not None and st.step >= tc.max_steps:
-                    break
-                if self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0:
-                    self.save_checkpoint()
-            self._end_epoch()
-            if tc.max_steps is not None and st.step >= tc.max_steps:
-                st.done = True
+                    st.done = True
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted_at(), step=self.state.step) from None
         bar.close()
         if self.board is not None:
             self.board.close()
@@ -470,28 +481,30 @@ class DimGrowSearch:
         """
         final = self.opts.out_dir
         out = final / f".results-{uuid.uuid4().hex}"
-        out.mkdir(parents=True)
-        try:
-            write_dims_json(out / "dims.json", found)
-            write_json_atomic(out / "metrics.json", metrics)
-            write_json_atomic(out / "gates.json", gate_table(self.coll))
-            write_json_atomic(
-                out / "config.json",
-                {
-                    "dimgrow": self.dg.to_dict(),
-                    "train": asdict(self.tc),
-                    "planning": asdict(self.planning),
-                    "data": self.data.source,
-                },
-            )
-            with (out / "trajectory.csv").open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
-                writer.writeheader()
-                writer.writerows(self.trajectory)
-            for item in sorted(out.iterdir()):
-                os.replace(item, final / item.name)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
+        with disk_errors(final, partial=[out]):
+            out.mkdir(parents=True)
+            try:
+                write_dims_json(out / "dims.json", found)
+                write_json_atomic(out / "metrics.json", metrics)
+                write_json_atomic(out / "gates.json", gate_table(self.coll))
+                write_json_atomic(
+                    out / "config.json",
+                    {
+                        "dimgrow": self.dg.to_dict(),
+                        "train": asdict(self.tc),
+                        "planning": asdict(self.planning),
+                        "data": self.data.source,
+                    },
+                )
+                with (out / "trajectory.csv").open("w", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
+                    writer.writeheader()
+                    writer.writerows(self.trajectory)
+                with deferred_sigint():
+                    for item in sorted(out.iterdir()):
+                        os.replace(item, final / item.name)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
 
 
 def _summary_writer(directory: Path | None) -> Any:
@@ -529,7 +542,14 @@ def run_search(
     results = []
     for seed in range(tc.seed, tc.seed + votes):
         sub = replace(opts, out_dir=opts.out_dir / "votes" / f"seed-{seed}", tensorboard=None)
-        results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
+        try:
+            results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
+        except Interrupted as exc:  # a vote's searches cannot be resumed one by one
+            raise Interrupted(
+                f"interrupted at step {exc.step} of the search with seed {seed}; a --votes run cannot "
+                f"be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
+                step=exc.step,
+            ) from None
     return _publish_vote(data, tc.seed, results, env, opts.out_dir)
 
 
