@@ -104,7 +104,9 @@ def served_auc(
     model: torch.nn.Module, data: PreparedData, serving: str, out: Path
 ) -> tuple[float, dict[str, Any]]:
     """Test AUC of the exported TorchScript artifact, loaded back from disk."""
-    meta = export_serving(model, data.fields, serving, out)
+    meta = export_serving(
+        model, data.fields, serving, out, field_rows=dict(zip(data.fields, data.vocab_sizes))
+    )
     artifact = torch.jit.load(str(out / "serving.pt"))
     test = evaluate(
         artifact,

@@ -221,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--row-alignment", type=int, default=1, help="bytes per row alignment (TorchRec: 1 CPU, 16 CUDA)"
     )
+    x.add_argument(
+        "--vocab",
+        type=Path,
+        default=None,
+        help="prepared data's vocab.json (default: found beside the model)",
+    )
 
     bl = sub.add_parser("baseline", help="run a SuperNet baseline search and write dims.json")
     _add_data_args(bl)
@@ -502,7 +508,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from torchrec_dimgrow.recipes.export import export_saved
 
-    meta = export_saved(args.model, args.serving, args.out, args.row_alignment)
+    meta = export_saved(args.model, args.serving, args.out, args.row_alignment, args.vocab)
     print(
         f"serving {meta['serving']}  serving_bytes {meta['serving_bytes']}  padding_bytes {meta['padding_bytes']}  "
         f"dropped {meta['dropped_fields']}  -> {args.out / 'serving.pt'}"
