@@ -43,8 +43,10 @@ assert not any(k.startswith("torchrec_dimgrow") for k in sys.modules), "package 
 
 
 def _valid(rng: random.Random, batch: int) -> dict[str, torch.Tensor]:
-    """A well-formed request of ``batch`` examples, 0-3 ids per bag, int32 or int64 tensors."""
-    lengths = [rng.randint(0, 3) for _ in range(len(FIELDS) * batch)]
+    """A well-formed request of ``batch`` examples, int32 or int64 tensors; half of them with
+    equal bags (1 or 2 ids each: the model's fast path), the others 0-3 ids per bag."""
+    equal = rng.choice([0, 1, 2]) if rng.random() < 0.5 else None
+    lengths = [rng.randint(0, 3) if equal is None else equal for _ in range(len(FIELDS) * batch)]
     values = [rng.randrange(ROWS[i // batch]) for i, n in enumerate(lengths) for _ in range(n)]
     vdtype, ldtype = rng.choice([torch.int64, torch.int32]), rng.choice([torch.int64, torch.int32])
     request = {"values": torch.tensor(values, dtype=vdtype), "lengths": torch.tensor(lengths, dtype=ldtype)}
@@ -130,7 +132,11 @@ def _malformed(rng: random.Random, kind: str) -> tuple[dict[str, torch.Tensor], 
         request[key] = request[key].view(1, -1) if rng.random() < 0.5 else torch.tensor(3)
         return request, rf"{key} must be 1-D, got shape \[.*\]$"
     if kind == "empty batch with values":
-        return {"values": values, "lengths": lengths[:0]}, r"entries but the batch is empty$"
+        values = values if m else torch.zeros(3, dtype=torch.int64)
+        return {
+            "values": values,
+            "lengths": lengths[:0],
+        }, rf"values has {values.numel()} entries but the batch is empty$"
     if kind == "missing key":
         key = rng.choice(["values", "lengths"])
         return {
