@@ -503,7 +503,9 @@ def serving_vocab(
         raise UsageError(f"{where}: its fields are not the model's {list(input_features)}")
     for f, n in zip(input_features, rows):
         if len(ids[f]) + 1 != n:
-            raise UsageError(f"{where}: field {f!r} has {len(ids[f])} values + bucket 0, the model {n} rows")
+            raise UsageError(
+                f"{where}: field {f!r} maps to {len(ids[f]) + 1} rows (bucket 0 included), the model has {n}"
+            )
     return {
         "fields": list(input_features),
         "unseen_id": UNSEEN_ID,
