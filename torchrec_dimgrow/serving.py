@@ -380,39 +380,42 @@ def check_request(
         raise ValueError(
             f"serving request: lengths: length {int(lengths[at])} at position {at} exceeds the {m} values sent"
         )
-    # Every length is in [0, m], so neither product nor sum can overflow int64.
-    total = shortest * n if shortest == longest else int(lengths.sum(dtype=torch.int64))
-    if total != m:
-        raise ValueError(f"serving request: values has {m} entries but the lengths sum to {total}")
-    if m == 0:
-        return values, lengths
+    # Every length is in [0, m], so neither product nor sums can overflow int64.
     if shortest == longest:  # equal bags (one id each, typically): feature f owns row f of this view
+        total = shortest * n
+        if total != m:
+            raise ValueError(f"serving request: values has {m} entries but the lengths sum to {total}")
+        if m == 0:
+            return values, lengths
         # A per-feature amax and one global min: on CPU each is cheaper than one aminmax(dim=1).
         highest = values.view(num_features, m // num_features).amax(1)
-        if int(values.min()) >= 0 and not bool((highest >= rows).any()):
-            return values, lengths
-    if not _ids_in_range(values, lengths, rows, num_features):
-        _raise_for_id(values, lengths, rows, features)
+        if int(values.min()) < 0 or bool((highest >= rows).any()):
+            _raise_for_id(values, lengths.view(num_features, -1).sum(1, dtype=torch.int64), rows, features)
+        return values, lengths
+    per_feature = lengths.view(num_features, -1).sum(1, dtype=torch.int64)  # ids of each feature
+    total = int(per_feature.sum())
+    if total != m:
+        raise ValueError(f"serving request: values has {m} entries but the lengths sum to {total}")
+    if not _ids_in_range(values, per_feature, rows):
+        _raise_for_id(values, per_feature, rows, features)
     return values, lengths
 
 
-def _ids_in_range(values: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, num_features: int) -> bool:
+def _ids_in_range(values: torch.Tensor, per_feature: torch.Tensor, rows: torch.Tensor) -> bool:
     """Every id in ``[0, rows)`` of its feature (bags of any size): one per-id limit, one pass.
 
-    ``limit - 1 - id`` and ``id`` are both >= 0 exactly when the id is in range, so the sign
-    bit of their OR flags both ends at once (no overflow: ids outside int64's half range
-    are negative themselves).
+    ``rows - 1 - id`` and ``id`` are both >= 0 exactly when the id is in range, so the sign
+    bit of their OR flags both ends at once. The subtraction cannot overflow for ids >= 0,
+    and a negative id carries the sign bit itself.
     """
-    per_feature = lengths.view(num_features, -1).sum(1, dtype=torch.int64)
     last = (rows - 1).repeat_interleave(per_feature, output_size=values.numel())
     return int(last.sub_(values).bitwise_or_(values).min()) >= 0
 
 
 def _raise_for_id(
-    values: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor, features: list[str]
+    values: torch.Tensor, per_feature: torch.Tensor, rows: torch.Tensor, features: list[str]
 ) -> None:
     """The error for the first id outside its feature's rows (only on a refused request)."""
-    per_feature = lengths.view(len(features), -1).sum(1, dtype=torch.int64)
     limit = rows.repeat_interleave(per_feature, output_size=values.numel())
     at = int(torch.nonzero(torch.logical_or(values < 0, values >= limit))[0, 0])
     f = int(torch.searchsorted(per_feature.cumsum(0), at, right=True))
