@@ -18,7 +18,17 @@ trace with ``torchrec.fx``, ``torch.jit.script``, save. Loading it needs ``torch
     logits = model({"values": values, "lengths": lengths})
 
 ``values``/``lengths`` are a ``KeyedJaggedTensor``'s, keys in ``serving.json``'s
-``input_features`` order (every field of the data, dropped ones included: their ids are ignored).
+``input_features`` order (every field of the data, dropped ones included).
+
+The saved model is :class:`CheckedServingModel`: :func:`check_request` refuses a malformed
+request (missing or extra keys, dtypes other than int32/int64, tensors that are not 1-D,
+negative or oversized lengths, a length count that is not features x batch, lengths that do not
+sum to the number of values, ids outside ``[0, rows)`` of their feature, dropped fields
+included) with ``ValueError("serving request: ...")`` before any lookup, because FBGEMM's
+kernel trusts its input: a huge length crashes the process, and an out-of-range id is zeroed
+(or read past the table) into a normal-looking logit. Out-of-range ids raise rather than go to
+the shared bucket (see :data:`ID_RULE_TEXT`). ``vocab.json`` beside the model maps raw values
+to row ids the way training did (:data:`VOCAB_RULE`).
 """
 
 import copy
