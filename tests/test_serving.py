@@ -141,10 +141,14 @@ def test_dropped_fields_have_no_table_and_the_artifact_runs_without_the_package(
     torch.testing.assert_close(served, model(kjt).detach(), rtol=0, atol=1e-5)
 
 
-def test_serving_json_states_the_request_rules_and_the_rows_of_every_field(tmp_path: Path) -> None:
+def test_serving_json_states_the_request_rules_and_the_rows_of_every_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     spec = spec_for(FIELDS, VOCAB, DIMS)
     save_model(_model(spec), spec, tmp_path / "run")
-    meta = export_saved(tmp_path / "run", "fp32", tmp_path / "serve")
+    with caplog.at_level("WARNING", logger="torchrec_dimgrow.recipes.export"):
+        meta = export_saved(tmp_path / "run", "fp32", tmp_path / "serve")
+    assert "no vocab.json is written" in caplog.text
     assert meta["rows"] == dict(zip(FIELDS, VOCAB))  # dropped b included: its ids are checked too
     assert meta["out_of_range_ids"].startswith("raise") and "int32 or int64" in meta["request"]
     assert meta["vocab"] is None and not (tmp_path / "serve" / "vocab.json").exists()  # none beside the model

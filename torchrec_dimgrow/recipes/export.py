@@ -11,6 +11,7 @@ themselves.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from torchrec_dimgrow.data.store import VOCAB_FILE
 from torchrec_dimgrow.errors import UsageError
 from torchrec_dimgrow.saved_model import MODEL_SUBDIR, load_model, resolve_model_dir
 from torchrec_dimgrow.serving import CPU_ROW_ALIGNMENT, check_serving, export_serving, serving_vocab
+
+log = logging.getLogger(__name__)
 
 
 def find_vocab(model_root: Path, vocab: str | Path | None) -> Path | None:
@@ -63,6 +66,12 @@ def export_saved(
     root = resolve_model_dir(model_dir)
     model, spec = load_model(root)
     vocab_file = find_vocab(root, vocab)
+    if vocab_file is None:
+        log.warning(
+            "export: no prepared vocab beside %s (pass --vocab DATA_DIR/vocab.json); "
+            "no vocab.json is written, clients must send row ids",
+            root,
+        )
     ids = (
         serving_vocab(_read_json(vocab_file), spec.fields, spec.vocab_sizes, str(vocab_file))
         if vocab_file is not None
