@@ -137,6 +137,14 @@ def _malformed(rng: random.Random, kind: str) -> tuple[dict[str, torch.Tensor], 
             "values": values,
             "lengths": lengths[:0],
         }, rf"values has {values.numel()} entries but the batch is empty$"
+    if kind == "sparse or meta":
+        key = rng.choice(["values", "lengths"])
+        request = {"values": values, "lengths": lengths}
+        if rng.random() < 0.5:
+            request[key] = request[key].to_sparse()
+            return request, rf"{key} must be a dense \(strided\) tensor$"
+        request[key] = request[key].to("meta")
+        return request, rf"{key} is on meta, the model on cpu$"
     if kind == "missing key":
         key = rng.choice(["values", "lengths"])
         return {
@@ -149,8 +157,8 @@ def _malformed(rng: random.Random, kind: str) -> tuple[dict[str, torch.Tensor], 
 
 KINDS = [
     "negative length", "huge length", "lengths overflow", "wrong count", "values short", "values long",
-    "id too large", "id negative", "wrong dtype", "not 1-D", "empty batch with values", "missing key",
-    "unexpected key",
+    "id too large", "id negative", "wrong dtype", "not 1-D", "sparse or meta", "empty batch with values",
+    "missing key", "unexpected key",
 ]  # fmt: skip
 
 

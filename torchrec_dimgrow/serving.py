@@ -21,7 +21,8 @@ trace with ``torchrec.fx``, ``torch.jit.script``, save. Loading it needs ``torch
 ``input_features`` order (every field of the data, dropped ones included).
 
 The saved model is :class:`CheckedServingModel`: :func:`check_request` refuses a malformed
-request (missing or extra keys, dtypes other than int32/int64, tensors that are not 1-D,
+request (missing or extra keys, dtypes other than int32/int64, tensors that are not dense,
+1-D and on the model's device,
 negative or oversized lengths, a length count that is not features x batch, lengths that do not
 sum to the number of values, ids outside ``[0, rows)`` of their feature, dropped fields
 included) with ``ValueError("serving request: ...")`` before any lookup, because FBGEMM's
@@ -88,8 +89,9 @@ VOCAB_RULE = (
     "a token not in ids[field] is unseen_id, the shared bucket training used for unseen values"
 )
 REQUEST_RULES = (
-    "values and lengths: 1-D int32 or int64 tensors, no other keys; lengths feature-major, "
-    "len(input_features) x batch entries, each >= 0, summing to len(values); every id in [0, rows[feature]). "
+    "values and lengths: dense 1-D int32 or int64 tensors on the model's device, no other keys; "
+    "lengths feature-major, len(input_features) x batch entries, each >= 0, summing to len(values); "
+    "every id in [0, rows[feature]). "
     "An empty batch (both empty) returns an empty tensor. Anything else raises ValueError "
     "('serving request: ...'; from Python a torch.jit.Error) before any lookup"
 )
@@ -340,13 +342,18 @@ def _dtype_name(t: torch.Tensor) -> str:
     return f"dtype code {t.dtype}"
 
 
-def _request_tensor(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """``batch[key]``, checked to be a 1-D int32/int64 tensor (what the lookup kernel indexes with)."""
+def _request_tensor(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
+    """``batch[key]``, checked to be a dense 1-D int32/int64 tensor on the model's ``device``
+    (what the lookup kernel indexes with)."""
     if key not in batch:
         raise ValueError(f"serving request: missing key '{key}' (expected 'values' and 'lengths')")
     t = batch[key]
     if t.dtype != torch.int64 and t.dtype != torch.int32:
         raise ValueError(f"serving request: {key} must be int32 or int64, got {_dtype_name(t)}")
+    if t.layout != torch.strided:
+        raise ValueError(f"serving request: {key} must be a dense (strided) tensor")
+    if t.device != device:
+        raise ValueError(f"serving request: {key} is on {t.device}, the model on {device}")
     if t.dim() != 1:
         raise ValueError(f"serving request: {key} must be 1-D, got shape {t.shape}")
     return t if t.is_contiguous() else t.contiguous()
@@ -366,8 +373,8 @@ def check_request(
     for key in batch.keys():
         if key != "values" and key != "lengths":
             raise ValueError(f"serving request: unexpected key '{key}' (expected 'values' and 'lengths')")
-    values = _request_tensor(batch, "values")
-    lengths = _request_tensor(batch, "lengths")
+    values = _request_tensor(batch, "values", rows.device)
+    lengths = _request_tensor(batch, "lengths", rows.device)
     num_features = len(features)
     n = lengths.numel()
     m = values.numel()
