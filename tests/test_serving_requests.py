@@ -44,7 +44,7 @@ assert not any(k.startswith("torchrec_dimgrow") for k in sys.modules), "package 
 
 def _valid(rng: random.Random, batch: int) -> dict[str, torch.Tensor]:
     """A well-formed request of ``batch`` examples, int32 or int64 tensors; half of them with
-    equal bags (1 or 2 ids each: the model's fast path), the others 0-3 ids per bag."""
+    equal bags (0, 1 or 2 ids each: the model's fast path), the others 0-3 ids per bag."""
     equal = rng.choice([0, 1, 2]) if rng.random() < 0.5 else None
     lengths = [rng.randint(0, 3) if equal is None else equal for _ in range(len(FIELDS) * batch)]
     values = [rng.randrange(ROWS[i // batch]) for i, n in enumerate(lengths) for _ in range(n)]

@@ -21,11 +21,11 @@ trace with ``torchrec.fx``, ``torch.jit.script``, save. Loading it needs ``torch
 ``input_features`` order (every field of the data, dropped ones included).
 
 The saved model is :class:`CheckedServingModel`: :func:`check_request` refuses a malformed
-request (missing or extra keys, dtypes other than int32/int64, tensors that are not dense,
-1-D and on the model's device,
-negative or oversized lengths, a length count that is not features x batch, lengths that do not
-sum to the number of values, ids outside ``[0, rows)`` of their feature, dropped fields
-included) with ``ValueError("serving request: ...")`` before any lookup, because FBGEMM's
+request (missing or extra keys, dtypes other than int32/int64, tensors that are not dense, 1-D
+and on the model's device, negative or oversized lengths, a length count that is not features x
+batch, lengths that do not sum to the number of values, ids outside ``[0, rows)`` of their
+feature, dropped fields included) with ``ValueError("serving request: ...")`` (from Python a
+``torch.jit.Error`` whose last line carries it) before any lookup, because FBGEMM's
 kernel trusts its input: a huge length crashes the process, and an out-of-range id is zeroed
 (or read past the table) into a normal-looking logit. Out-of-range ids raise rather than go to
 the shared bucket (see :data:`ID_RULE_TEXT`). ``vocab.json`` beside the model maps raw values
@@ -83,7 +83,7 @@ ARTIFACT = "serving.pt"
 META = "serving.json"
 VOCAB = "vocab.json"
 UNSEEN_ID = 0
-"""Row of every raw value the train split did not keep (unseen, rare, or another field's), as in training."""
+"""Row of every raw value the train split did not keep (unseen or rare), as in training."""
 VOCAB_RULE = (
     "row id = ids[field][token]; token = the raw value as text (an empty or null value is missing_token); "
     "a token not in ids[field] is unseen_id, the shared bucket training used for unseen values"
@@ -103,9 +103,6 @@ ID_RULE_TEXT = (
 every unseen raw value to row 0 before the model sees it), so one is a client bug, which a
 bucket would hide; FBGEMM alone would zero the row (or read past it) and return a
 normal-looking logit. Dropped fields are checked too: their ids come from the same vocab."""
-REQUEST_ERROR = "serving request: "
-"""Prefix of every refusal (a ``ValueError`` inside TorchScript; a Python caller sees a
-``torch.jit.Error`` whose message ends with ``builtins.ValueError: serving request: ...``)."""
 
 
 def check_serving(serving: str) -> str:
@@ -366,9 +363,11 @@ def check_request(
 
     Each check bounds the next, so none of them can itself fail on a hostile request: every
     length is first compared with the number of values sent (no length reaches 2^30 unless
-    that many values arrived), which also keeps their int64 sum from overflowing; ids are
-    compared with their feature's rows through one ``repeat_interleave`` of the per-feature
-    counts. On a well-formed request that is a handful of vectorised passes over the input.
+    that many values arrived), which also keeps their int64 sums from overflowing. Ids are
+    then compared with their feature's rows: with equal bags through a per-feature ``amax``
+    and a global ``min``, otherwise through a per-id limit (:func:`_ids_in_range`). On a
+    well-formed request that is a few vectorised passes over the input; only a refusal pays
+    for locating the offending entry.
     """
     for key in batch.keys():
         if key != "values" and key != "lengths":
@@ -462,7 +461,7 @@ class CheckedServingModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         values, lengths = check_request(batch, self.input_features, self.rows)
         if lengths.numel() == 0:
-            return torch.zeros(0, dtype=torch.float32)
+            return torch.zeros(0, dtype=torch.float32, device=self.rows.device)
         return self.model({"values": values, "lengths": lengths})
 
 
