@@ -26,8 +26,8 @@ and on the model's device, negative or oversized lengths, a length count that is
 batch, lengths that do not sum to the number of values, ids outside ``[0, rows)`` of their
 feature, dropped fields included) with ``ValueError("serving request: ...")`` (from Python a
 ``torch.jit.Error`` whose last line carries it) before any lookup, because FBGEMM's
-kernel trusts its input: a huge length crashes the process, and an out-of-range id is zeroed
-(or read past the table) into a normal-looking logit. Out-of-range ids raise rather than go to
+kernel trusts its input: a huge length crashes the process, and an out-of-range id becomes
+row 0 (or, ``-1``, is skipped) in a normal-looking logit. Out-of-range ids raise rather than go to
 the shared bucket (see :data:`ID_RULE_TEXT`). ``vocab.json`` beside the model maps raw values
 to row ids the way training did (:data:`VOCAB_RULE`).
 """
@@ -101,8 +101,8 @@ ID_RULE_TEXT = (
 )
 """Why raise rather than map to the bucket: training never produced such an id (the vocab maps
 every unseen raw value to row 0 before the model sees it), so one is a client bug, which a
-bucket would hide; FBGEMM alone would zero the row (or read past it) and return a
-normal-looking logit. Dropped fields are checked too: their ids come from the same vocab."""
+bucket would hide; FBGEMM alone swaps it for row 0 with a log line (``-1`` it skips silently)
+and returns a normal-looking logit. Dropped fields are checked too: their ids come from the same vocab."""
 
 
 def check_serving(serving: str) -> str:
