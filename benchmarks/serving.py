@@ -16,6 +16,16 @@ CPU kernel), test AUC mean ± std over seeds, the AUC change from quantization (
 against the same retrained models evaluated in float; the fp32 rows check the export), and the lookup time per batch of the quantized collection
 alone (``--latency-batch`` examples, median of repeats; measured on the shared, loaded machine:
 compare within a table only).
+
+``--request-cost`` measures instead what the exported model's request checks cost: per
+``--latency-batch`` request (real rows: the first 20 batches of the train split, which every
+dataset fills), the loaded artifact with checks (``model(request)``)
+and without (``model.model(request)``), timed back to back in alternating order over
+``--request-rounds`` rounds; the cost is the median of the paired differences. Times are the
+thread's CPU time (one intra-op thread, no I/O: the latency on a core of its own), so that other
+processes on a shared machine do not count. The model is the
+found dims' (``--dims``, else the ``found_dims`` recorded in ``results/serving_NAME.json``, else a
+search) with untrained weights: latency does not depend on the values of the weights.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData, prepare
 from torchrec_dimgrow.data.synthetic import PlantedConfig, planted, write_parquet
 from torchrec_dimgrow.recipes.retrain import retrain
-from torchrec_dimgrow.saved_model import load_model
+from torchrec_dimgrow.saved_model import build_model, load_model, spec_for
 from torchrec_dimgrow.serving import export_serving, quantize_model, row_bytes, served_dim
 from torchrec_dimgrow.training import evaluate
 
@@ -104,7 +114,9 @@ def served_auc(
     model: torch.nn.Module, data: PreparedData, serving: str, out: Path
 ) -> tuple[float, dict[str, Any]]:
     """Test AUC of the exported TorchScript artifact, loaded back from disk."""
-    meta = export_serving(model, data.fields, serving, out)
+    meta = export_serving(
+        model, data.fields, serving, out, field_rows=dict(zip(data.fields, data.vocab_sizes))
+    )
     artifact = torch.jit.load(str(out / "serving.pt"))
     test = evaluate(
         artifact,
@@ -134,6 +146,93 @@ def lookup_us(model: torch.nn.Module, data: PreparedData, serving: str, batch: i
     return 1e6 * statistics.median(times)
 
 
+REQUEST_COLUMNS = [
+    "model",
+    "serving",
+    "bags",
+    "batch",
+    "request_us_unchecked",
+    "request_us_checked",
+    "check_us",
+    "check_pct",
+]
+
+
+def recorded_dims(args: argparse.Namespace, name: str, flags: list[str], work: Path) -> dict[str, int]:
+    """``--dims``, else the found dims the main mode recorded for this dataset, else a search."""
+    recorded = Path(__file__).parent / "results" / f"serving_{name}.json"
+    if args.dims is None and recorded.is_file():
+        return {k: int(v) for k, v in json.loads(recorded.read_text())["meta"]["found_dims"].items()}
+    return found_dims(args, flags, work)
+
+
+@torch.no_grad()
+def request_cost(
+    artifact: torch.jit.ScriptModule, requests: list[dict[str, torch.Tensor]], rounds: int
+) -> dict[str, float]:
+    """Median request time with and without the checks, and the median paired difference (us)."""
+    checked, unchecked, diffs = [], [], []
+    for request in requests[:3]:
+        artifact(request), artifact.model(request)
+    for r in range(rounds):
+        for request in requests:
+            pair = {}
+            for variant in ("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked"):
+                fn = artifact if variant == "checked" else artifact.model
+                start = time.thread_time()
+                fn(request)
+                pair[variant] = 1e6 * (time.thread_time() - start)
+            checked.append(pair["checked"])
+            unchecked.append(pair["unchecked"])
+            diffs.append(pair["checked"] - pair["unchecked"])
+    base = statistics.median(unchecked)
+    cost = statistics.median(diffs)
+    return {
+        "request_us_unchecked": round(base, 1),
+        "request_us_checked": round(statistics.median(checked), 1),
+        "check_us": round(cost, 1),
+        "check_pct": round(100 * cost / base, 2),
+    }
+
+
+def varied_bags(request: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The same ids in bags of 0-3 (each one-id bag repeated 0-3 times): the checks' general path."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 4, request["lengths"].shape, generator=g)
+    return {"values": request["values"].repeat_interleave(lengths), "lengths": lengths}
+
+
+def request_cost_rows(
+    args: argparse.Namespace, name: str, flags: list[str], data: PreparedData, work: Path
+) -> None:
+    """The ``--request-cost`` table: check cost per request at the found dims (fp32, int8) and
+    uniform 16, for one id per bag (the data as it is) and for bags of 0-3 ids."""
+    dims = recorded_dims(args, name, flags, work)
+    rows_of = dict(zip(data.fields, data.vocab_sizes))
+    one_id = [
+        {"values": b.sparse_features.values(), "lengths": b.sparse_features.lengths()}
+        for _, b in zip(range(20), data.train.batches(args.latency_batch, drop_last=True))
+    ]
+    varied = [varied_bags(r, i) for i, r in enumerate(one_id)]
+    rows: list[dict[str, Any]] = []
+    for label, d, serving, bags, requests in [
+        ("found", dims, "fp32", "1 id", one_id),
+        ("found", dims, "int8", "1 id", one_id),
+        ("uniform 16", dict.fromkeys(rows_of, 16), "fp32", "1 id", one_id),
+        ("found", dims, "fp32", "0-3 ids", varied),
+    ]:
+        torch.manual_seed(0)
+        model = build_model(spec_for(data.fields, data.vocab_sizes, d)).eval()
+        out = work / "request-cost" / f"{label.replace(' ', '')}-{serving}"
+        export_serving(model, data.fields, serving, out, field_rows=rows_of)
+        artifact = torch.jit.load(str(out / "serving.pt"))
+        rows.append({"model": label, "serving": serving, "bags": bags, "batch": args.latency_batch,
+                     **request_cost(artifact, requests, args.request_rounds)})  # fmt: skip
+        print(markdown_table(rows[-1:], REQUEST_COLUMNS), flush=True)
+    print(markdown_table(rows, REQUEST_COLUMNS))
+    write_rows(rows, args.out, f"serving_requests_{name}", {"argv": sys.argv, "found_dims": dims})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -147,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", default="0,1,2", help="retrain seeds")
     p.add_argument("--latency-batch", type=int, default=512)
     p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--request-cost", action="store_true", help="only the request checks' cost (see above)")
+    p.add_argument("--request-rounds", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("runs/bench/serving"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -158,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or ("planted" if args.planted else Path(args.data).name)
     work = args.work / name
     flags, data = dataset(args, work)
+    if args.request_cost:
+        request_cost_rows(args, name, flags, data, work)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     vocab = dict(zip(data.fields, data.vocab_sizes))
     dims = found_dims(args, flags, work)

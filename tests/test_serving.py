@@ -15,6 +15,7 @@ from tests.dist_utils import run_ranks
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.synthetic import PlantedConfig, planted
 from torchrec_dimgrow.manifest import hash_files
+from torchrec_dimgrow.errors import UsageError
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.recipes.evaluate import evaluate_saved
 from torchrec_dimgrow.recipes.export import export_saved
@@ -139,6 +140,53 @@ def test_dropped_fields_have_no_table_and_the_artifact_runs_without_the_package(
     assert proc.returncode == 0, proc.stderr[-2000:]
     served = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(served, model(kjt).detach(), rtol=0, atol=1e-5)
+
+
+def test_serving_json_states_the_request_rules_and_the_rows_of_every_field(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = spec_for(FIELDS, VOCAB, DIMS)
+    save_model(_model(spec), spec, tmp_path / "run")
+    with caplog.at_level("WARNING", logger="torchrec_dimgrow.recipes.export"):
+        meta = export_saved(tmp_path / "run", "fp32", tmp_path / "serve")
+    assert "no vocab.json is written" in caplog.text
+    assert meta["rows"] == dict(zip(FIELDS, VOCAB))  # dropped b included: its ids are checked too
+    assert meta["out_of_range_ids"].startswith("raise") and "int32 or int64" in meta["request"]
+    assert meta["vocab"] is None and not (tmp_path / "serve" / "vocab.json").exists()  # none beside the model
+    model = torch.jit.load(str(tmp_path / "serve" / "serving.pt"))
+    values, lengths = torch.tensor([0, 29, 0, 0]), torch.ones(4, dtype=torch.int64)
+    assert model({"values": values, "lengths": lengths}).shape == (1,)
+    with pytest.raises(torch.jit.Error, match=r"id 30 at position 1 \(feature 'b'\) is outside \[0, 30\)"):
+        model({"values": torch.tensor([0, 30, 0, 0]), "lengths": lengths})
+
+
+def _vocab_file(path: Path, sizes: list[int]) -> Path:
+    """A prepared-data vocab.json: ``size - 1`` values per field (row 0 is the shared bucket)."""
+    vocab = {f: {f"{f}{i}": i for i in range(1, n)} for f, n in zip(FIELDS, sizes)}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(
+        json.dumps({"fields": FIELDS, "missing_token": "<missing>", "vocab": vocab})
+    )
+    return path / "vocab.json"
+
+
+def test_export_takes_the_vocab_given_and_refuses_one_that_does_not_fit_the_model(tmp_path: Path) -> None:
+    spec = spec_for(FIELDS, VOCAB, DIMS)
+    save_model(_model(spec), spec, tmp_path / "run")
+    good = _vocab_file(tmp_path / "prepared", VOCAB)
+    meta = export_saved(tmp_path / "run", "int8", tmp_path / "serve", vocab=good)
+    written = json.loads((tmp_path / "serve" / "vocab.json").read_text())
+    assert meta["vocab"] == "vocab.json" and written["fields"] == FIELDS and written["unseen_id"] == 0
+    assert written["ids"]["b"]["b29"] == 29 and written["missing_token"] == "<missing>"
+    bad = _vocab_file(tmp_path / "other", [40, 31, 20, 10])
+    with pytest.raises(
+        UsageError,
+        match=r"other/vocab.json: field 'b' maps to 31 rows \(bucket 0 included\), the model has 30",
+    ):
+        export_saved(tmp_path / "run", "int8", tmp_path / "serve2", vocab=bad)
+    with pytest.raises(UsageError, match=r"--vocab .*nothere: no such file"):
+        export_saved(tmp_path / "run", "int8", tmp_path / "serve2", vocab=tmp_path / "nothere")
+    assert not (tmp_path / "serve2").exists()
 
 
 def test_bad_model_dirs_and_serving_values_are_refused_before_writing(tmp_path: Path) -> None:
@@ -300,6 +348,8 @@ def test_cli_retrain_evaluate_export_chain_on_parquet(tmp_path: Path) -> None:
     proc = _cli("export", "--model", str(run), "--serving", "int4", "--out", str(tmp_path / "serve"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     meta = json.loads((tmp_path / "serve" / "serving.json").read_text())
+    assert meta["vocab"] == "vocab.json"  # retrain prepared the data (and its vocab) in run/data
+    assert json.loads((tmp_path / "serve" / "vocab.json").read_text())["fields"] == fields
     assert [(t["name"], t["served_dim"]) for t in meta["tables"]] == [
         ("pair0_a_r1", 4),
         ("pair0_b_r1", 4),

@@ -226,6 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument(
         "--row-alignment", type=int, default=1, help="bytes per row alignment (TorchRec: 1 CPU, 16 CUDA)"
     )
+    x.add_argument(
+        "--vocab",
+        type=Path,
+        default=None,
+        help="prepared data's vocab.json (default: found beside the model)",
+    )
 
     bl = sub.add_parser("baseline", help="run a SuperNet baseline search and write dims.json")
     _add_data_args(bl)
@@ -536,7 +542,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         run_lock(out, lock_file=sibling_lock(out)),
         disk_errors(out, partial=[out.with_name(out.name + ".tmp")]),
     ):
-        meta = export_saved(args.model, args.serving, out, args.row_alignment)
+        meta = export_saved(args.model, args.serving, out, args.row_alignment, args.vocab)
     print(
         f"serving {meta['serving']}  serving_bytes {meta['serving_bytes']}  padding_bytes {meta['padding_bytes']}  "
         f"dropped {meta['dropped_fields']}  -> {args.out / 'serving.pt'}"
