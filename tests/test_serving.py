@@ -14,8 +14,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tests.dist_utils import run_ranks
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.synthetic import PlantedConfig, planted
-from torchrec_dimgrow.manifest import hash_files
 from torchrec_dimgrow.errors import UsageError
+from torchrec_dimgrow.manifest import hash_files
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.recipes.evaluate import evaluate_saved
 from torchrec_dimgrow.recipes.export import export_saved
