@@ -199,12 +199,14 @@ def mde_allocation(
     ``d_max``, with the largest ``c`` whose bytes fit ``n_bytes``.
 
     Smaller tables get more dims; it uses no data beyond the table sizes, the first thing a
-    practitioner tries. The rule keeps every field: below the all-ones bytes it returns all
-    ones (over ``n_bytes``).
+    practitioner tries. Like ``md_solver`` it keeps every field at 1 dim or more while that
+    fits; below the all-ones bytes the floor goes and the rule's own rounding drops the fields
+    it gives under half a dim (the largest tables first), so the bytes still match.
     """
+    floor = 1 if embedding_bytes(vocab, dict.fromkeys(vocab, 1)) <= n_bytes else 0
 
     def dims_at(c: float) -> dict[str, int]:
-        return {f: min(d_max, max(1, round(c * v**-alpha))) for f, v in vocab.items()}
+        return {f: min(d_max, max(floor, round(c * v**-alpha))) for f, v in vocab.items()}
 
     hi = 4.0 * d_max * max(vocab.values()) ** alpha  # dims_at(hi) is d_max everywhere
     return dims_at(fit_scale(dims_at, vocab, n_bytes, hi))
