@@ -123,6 +123,34 @@ def test_ground_truth_is_recorded_and_interaction_only_means_no_main_effect() ->
     assert seen and fam.interaction_only > 0
 
 
+def _worst_per_id_z(teacher, ids: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+    """The largest z-score of a per-id mean of the teacher's score, over ids seen 1000+ times."""
+    z = teacher.standard(ids)
+    worst = 0.0
+    for f in teacher.signal_fields:
+        counts = np.bincount(ids[:, f])
+        means = np.bincount(ids[:, f], weights=z) / np.maximum(counts, 1)
+        hot = counts >= 1_000
+        worst = max(worst, float(np.max(np.abs(means[hot]) * np.sqrt(counts[hot]) / z.std())))
+    return worst
+
+
+def test_an_interaction_only_teacher_has_no_per_id_effect_on_any_field() -> None:
+    # the teacher's kind and weights are drawn before any size-dependent draw: scan at tiny scale
+    index = next(
+        i
+        for i in range(32)
+        if (s := draw_instance(5, i, TINY).source)["teacher"] == "interaction_only"
+        and s["weights"]["dcn"] > 0.2
+    )
+    data, teacher = draw_with_teacher(5, index, SuiteScale(rows=30_000, max_vocab=30))
+    assert data.source["teacher"] == "interaction_only"
+    ids, _ = _all(data)
+    assert _worst_per_id_z(teacher, ids) < 5.0  # per-id means are sampling noise only
+    teacher.self_cross = True  # with W's within-field blocks every id has an effect: the check can fail
+    assert _worst_per_id_z(teacher, ids) > 5.0
+
+
 def test_scale_parsing_and_bad_scales() -> None:
     assert parse_scale("small") == SCALES["small"]
     assert parse_scale("1000,50") == SuiteScale(rows=1000, max_vocab=50)

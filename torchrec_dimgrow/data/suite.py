@@ -99,6 +99,7 @@ class Teacher:
     cross_b: np.ndarray
     cross_out: np.ndarray
     signal: float
+    self_cross: bool = True  # False: W's within-field blocks are left out (no per-id effect)
     offset: float = 0.0
     centre: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     spread: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
@@ -124,14 +125,27 @@ class Teacher:
         stack = np.stack(latents, axis=1)  # rows x signal fields x latent_dim
         total = stack.sum(axis=1)
         fm = 0.5 * ((total * total).sum(axis=1) - (stack * stack).sum(axis=(1, 2)))
+        # x0 . (W x0 + b) with W = U V^T, without the rows x width product W x0
         x0 = stack.reshape(rows, -1)
-        dcn = (x0 * ((x0 @ self.cross_v) @ self.cross_u.T + self.cross_b)) @ self.cross_out
+        dcn = (((x0 * self.cross_out) @ self.cross_u) * (x0 @ self.cross_v)).sum(axis=1)
+        dcn += x0 @ (self.cross_out * self.cross_b)
+        if not self.self_cross:  # less W's diagonal blocks: a field only meets the others
+            k = stack.shape[2]
+            for j in range(stack.shape[1]):
+                cut = slice(j * k, (j + 1) * k)
+                xj = x0[:, cut]
+                dcn -= (((xj * self.cross_out[cut]) @ self.cross_u[cut]) * (xj @ self.cross_v[cut])).sum(
+                    axis=1
+                )
         return np.stack([main, fm, dcn], axis=1)
 
-    def standard(self, ids: np.ndarray) -> np.ndarray:
+    def combine(self, parts: np.ndarray) -> np.ndarray:
         """The weighted sum of the standardised parts (mean 0, about unit variance)."""
-        z = (self.parts(ids) - np.asarray(self.centre)) / np.asarray(self.spread)
+        z = (parts - np.asarray(self.centre)) / np.asarray(self.spread)
         return z @ np.sqrt([self.weights[p] for p in PARTS])
+
+    def standard(self, ids: np.ndarray) -> np.ndarray:
+        return self.combine(self.parts(ids))
 
     def logit(self, ids: np.ndarray) -> np.ndarray:
         return self.signal * self.standard(ids) + self.offset
@@ -158,15 +172,28 @@ def _orthonormal(rng: np.random.Generator, n: int, r: int) -> np.ndarray:
     return q
 
 
-def draw_teacher(rng: np.random.Generator, n: int, vocab: list[int], fam: Family) -> Teacher:
-    """Ranks, importance, mixing weights and the parameters of all three parts."""
+def zipf_pmf(vocab: int, exponent: float) -> np.ndarray:
+    """P(id k) of :func:`~torchrec_dimgrow.data.synthetic.zipf_ids`."""
+    w = 1.0 / np.arange(1, vocab + 1, dtype=np.float64) ** exponent
+    return w / w.sum()
+
+
+def draw_teacher(rng: np.random.Generator, vocab: list[int], zipf: list[float], fam: Family) -> Teacher:
+    """Ranks, importance, mixing weights and the parameters of all three parts.
+
+    Latent codes are centred under each field's id distribution, so the FM part and the
+    cross-field DCN terms have mean 0 given any one field's id: with no main part, no bias and
+    no within-field DCN blocks (an interaction-only teacher), no field has a per-id effect.
+    """
+    n = len(vocab)
     n_noise = int(np.floor(rng.uniform(*fam.noise_share) * n))
     noise = set(rng.choice(n, size=n_noise, replace=False).tolist())
     ranks = [0 if f in noise else int(rng.choice(fam.ranks)) for f in range(n)]
     lo, hi = np.log(fam.importance)
     importance = [float(np.exp(rng.uniform(lo, hi))) for _ in range(n)]
     mix = rng.dirichlet(np.ones(len(PARTS)))
-    if rng.random() < fam.interaction_only:
+    interaction_only = bool(rng.random() < fam.interaction_only)
+    if interaction_only:
         mix[0] = 0.0
         mix /= mix.sum()
     k = fam.latent_dim
@@ -174,7 +201,7 @@ def draw_teacher(rng: np.random.Generator, n: int, vocab: list[int], fam: Family
     for f in range(n):
         r = max(ranks[f], 1)
         c = rng.normal(size=(vocab[f], r))
-        codes.append(c - c.mean(axis=0))  # centred: a field's latent part has no per-id mean
+        codes.append(c - zipf_pmf(vocab[f], zipf[f]) @ c)
         bases.append(_orthonormal(rng, k, r))
         bias.append(rng.normal(size=vocab[f]))
     width = k * (n - n_noise)
@@ -187,9 +214,10 @@ def draw_teacher(rng: np.random.Generator, n: int, vocab: list[int], fam: Family
         bases=bases,
         cross_u=rng.normal(size=(width, k)) / np.sqrt(width),
         cross_v=rng.normal(size=(width, k)) / np.sqrt(width),
-        cross_b=rng.normal(size=width) * 0.1,
+        cross_b=rng.normal(size=width) * (0.0 if interaction_only else 0.1),
         cross_out=rng.normal(size=width),
         signal=float(rng.uniform(*fam.signal)),
+        self_cross=not interaction_only,
     )
 
 
@@ -213,14 +241,15 @@ def draw_with_teacher(
     lo, hi = np.log(fam.min_vocab), np.log(scale.max_vocab)
     vocab = [round(float(np.exp(rng.uniform(lo, hi)))) for _ in range(n)]
     zipf = [float(rng.uniform(*fam.zipf)) for _ in range(n)]
-    teacher = draw_teacher(rng, n, vocab, fam)
+    teacher = draw_teacher(rng, vocab, zipf, fam)
     rate = float(rng.uniform(*fam.click_rate))
     ids = np.stack([zipf_ids(v, scale.rows, a, rng) for v, a in zip(vocab, zipf)], axis=1)
     parts = teacher.parts(ids)
     teacher.centre = parts.mean(axis=0).tolist()
     teacher.spread = np.maximum(parts.std(axis=0), 1e-12).tolist()
-    teacher.offset = calibrate_offset(teacher.signal * teacher.standard(ids), rate)
-    labels = (rng.random(scale.rows) < _sigmoid(teacher.logit(ids))).astype(np.float32)
+    score = teacher.signal * teacher.combine(parts)
+    teacher.offset = calibrate_offset(score, rate)
+    labels = (rng.random(scale.rows) < _sigmoid(score + teacher.offset)).astype(np.float32)
     fields = [f"f{i:02d}" for i in range(n)]
     kind = "interaction_only" if teacher.weights["main"] == 0.0 else "mixed"
     data = from_arrays(
