@@ -318,6 +318,7 @@ def plot(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     import numpy as np
 
     x = np.arange(len(rows))
@@ -330,9 +331,17 @@ def plot(rows: Sequence[Mapping[str, Any]], title: str, path: Path) -> None:
     ax1.set_ylabel("AUC margin over uniform")
     ax1.legend(fontsize=8)
     ax1.set_title(title)
-    ax2.bar(x, [float(r["iso_ratio"]) for r in rows], color="tab:green")
+    capped = [r["iso"] != "inside" for r in rows]  # outside the uniform curve: a bound only
+    bars = ax2.bar(x, [float(r["iso_ratio"]) for r in rows], color="tab:gray")
+    for bar, cap in zip(bars, capped):
+        bar.set_hatch("//" if cap else "")
     ax2.axhline(1, color="black", linewidth=0.8)
     ax2.set_yscale("log")
+    ax2.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if any(capped):
+        ax2.set_title("hatched: AUC outside the uniform curve, ratio capped (a bound)", fontsize=8)
     ax2.set_ylabel("iso-AUC bytes ratio")
     ax2.set_xticks(x, [str(r["instance"]) for r in rows])
     ax2.set_xlabel("instance")
