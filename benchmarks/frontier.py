@@ -28,6 +28,11 @@ the random-search baseline of architecture search. Two rows per budget: their me
 with the best *validation* AUC (an honest pick: its test AUC was not used to choose it), which
 estimates how far any per-field allocation of that size gets above the uniform curve.
 
+``--methods ...,mde,prune`` adds two reference points next to every DimGrow point, each at
+the bytes of every search seed's found dims and retrained the same way: the MDE power rule
+(``d_f ~ rows_f^-0.3``, Ginart et al.) and post-hoc magnitude pruning of the retrained
+uniform D_max model (largest column L2 norms that fit). See ``_common.reference_dims``.
+
 ``--data`` takes a dataset name (movielens, criteo, avazu: the samples in ../shared/data;
 planted: the planted-hub data; fm: interaction-only; shaped: Criteo-shaped, ``--rows``) or a
 path with ``--format``. Each point's result is cached under ``--work`` (rerun to resume or
@@ -38,20 +43,31 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
-import json
-import math
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import markdown_table, mean_std, quiet_logs, write_rows
+from _common import (
+    REFERENCES,
+    alloc_key,
+    cached,
+    dims_spread,
+    embedding_bytes,
+    fit_scale,
+    markdown_table,
+    mean_std,
+    quiet_logs,
+    reference_dims,
+    retrain_scores,
+    uniform_reference,
+    write_rows,
+)
 from quality import DATASETS, QualityConfig, load_dataset
 
 SYNTHETIC = {"fm": "fm", "shaped": "criteo_shaped"}
@@ -67,36 +83,6 @@ COLUMNS = [
     "runs",
     "dims",
 ]
-
-
-# ---------------------------------------------------------------------- pure helpers
-def uniform_reference(curve: Sequence[tuple[float, float]], n_bytes: float) -> float:
-    """Uniform AUC at ``n_bytes``: linear in log bytes between neighbours, flat beyond the ends."""
-    pts = sorted(curve)
-    if not pts:
-        raise ValueError("uniform_reference: empty uniform curve")
-    if n_bytes <= pts[0][0]:
-        return pts[0][1]
-    if n_bytes >= pts[-1][0]:
-        return pts[-1][1]
-    for (b0, a0), (b1, a1) in itertools.pairwise(pts):
-        if b0 <= n_bytes <= b1:
-            w = (math.log(n_bytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
-            return a0 + w * (a1 - a0)
-    raise AssertionError("unreachable")
-
-
-def dims_spread(runs: Sequence[Mapping[str, int]]) -> float:
-    """Mean absolute per-field dim difference over all pairs of search seeds (0 for one seed)."""
-    pairs = list(itertools.combinations(runs, 2))
-    if not pairs:
-        return 0.0
-    fields = list(runs[0])
-    return sum(abs(a[f] - b[f]) for a, b in pairs for f in fields) / (len(pairs) * len(fields))
-
-
-def embedding_bytes(vocab: Mapping[str, int], dims: Mapping[str, int]) -> int:
-    return 4 * sum(vocab[f] * dims.get(f, 0) for f in vocab)
 
 
 # ---------------------------------------------------------------------- runs
@@ -168,23 +154,6 @@ def voted_point(
     return {"dims": dims, "votes": votes, "aucs": retrain_aucs(dims, data, args)}
 
 
-def retrain_scores(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Test and best-validation AUC of ``dims`` retrained once per retrain seed."""
-    from torchrec_dimgrow.config import TrainConfig
-    from torchrec_dimgrow.recipes.retrain import retrain
-
-    if sum(dims.values()) == 0:
-        return {
-            "aucs": [0.5 for _ in args.retrain_seed_list],
-            "val_aucs": [0.5 for _ in args.retrain_seed_list],
-        }
-    runs = [
-        retrain(dims, data, TrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, seed=s))
-        for s in args.retrain_seed_list
-    ]
-    return {"aucs": [float(m["test_auc"]) for m in runs], "val_aucs": [float(m["val_auc"]) for m in runs]}
-
-
 def retrain_aucs(dims: Mapping[str, int], data: Any, args: argparse.Namespace) -> list[float]:
     return retrain_scores(dims, data, args)["aucs"]
 
@@ -203,21 +172,8 @@ def random_allocation(
     def dims_at(c: float) -> dict[str, int]:
         return {f: min(d_max, round(c * w)) for f, w in weights.items()}
 
-    lo, hi = 0.0, 4.0 * d_max / min(weights.values())  # dims_at(hi) is d_max everywhere
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if embedding_bytes(vocab, dims_at(mid)) <= n_bytes else (lo, mid)
-    return dims_at(lo)
-
-
-def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    """Each point's result lives in its own JSON: a rerun resumes, extra seeds add files."""
-    if path.is_file():
-        return dict(json.loads(path.read_text()))
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
+    hi = 4.0 * d_max / min(weights.values())  # dims_at(hi) is d_max everywhere
+    return dims_at(fit_scale(dims_at, vocab, n_bytes, hi))
 
 
 def summarise(
@@ -295,6 +251,36 @@ def random_rows(budget: float, n: int, ctx: Retrains) -> list[dict[str, Any]]:
     ]
 
 
+REFERENCE_LABELS = {"mde": "MDE", "prune": "pruned"}
+
+
+def full_width_norms(ctx: Retrains, uniform_runs: Mapping[int, dict]) -> dict[str, list[float]]:
+    """Column norms of the uniform D_max model: those of its first retrain when that run kept
+    them, else of one retrain at D_max (first retrain seed), cached."""
+    args = ctx.args
+    full = uniform_runs.get(args.d_max, {})
+    if "norms" in full:
+        return dict(full["norms"])
+    seed = args.retrain_seed_list[0]
+    one = argparse.Namespace(**{**vars(args), "retrain_seed_list": [seed]})
+    dims = dict.fromkeys(ctx.vocab, args.d_max)
+    path = ctx.work / f"norms-d{args.d_max}-r{seed}.json"
+    return dict(cached(path, lambda: retrain_scores(dims, ctx.data, one, True))["norms"])
+
+
+def reference_runs(ref: str, runs: list[dict], ctx: Retrains, uniform_runs: Mapping[int, dict]) -> list[dict]:
+    """A reference point (``mde`` or ``prune``) at the bytes of each search seed's found dims,
+    retrained like any allocation."""
+    norms = full_width_norms(ctx, uniform_runs) if ref == "prune" else None
+    out = []
+    for r in runs:
+        dims = reference_dims(ref, ctx.vocab, embedding_bytes(ctx.vocab, r["dims"]), ctx.args.d_max, norms)
+        key = ctx.work / f"{ref}-{alloc_key(dims)}-r{ctx.args.retrain_seeds}.json"
+        out.append(cached(key, lambda dims=dims: {"dims": dims, **retrain_scores(dims, ctx.data, ctx.args)}))  # type: ignore[misc]
+        print(f"  {ref} at {embedding_bytes(ctx.vocab, r['dims'])} bytes: {out[-1]['aucs']}", flush=True)
+    return out
+
+
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
@@ -344,7 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="N random allocations filling each budget, retrained like the others (0: none)",
     )
     p.add_argument("--random-seed", type=int, default=0)
-    p.add_argument("--methods", default="dimgrow,sseds,autodim,optembed")
+    p.add_argument(
+        "--methods",
+        default="dimgrow,sseds,autodim,optembed",
+        help="searches (dimgrow, sseds, autodim, optembed) and reference points at each DimGrow "
+        "point's bytes: mde (the MDE power rule, rows^-0.3), prune (magnitude pruning of the "
+        "retrained D_max model)",
+    )
     p.add_argument("--no-unbudgeted", action="store_true", help="skip DimGrow without a budget")
     p.add_argument("--search-seeds", default="0,1,2")
     p.add_argument(
@@ -390,12 +382,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         curve: list[tuple[float, float]] = []
+        uniform_runs: dict[int, dict] = {}
         for d in [int(x) for x in args.uniform.split(",") if x]:
             dims = dict.fromkeys(data.fields, d)
+            keep = d == args.d_max and "prune" in methods  # pruning starts from this model
             r = cached(
                 work / f"uniform{d}-r{args.retrain_seeds}.json",
-                lambda dims=dims: {"dims": dims, "aucs": retrain_aucs(dims, data, args)},  # type: ignore[misc]
+                lambda dims=dims, keep=keep: {"dims": dims, **retrain_scores(dims, data, args, keep)},  # type: ignore[misc]
             )
+            uniform_runs[d] = r
             rows.append(
                 {**summarise("uniform", None, [r], vocab, []), "method": "uniform", "budget": f"dim {d}"}
             )
@@ -435,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             label += f" ({args.search_votes} votes)" if method == "dimgrow" and args.search_votes > 1 else ""
             label += " (no budget)" if method == "dimgrow" and budget is None else ""
             rows.append(summarise(label, budget, runs, vocab, curve))
+            if method == "dimgrow":
+                for ref in [m for m in REFERENCES if m in methods]:
+                    ref_runs = reference_runs(ref, runs, ctx, uniform_runs)
+                    rows.append(
+                        summarise(f"{REFERENCE_LABELS[ref]} at {label} bytes", budget, ref_runs, vocab, curve)
+                    )
     finally:
         destroy_distributed()
     stem = f"frontier_{name}{'_' + args.label if args.label else ''}"

@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--local", action="store_true", help="plain modules instead of a 1-rank DMP")
 
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout)")
-    b.add_argument("name", choices=["memory", "quality", "overhead", "replan", "dlrm", "frontier", "serving"])
+    b.add_argument(
+        "name", choices=["memory", "quality", "overhead", "replan", "dlrm", "frontier", "serving", "suite"]
+    )
     b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
