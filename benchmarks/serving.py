@@ -1,4 +1,4 @@
-"""Serving bytes, AUC and lookup latency of found dims at fp32/fp16/int8/int4 (issue 14).
+"""Serving bytes, AUC and lookup latency of found dims at fp32/fp16/int8/int4.
 
 One dataset per run. The found dims come from one DimGrow search (CLI defaults, ``--search-seed``;
 reused from ``WORK/search/dims.json`` when present, or given with ``--dims``). Every row's model

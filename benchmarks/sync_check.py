@@ -1,4 +1,4 @@
-"""Prove the DimGrow step never makes an accelerator wait on the host (issue 11, item 5).
+"""Prove the DimGrow step never makes an accelerator wait on the host.
 
 Runs DimGrow search steps (training forward/backward/optimizer step, then the gate step:
 validation forward/backward/gate update) on one device inside

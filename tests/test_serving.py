@@ -1,4 +1,4 @@
-"""Saved models, evaluate and the quantized serving export (issue 14)."""
+"""Saved models, evaluate and the quantized serving export."""
 
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ class AliasingSavePlanner(DefaultSavePlanner):
     Why: tables grouped in one TBE are views into its flat weight/optimizer buffers, and
     DCP's file writer clones every tensor whose storage is larger than itself and keeps
     each clone until the whole rank file is written: one extra copy of all tables and
-    their optimizer state at the save (+51.5 MiB in the issue-11 memory benchmark while
+    their optimizer state at the save (+51.5 MiB in the memory benchmark while
     tables shared TBEs). A contiguous view is handed over as a tensor of its own storage
     over the same memory (via numpy, no copy); the bytes written are the same.
     """

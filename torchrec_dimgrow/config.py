@@ -33,7 +33,7 @@ class DimGrowConfig:
             Criteo-shaped data's 2-row fields up to 16: slots that only dilute the auto
             penalty's mean task pull. A
             budget given as a fraction still refers to the uncapped ``d_max`` model.
-            Measured over 5 search seeds (benchmarks/README.md, "Capping a table's dims"):
+            Measured over 5 search seeds (benchmarks/ablations.md, "Row cap: before and after"):
             MovieLens-100k +0.0014/-0.0003 -> +0.0016/+0.0000 AUC over the uniform curve at
             budgets 0.2/0.3, the Criteo-shaped data +0.0024 -> +0.0032 with 37% fewer bytes
             and a third of the seed spread; tables of 16+ rows are untouched.
@@ -44,7 +44,7 @@ class DimGrowConfig:
             ``d_max`` and, under a ``budget``, lowered until every field fits); the fused
             kernel stores 4 columns anyway, so it costs no memory during the search. Measured
             on MovieLens-100k, the Criteo-shaped, planted-hub and interaction-only data with 3
-            search seeds each (benchmarks/README.md, "Choosing the start"): the block start
+            search seeds each (benchmarks/ablations.md, "Starting at the storage block"): the block start
             gives interaction-only data a better search model and cuts the seed spread of the
             found dims on MovieLens-100k, but on the Criteo-shaped data, the least noisy of
             them, dim 1 buys clearly more AUC per byte, and in the DLRM single-loader mode the
@@ -106,7 +106,7 @@ class DimGrowConfig:
             column of a 3-row field costs 12 bytes and is almost free to keep; one of a
             1,500-row field pays more than the average bar. On MovieLens-100k this keeps
             the cheap user attributes that the uniform penalty drops, and retrains better
-            at fewer bytes: see benchmarks/README.md.
+            at fewer bytes: see benchmarks/ablations.md, "Penalty weighting and alpha".
         alpha: the penalty knob (see ``penalty_mode``). The authors' fixed values, in
             this package's units (their 0.1 * alpha_dataset): ML-1M 0.01, Criteo 0.002,
             Avazu 0.0005, Ali-CCP 0.000125.
@@ -127,7 +127,7 @@ class DimGrowConfig:
             (default): the full penalty throughout, so the budget is a cap and the penalty
             alone decides how much of it is spent. ``> 0`` makes the budget a target: the
             search grows while far below it and the penalty's per-byte price decides where
-            the bytes go. Measured (benchmarks/README.md, "Quality per byte"): at 2 the
+            the bytes go. Measured (benchmarks/ablations.md, "Budget pressure"): at 2 the
             search spends more of the budget (MovieLens-100k at 0.3: 82% instead of 75%)
             but retrains no better per byte there, so it is opt-in. Ignored without a budget.
         eval_mixing: what the gates do in ``eval()``: ``"mean"`` mixes with the batch mean

@@ -533,7 +533,7 @@ def run_search(
     ``out_dir`` (:func:`~torchrec_dimgrow.policy.vote_dims`: the per-field median, within the
     budget). Why: the seed spread of one search's dims is larger than what the data can tell
     apart; the vote costs ``votes`` searches and moves far less from seed to seed
-    (benchmarks/README.md).
+    (benchmarks/README.md, "Voting over several searches").
     """
     if votes < 1:
         raise ValueError(f"votes must be >= 1, got {votes}")
