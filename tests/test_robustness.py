@@ -481,7 +481,10 @@ def test_ctrl_c_says_when_there_is_nothing_to_resume(
     monkeypatch.setattr(DimGrowSearch, "train_step", step)
     out = tmp_path / "run"
     assert main(search_args(csv_prefix, cache, out, "--max-steps", "4", *extra)) == 130
-    assert capsys.readouterr().err.strip() == expect.format(out=out)
+    # A vote's first search may finish with a warning of its own (4 steps learn nothing); the
+    # interrupt itself is one line.
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("warning:")]
+    assert lines == [expect.format(out=out)]
 
 
 # ---------------------------------------------------------------- inputs, progress bars
