@@ -116,6 +116,12 @@ def stalled(history: Sequence[Mapping[str, float]]) -> bool:
     return no_gain and no_growth
 
 
+def is_stall(run: Mapping[str, Any]) -> bool:
+    """A search run that never learned (the search's own verdict, ``metrics["learned"]``: best
+    validation AUC not 2 standard errors above its start) or that :func:`stalled` flags."""
+    return not run.get("learned", True) or stalled(run["history"])
+
+
 def spearman(dims: Mapping[str, int], need: Mapping[str, int]) -> float | None:
     """Spearman correlation of found dims with the drawn ranks; None where either is constant."""
     from scipy.stats import spearmanr
@@ -156,7 +162,12 @@ def search_run(data: Any, seed: int, args: argparse.Namespace, env: Any) -> dict
             SearchOptions(Path(tmp), quiet=True),
         )
     history = [{k: h[k] for k in ("val_auc", "total_dim")} for h in res["metrics"]["history"]]
-    return {"dims": dict(res["dims"]), "history": history, "search_s": round(time.perf_counter() - start, 1)}
+    return {
+        "dims": dict(res["dims"]),
+        "history": history,
+        "learned": bool(res["metrics"]["learned"]),
+        "search_s": round(time.perf_counter() - start, 1),
+    }
 
 
 def instance_dir(args: argparse.Namespace) -> str:
@@ -255,7 +266,7 @@ def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, An
         "margin": round(margin, 4),
         "iso_ratio": round(iso_bytes / n_bytes, 3) if n_bytes > 0 else float("nan"),
         "iso": where,
-        "stalled": f"{sum(stalled(r['history']) for r in runs)}/{len(runs)}",
+        "stalled": f"{sum(is_stall(r) for r in runs)}/{len(runs)}",
         "spearman": round(mean_std(rhos)[0], 3) if rhos else "",
         "dims_spread": round(dims_spread([r["dims"] for r in runs]), 3),
         "bytes_spread": max(sizes) - min(sizes),

@@ -76,6 +76,10 @@ def test_stalled_flags_chance_auc_and_a_search_that_neither_learns_nor_grows() -
     assert not suite.stalled(hist([0.70, 0.69], [10, 14]))  # early peak, but it grew
     assert not suite.stalled(hist([0.60, 0.65], [10, 10]))  # learned after its first epoch
     assert not suite.stalled(hist([0.60], [10]))
+    learned = hist([0.60, 0.65], [10, 10])
+    assert suite.is_stall({"history": learned, "learned": False})  # the search's own verdict
+    assert not suite.is_stall({"history": learned, "learned": True})
+    assert not suite.is_stall({"history": learned})  # a run cached before the verdict existed
 
 
 def test_spearman_is_undefined_on_a_constant_side() -> None:
