@@ -151,7 +151,7 @@ def voted_point(
     Each search's dims are cached on their own (``-search.json``), so points with more votes
     or other retrain seeds reuse them.
     """
-    from torchrec_dimgrow.config import resolve_budget
+    from torchrec_dimgrow.budget import resolve_budget
     from torchrec_dimgrow.policy import vote_dims
 
     k = args.search_votes

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from torchrec import EmbeddingBagConfig
 
-from torchrec_dimgrow.data.errors import DataError
 from torchrec_dimgrow.data.layout import SPLITS
 from torchrec_dimgrow.data.split import Split
+from torchrec_dimgrow.errors import DataError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchrec_dimgrow.errors import RankDivergenceError
 from torchrec_dimgrow.policy import DimChange
 
 
@@ -129,10 +130,6 @@ def dims_digest(dims: list[int]) -> int:
     """Stable 63-bit digest of a dims vector (Python's hash() is salted per process)."""
     raw = hashlib.sha256(",".join(map(str, dims)).encode()).digest()
     return int.from_bytes(raw[:8], "little") >> 1
-
-
-class RankDivergenceError(RuntimeError):
-    pass
 
 
 def check_agreement(dims: list[int], group: dist.ProcessGroup | None = None, what: str = "dims") -> None:
