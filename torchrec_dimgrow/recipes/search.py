@@ -42,10 +42,10 @@ from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
 from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.importance import SlotGateMean
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import Interrupted, NonFiniteError
+from torchrec_dimgrow.gate_mean import SlotGateMean
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
