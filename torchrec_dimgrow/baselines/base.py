@@ -47,7 +47,7 @@ from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import shard_model
 from torchrec_dimgrow.modules.backbone import Combine, CTRModel
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.training import EarlyStopping, bce, cycle_batches, evaluate, fit
+from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, fit
 
 
 def vocab_dict(data: PreparedData) -> dict[str, int]:
@@ -335,7 +335,7 @@ class BaselineSearch(abc.ABC):
         p, opts = trained.placement, trained.opts
         val_stream = None
         if opts.arch is not None:
-            val_stream = cycle_batches(data.val, train_cfg.batch_size, train_cfg.seed, p.rank, p.world_size)
+            val_stream = ValStream(data.val, train_cfg.batch_size, train_cfg.seed, p.rank, p.world_size)
         best_state: dict[str, torch.Tensor] | None = None
 
         def batches(epoch: int) -> Iterable[Batch]:

@@ -51,7 +51,7 @@ from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import final_dims, vote_dims
-from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, learned_floor
+from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, learned_floor
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +93,6 @@ class SearchState:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchState:
         return cls(**{**raw, "early": EarlyStopping(**raw["early"])})
-
-
-class ValStream:
-    """Endless, resumable stream of this rank's validation batches (gate steps)."""
-
-    def __init__(self, split: Split, batch_size: int, seed: int, env: DistEnv, state: SearchState) -> None:
-        self.split, self.batch_size, self.seed, self.env, self.state = split, batch_size, seed, env, state
-        self._it = self._open()
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        return self.split.batches(
-            self.batch_size,
-            shuffle=True,
-            seed=self.seed + 7919,
-            epoch=self.state.val_epoch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            start_batch=self.state.val_batch,
-        )
-
-    def next(self):  # type: ignore[no-untyped-def]
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.state.val_epoch += 1
-            self.state.val_batch = 0
-            self._it = self._open()
-            batch = next(self._it)
-        self.state.val_batch += 1
-        return batch
 
 
 def build_search_model(
@@ -200,7 +170,15 @@ class DimGrowSearch:
             self.trajectory = list(restored.run_state["trajectory"])
         if restored is None or not restored.rng_restored:  # with other ranks the RNG streams differ anyway
             torch.manual_seed(tc.seed * 1000 + env.rank)
-        self.val_stream = ValStream(data.val, tc.batch_size, tc.seed, env, self.state)
+        self.val_stream = ValStream(
+            data.val,
+            tc.batch_size,
+            tc.seed,
+            env.rank,
+            env.world_size,
+            self.state.val_epoch,
+            self.state.val_batch,
+        )
         self._note_memory()
         self.board = _summary_writer(opts.tensorboard) if env.is_main else None
 
@@ -220,6 +198,12 @@ class DimGrowSearch:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         return bce(self.dmp(batch.sparse_features), batch.labels)
+
+    def next_val_batch(self) -> Batch:
+        """The next gate-step batch; its position goes into the state a checkpoint saves."""
+        vbatch = next(self.val_stream)
+        self.state.val_epoch, self.state.val_batch = self.val_stream.epoch, self.val_stream.batch
+        return vbatch
 
     def train_step(self, batch: Batch, vbatch: Batch) -> tuple[float, CheckReport | None]:
         """One training step on ``batch``, then the controller's DimGrow step on ``vbatch``."""
@@ -327,7 +311,7 @@ class DimGrowSearch:
                     start_batch=st.batch_in_epoch,
                 )
                 for batch in batches:
-                    loss, check = self.train_step(batch, self.val_stream.next())
+                    loss, check = self.train_step(batch, self.next_val_batch())
                     st.step += 1
                     st.batch_in_epoch += 1
                     self._check_finite(loss)
