@@ -383,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     name, data = load(args)
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     work = args.work / f"{name}{'-' + str(args.rows) if args.rows else ''}-d{args.d_max}"
     env = init_distributed("gloo")
     start = time.perf_counter()

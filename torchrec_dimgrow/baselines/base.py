@@ -50,10 +50,6 @@ from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, fit
 
 
-def vocab_dict(data: PreparedData) -> dict[str, int]:
-    return {f: int(v) for f, v in zip(data.fields, data.vocab_sizes, strict=True)}
-
-
 # ----------------------------------------------------------------------------- optimizers
 def embedding_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Unsharded path: the table optimizer named by ``cfg.embedding_optimizer``."""
@@ -277,7 +273,7 @@ class BaselineSearch(abc.ABC):
         placement = placement or Placement()
         torch.manual_seed(train_cfg.seed)
         ebc_device = torch.device("meta") if placement.sharded else None
-        sparse = self.build_sparse(list(data.fields), vocab_dict(data), ebc_device)
+        sparse = self.build_sparse(list(data.fields), data.vocab(), ebc_device)
         model = self.build_model(sparse, list(data.fields), train_cfg)
         if placement.sharded:
             return self._shard(model, train_cfg, placement)

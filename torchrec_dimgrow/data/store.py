@@ -52,6 +52,10 @@ class PreparedData:
     source: dict[str, Any]
     directory: Path | None = None  # the prepared dataset on disk (its vocab.json); None: in memory
 
+    def vocab(self) -> dict[str, int]:
+        """Rows of each field's table, ``{field: vocab size}`` in field order."""
+        return {f: int(v) for f, v in zip(self.fields, self.vocab_sizes, strict=True)}
+
     def table_configs(self, embedding_dim: int | dict[str, int]) -> list[EmbeddingBagConfig]:
         """One table per field; a dict gives per-field dims and a 0 drops the field."""
         dims = self._dims(embedding_dim)

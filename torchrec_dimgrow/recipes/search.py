@@ -421,7 +421,7 @@ class DimGrowSearch:
         st = self.state
         found = self.found_dims()
         test = self.evaluate(self.data.test)
-        vocab = dict(zip(self.data.fields, self.data.vocab_sizes))
+        vocab = self.data.vocab()
         metrics = {
             "val_auc": st.early.best,
             "best_epoch": st.early.best_epoch,
@@ -541,7 +541,7 @@ def _publish_vote(
     data: PreparedData, first_seed: int, results: list[dict[str, Any]], env: DistEnv, out_dir: Path
 ) -> dict[str, Any]:
     """The vote of ``results`` (one per seed from ``first_seed``); rank 0 writes dims and metrics."""
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     costs = [FP32_BYTES * v for v in data.vocab_sizes]
     budget = results[0]["metrics"]["budget_bytes"]
     voted = vote_dims([[r["dims"][f] for f in data.fields] for r in results], costs, budget)
