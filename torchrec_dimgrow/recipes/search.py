@@ -48,9 +48,10 @@ from torchrec_dimgrow.errors import Interrupted, NonFiniteError
 from torchrec_dimgrow.gate_mean import SlotGateMean
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
+from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.policy import final_dims, vote_dims
+from torchrec_dimgrow.policy import final_dims
+from torchrec_dimgrow.recipes.vote import publish_vote
 from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, learned_floor
 
 log = logging.getLogger(__name__)
@@ -534,38 +535,4 @@ def run_search(
                 f"be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
                 step=exc.step,
             ) from None
-    return _publish_vote(data, tc.seed, results, env, opts.out_dir)
-
-
-def _publish_vote(
-    data: PreparedData, first_seed: int, results: list[dict[str, Any]], env: DistEnv, out_dir: Path
-) -> dict[str, Any]:
-    """The vote of ``results`` (one per seed from ``first_seed``); rank 0 writes dims and metrics."""
-    vocab = data.vocab()
-    costs = [FP32_BYTES * v for v in data.vocab_sizes]
-    budget = results[0]["metrics"]["budget_bytes"]
-    voted = vote_dims([[r["dims"][f] for f in data.fields] for r in results], costs, budget)
-    found = dict(zip(data.fields, voted))
-    metrics = {
-        "votes": [
-            {
-                "seed": first_seed + k,
-                "dims": r["dims"],
-                "val_auc": r["metrics"]["val_auc"],
-                "found_embedding_bytes": r["metrics"]["found_embedding_bytes"],
-            }
-            for k, r in enumerate(results)
-        ],
-        "val_auc": sum(r["metrics"]["val_auc"] for r in results) / len(results),
-        "world_size": env.world_size,
-        "replans": sum(r["metrics"]["replans"] for r in results),
-        "wall_seconds": round(sum(r["metrics"]["wall_seconds"] for r in results), 3),
-        "found_total_dim": sum(voted),
-        "found_embedding_bytes": field_bytes(vocab, found),
-        "budget_bytes": budget,
-        "dropped_fields": sorted(f for f, d in found.items() if d == 0),
-    }
-    if env.is_main:
-        write_dims_json(out_dir / "dims.json", found)
-        write_json_atomic(out_dir / "metrics.json", metrics)
-    return {"dims": found, "metrics": metrics}
+    return publish_vote(data, tc.seed, results, env, opts.out_dir)
