@@ -6,9 +6,10 @@ Layout (composition, after TorchRec's ``FeatureProcessedEmbeddingBagCollection``
   current **capacity** (a multiple of ``capacity_block`` columns). Because it is a stock
   EBC, ``DistributedModelParallel`` shards it with TorchRec's own sharder and planner, the
   planner sees the real widths, and nothing about TorchRec's kernels is re-implemented.
-* ``self.post``: a dense module (gates, optional projections, the logical dims). It takes
-  the KeyedTensor of ``self.ebc``, keeps the first ``dim`` columns of each table, applies
-  the ShuffleGate mixing and aligns the widths. It holds no sharded module, so
+* ``self.post``: a dense :class:`~torchrec_dimgrow.modules.post_process.DimGrowPostProcess`
+  (gates, optional projections, the logical dims). It takes the KeyedTensor of ``self.ebc``,
+  keeps the first ``dim`` columns of each table, applies the ShuffleGate mixing and aligns
+  the widths. It holds no sharded module, so
   ``TrainPipelineSparseDist``'s tracer treats it as a leaf and the wrapper's ``forward``
   (``post(ebc(features))``) stays fx-traceable.
 

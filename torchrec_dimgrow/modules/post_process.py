@@ -317,7 +317,8 @@ class DimGrowPostProcess(nn.Module):
     def penalty(self, price: float = 1.0) -> torch.Tensor:
         """Scaled decaying-L1 gate penalty, ``price * penalty_scale * mean_active(w_t * g / k)``.
 
-        ``price`` is the budget's ramp (:meth:`DimGrowEmbeddingBagCollection.budget_price`).
+        ``price`` is the budget's ramp
+        (:meth:`~torchrec_dimgrow.modules.collection.DimGrowEmbeddingBagCollection.budget_price`).
         """
         _, _, tab_t, tab_s = self._index()
         return (price * self.penalty_scale) * self.gate.penalty(tab_t, tab_s, self.table_weights(tab_t))
