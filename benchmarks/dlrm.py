@@ -72,7 +72,7 @@ def sparse_tables(data: Any, dim: int) -> list[Any]:
 
     return [
         EmbeddingBagConfig(name=f, embedding_dim=dim, num_embeddings=v, feature_names=[f])
-        for f, v in zip(data.fields, data.vocab_sizes)
+        for f, v in data.vocab().items()
         if f.startswith("C")
     ]
 
@@ -221,7 +221,7 @@ def retrain(
 
 # ----------------------------------------------------------------------------- driver
 def _row(method: str, seed: int, data: Any, dims: dict[str, int]) -> dict[str, Any]:
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     params = sum(vocab[f] * d for f, d in dims.items())
     return {
         "method": method,

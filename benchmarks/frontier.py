@@ -137,7 +137,7 @@ def voted_point(
     Each search's dims are cached on their own (``-search.json``), so points with more votes
     or other retrain seeds reuse them.
     """
-    from torchrec_dimgrow.config import resolve_budget
+    from torchrec_dimgrow.budget import resolve_budget
     from torchrec_dimgrow.policy import vote_dims
 
     k = args.search_votes
@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     name, data = load(args)
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     work = args.work / f"{name}{'-' + str(args.rows) if args.rows else ''}-d{args.d_max}"
     env = init_distributed("gloo")
     start = time.perf_counter()

@@ -168,7 +168,7 @@ def run_method(
     peak = hwm_bytes() - baseline
     cuda_peak = torch.cuda.max_memory_allocated(env.device) - base_cuda if cuda else None
     destroy_distributed()
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     found = res["dims"]
     return {
         "method": name,

@@ -108,7 +108,7 @@ def run_one(method: str, data: Any, dataset: str, cfg: QualityConfig, seed: int,
     from torchrec_dimgrow.recipes.retrain import retrain
 
     dims, wall = search_dims(method, data, cfg, seed, env)
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     row: dict[str, Any] = {
         "dataset": dataset,
         "method": method,

@@ -114,9 +114,7 @@ def served_auc(
     model: torch.nn.Module, data: PreparedData, serving: str, out: Path
 ) -> tuple[float, dict[str, Any]]:
     """Test AUC of the exported TorchScript artifact, loaded back from disk."""
-    meta = export_serving(
-        model, data.fields, serving, out, field_rows=dict(zip(data.fields, data.vocab_sizes))
-    )
+    meta = export_serving(model, data.fields, serving, out, field_rows=data.vocab())
     artifact = torch.jit.load(str(out / "serving.pt"))
     test = evaluate(
         artifact,
@@ -208,7 +206,7 @@ def request_cost_rows(
     """The ``--request-cost`` table: check cost per request at the found dims (fp32, int8) and
     uniform 16, for one id per bag (the data as it is) and for bags of 0-3 ids."""
     dims = recorded_dims(args, name, flags, work)
-    rows_of = dict(zip(data.fields, data.vocab_sizes))
+    rows_of = data.vocab()
     one_id = [
         {"values": b.sparse_features.values(), "lengths": b.sparse_features.lengths()}
         for _, b in zip(range(20), data.train.batches(args.latency_batch, drop_last=True))
@@ -263,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         request_cost_rows(args, name, flags, data, work)
         return
     seeds = [int(s) for s in args.seeds.split(",")]
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     dims = found_dims(args, flags, work)
     budget = kernel_bytes(vocab, dims, "int8")
     u32, u8 = largest_uniform(vocab, "fp32", budget), largest_uniform(vocab, "int8", budget)

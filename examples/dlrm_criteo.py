@@ -110,7 +110,7 @@ def make_model(data: PreparedData, args: argparse.Namespace, device: torch.devic
         EmbeddingBagConfig(
             name=f"t_{name}", embedding_dim=args.embedding_dim, num_embeddings=size, feature_names=[name]
         )
-        for name, size in zip(data.fields, data.vocab_sizes)
+        for name, size in data.vocab().items()
         if name.startswith("C")
     ]
     return DLRMTrain(

@@ -9,10 +9,11 @@ from torchrec import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.distributed.importance import RankDivergenceError, check_agreement, gather_importance
+from torchrec_dimgrow.distributed.importance import check_agreement, gather_importance
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import shard_model
 from torchrec_dimgrow.distributed.shard_io import LocalPiece, TableView, copy_block
+from torchrec_dimgrow.errors import RankDivergenceError
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.optim import EmbeddingOptimizer

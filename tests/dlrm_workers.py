@@ -41,7 +41,7 @@ def categorical_tables(data: PreparedData, dim: int = D) -> list[EmbeddingBagCon
     """One table per Criteo categorical field (the I fields feed the dense tower)."""
     return [
         EmbeddingBagConfig(name=f"t_{f}", embedding_dim=dim, num_embeddings=v, feature_names=[f])
-        for f, v in zip(data.fields, data.vocab_sizes)
+        for f, v in data.vocab().items()
         if f.startswith("C")
     ]
 

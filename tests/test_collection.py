@@ -4,7 +4,8 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection, DimGrowPostProcess
+from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.post_process import DimGrowPostProcess
 from torchrec_dimgrow.modules.table_store import LocalTableStore
 from torchrec_dimgrow.policy import DimChange
 

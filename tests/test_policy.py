@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.distributed.importance import SlotGateMean
+from torchrec_dimgrow.gate_mean import SlotGateMean
 from torchrec_dimgrow.policy import (
     DimChange,
     PolicyState,

@@ -35,8 +35,8 @@ from torchrec_dimgrow.cli import main
 from torchrec_dimgrow.data import load_prepared, prepare
 from torchrec_dimgrow.data.columns import MISSING, as_tokens
 from torchrec_dimgrow.data.store import load_vocab
-from torchrec_dimgrow.diskwrite import DiskError, disk_errors
-from torchrec_dimgrow.errors import CheckpointError
+from torchrec_dimgrow.diskwrite import disk_errors
+from torchrec_dimgrow.errors import CheckpointError, DiskError
 from torchrec_dimgrow.manifest import compare_data, data_fingerprint, verify
 from torchrec_dimgrow.runlock import LOCK_FILE, acquire, release
 

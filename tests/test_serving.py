@@ -14,13 +14,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tests.dist_utils import run_ranks
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.synthetic import PlantedConfig, planted
-from torchrec_dimgrow.errors import UsageError
+from torchrec_dimgrow.errors import ModelError, UsageError
 from torchrec_dimgrow.manifest import hash_files
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.recipes.evaluate import evaluate_saved
 from torchrec_dimgrow.recipes.export import export_saved
 from torchrec_dimgrow.recipes.retrain import retrain
-from torchrec_dimgrow.saved_model import ModelError, ModelSpec, build_model, load_model, save_model, spec_for
+from torchrec_dimgrow.saved_model import ModelSpec, build_model, load_model, save_model, spec_for
 from torchrec_dimgrow.serving import quantize_model, served_dim
 
 FIELDS = ["a", "b", "c", "d"]

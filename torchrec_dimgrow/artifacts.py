@@ -29,7 +29,7 @@ def gate_table(collection: DimGrowEmbeddingBagCollection) -> dict[str, list[floa
 
 def write_json_atomic(path: str | Path, payload: object) -> None:
     """Write ``path`` whole or not at all: through ``PATH.tmp`` and a rename; a full disk is
-    one :class:`~torchrec_dimgrow.diskwrite.DiskError` naming ``path`` and no ``.tmp`` left."""
+    one :class:`~torchrec_dimgrow.errors.DiskError` naming ``path`` and no ``.tmp`` left."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with disk_errors(path, partial=[tmp]):

@@ -22,7 +22,7 @@ so killing the job mid-save leaves the previous checkpoint intact. Rank 0 then w
 ``torchrec_dimgrow/manifest.py``) and keeps the replaced checkpoint as ``NAME.prev``.
 
 The ranks agree on the outcome of each step of a save, so a rank whose disk is full stops
-every rank with one :class:`~torchrec_dimgrow.diskwrite.DiskError` (``NAME.tmp`` removed)
+every rank with one :class:`~torchrec_dimgrow.errors.DiskError` (``NAME.tmp`` removed)
 instead of leaving the others at a barrier; a Ctrl-C cannot land between the renames that
 publish a checkpoint.
 """

@@ -30,15 +30,24 @@ import torch
 import torch.distributed as dist
 
 from torchrec_dimgrow.baselines import BASELINES
-from torchrec_dimgrow.config import BudgetError, DimGrowConfig, TrainConfig, parse_budget
-from torchrec_dimgrow.data import FORMATS, DataError, PreparedData, load_prepared, prepare
-from torchrec_dimgrow.diskwrite import DiskError, disk_errors
+from torchrec_dimgrow.config import DimGrowConfig, TrainConfig, parse_budget
+from torchrec_dimgrow.data import FORMATS, PreparedData, load_prepared, prepare
+from torchrec_dimgrow.diskwrite import disk_errors
 from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
-from torchrec_dimgrow.errors import CheckpointError, DimGrowError, Interrupted, NonFiniteError, UsageError
+from torchrec_dimgrow.errors import (
+    CheckpointError,
+    DataError,
+    DimGrowError,
+    DirectoryInUse,
+    DiskError,
+    Interrupted,
+    NonFiniteError,
+    UsageError,
+)
 from torchrec_dimgrow.manifest import Verified, compare_data, data_fingerprint, peek, select
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.runlock import DirectoryInUse, run_lock, sibling_lock
+from torchrec_dimgrow.runlock import run_lock, sibling_lock
 from torchrec_dimgrow.validation import (
     RETRAIN_OUTPUTS,
     SEARCH_OUTPUTS,
@@ -446,7 +455,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
         finished = True
     except (NonFiniteError, DiskError, Interrupted):
         raise  # keeps the last good checkpoint for inspection or --resume
-    except (DimGrowError, BudgetError) as exc:
+    except DimGrowError as exc:
         if env.is_main and not isinstance(exc, DirectoryInUse):  # another run's files stay
             guard.discard_new()
         raise
@@ -721,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"interrupted ({args.command})", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (DimGrowError, BudgetError) as exc:
+    except DimGrowError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -235,10 +235,6 @@ class DimGrowConfig:
         return cls(**values)
 
 
-class BudgetError(ValueError):
-    """A byte budget that cannot be met (the CLI reports it as a one-line input error)."""
-
-
 _UNITS = {
     "": 1,
     "b": 1,
@@ -283,13 +279,6 @@ def parse_budget(text: str | float) -> float:
             "number of bytes; for bytes with a fraction give a unit (2.5MB)"
         )
     return value if value <= 1 else float(int(value))
-
-
-def resolve_budget(budget: float | None, full_bytes: int) -> int | None:
-    """Budget in bytes given the ``d_max`` model's bytes (``None`` stays ``None``)."""
-    if budget is None:
-        return None
-    return int(budget * full_bytes) if budget <= 1 else int(budget)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from types import FrameType
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from torchrec_dimgrow.errors import CheckpointError, DimGrowError
+from torchrec_dimgrow.errors import CheckpointError, DiskError
 
 DISK_ERRNOS = {
     errno.ENOSPC: "no space left on device",
@@ -42,10 +42,6 @@ SHORT_WRITE_MARKERS = ("unexpected pos", "PytorchStreamWriter failed writing", "
 """Substrings of torch's zip writer's messages (``inline_container.cc``) for a write the OS
 cut short; specific enough not to match a collective's socket errors."""
 _LOW_SPACE = 1 << 20
-
-
-class DiskError(DimGrowError, OSError):
-    """A write failed for lack of space, a file-size limit or an I/O error; names the path."""
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -15,13 +15,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from torchrec_dimgrow.errors import UsageError
+from torchrec_dimgrow.errors import DirectoryInUse
 
 LOCK_FILE = ".dimgrow.lock"
-
-
-class DirectoryInUse(UsageError):
-    """Another live run holds the directory; the refused run must not touch anything in it."""
 
 
 def _holder(handle: int) -> str:

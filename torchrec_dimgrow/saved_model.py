@@ -34,7 +34,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_dimgrow.diskwrite import agreed_write, deferred_sigint, disk_errors
-from torchrec_dimgrow.errors import CheckpointError, DimGrowError
+from torchrec_dimgrow.errors import CheckpointError, ModelError
 from torchrec_dimgrow.manifest import MANIFEST, Verified, verify, write_manifest
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.tables import normal_init
@@ -45,10 +45,6 @@ WEIGHTS_SUBDIR = "dcp"
 SPEC_VERSION = 1
 MODEL_KIND = "saved_model"
 """``config.kind`` of a saved model's manifest (a search checkpoint's records its flags)."""
-
-
-class ModelError(DimGrowError, ValueError):
-    """A saved model that is missing, malformed or does not match its spec (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ def save_model(
     (:func:`~torchrec_dimgrow.manifest.vocab_fingerprint`), recorded so that ``evaluate``
     refuses data whose ids mean other values. The directory is written as ``model.tmp``
     and renamed when complete, so a crash never leaves a half model that looks whole; a
-    full disk is one :class:`~torchrec_dimgrow.diskwrite.DiskError` and no ``model.tmp``.
+    full disk is one :class:`~torchrec_dimgrow.errors.DiskError` and no ``model.tmp``.
     """
     spec.validate("save_model")
     final = Path(out_dir) / MODEL_SUBDIR

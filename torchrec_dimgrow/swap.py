@@ -497,20 +497,9 @@ def export(
     return model
 
 
-def gate_summary(handle: DimGrowHandle) -> dict[str, list[float]]:
-    """Gate values of the active slots, per table (for logs)."""
-    out: dict[str, list[float]] = {}
-    for coll in handle.collections.values():
-        gates = coll.gate_values()
-        for t, (name, d) in enumerate(coll.dims().items()):
-            out[name] = [round(float(v), 4) for v in gates[t, :d]]
-    return out
-
-
 __all__ = [
     "DimGrowHandle",
     "default_loss",
     "export",
-    "gate_summary",
     "swap_in",
 ]

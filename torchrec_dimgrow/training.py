@@ -133,14 +133,53 @@ def evaluate(
     return auc_logloss(gather_1d(scores).cpu(), gather_1d(labels).cpu())
 
 
-def cycle_batches(split: Split, batch_size: int, seed: int, rank: int, world_size: int) -> Iterator[Batch]:
-    """Endless shuffled pass over ``split`` (the validation stream of the gate steps)."""
-    epoch = 0
-    while True:
-        yield from split.batches(
-            batch_size, shuffle=True, seed=seed + 7919, epoch=epoch, rank=rank, world_size=world_size
+class ValStream:
+    """Endless shuffled pass over ``split``: this rank's validation batches of the gate steps.
+
+    Resumable: ``epoch`` and ``batch`` are the position of the next batch (the epoch of the
+    shuffle and the batch within it); a stream opened at a saved position continues with the
+    very batches the saved one would have yielded.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        epoch: int = 0,
+        batch: int = 0,
+    ) -> None:
+        self.split, self.batch_size, self.seed = split, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.batch = epoch, batch
+        self._it = self._open()
+
+    def _open(self) -> Iterator[Batch]:
+        return self.split.batches(
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed + 7919,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            start_batch=self.batch,
         )
-        epoch += 1
+
+    def __iter__(self) -> ValStream:
+        return self
+
+    def __next__(self) -> Batch:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self.batch = 0
+            self._it = self._open()
+            batch = next(self._it)
+        self.batch += 1
+        return batch
 
 
 def is_better(value: float, best: float) -> bool:

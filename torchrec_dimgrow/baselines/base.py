@@ -47,11 +47,7 @@ from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import shard_model
 from torchrec_dimgrow.modules.backbone import Combine, CTRModel
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.training import EarlyStopping, bce, cycle_batches, evaluate, fit
-
-
-def vocab_dict(data: PreparedData) -> dict[str, int]:
-    return {f: int(v) for f, v in zip(data.fields, data.vocab_sizes, strict=True)}
+from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, fit
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -277,7 +273,7 @@ class BaselineSearch(abc.ABC):
         placement = placement or Placement()
         torch.manual_seed(train_cfg.seed)
         ebc_device = torch.device("meta") if placement.sharded else None
-        sparse = self.build_sparse(list(data.fields), vocab_dict(data), ebc_device)
+        sparse = self.build_sparse(list(data.fields), data.vocab(), ebc_device)
         model = self.build_model(sparse, list(data.fields), train_cfg)
         if placement.sharded:
             return self._shard(model, train_cfg, placement)
@@ -335,7 +331,7 @@ class BaselineSearch(abc.ABC):
         p, opts = trained.placement, trained.opts
         val_stream = None
         if opts.arch is not None:
-            val_stream = cycle_batches(data.val, train_cfg.batch_size, train_cfg.seed, p.rank, p.world_size)
+            val_stream = ValStream(data.val, train_cfg.batch_size, train_cfg.seed, p.rank, p.world_size)
         best_state: dict[str, torch.Tensor] | None = None
 
         def batches(epoch: int) -> Iterable[Batch]:

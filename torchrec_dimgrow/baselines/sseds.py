@@ -27,7 +27,6 @@ from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
     Trained,
-    vocab_dict,
 )
 from torchrec_dimgrow.baselines.supernet import (
     SparseSuperNet,
@@ -153,7 +152,7 @@ class SSEDSSearch(BaselineSearch):
 
     def export_dims(self, trained: Trained, data: PreparedData, train_cfg: TrainConfig) -> dict[str, int]:
         self._saliency = self.saliency(trained, data)
-        return keep_top(self._saliency, list(data.fields), vocab_dict(data), self.config)
+        return keep_top(self._saliency, list(data.fields), data.vocab(), self.config)
 
     def extra_info(self, trained: Trained) -> dict[str, Any]:
         if self._saliency is None:

@@ -7,10 +7,10 @@ global batch plan.
 """
 
 from torchrec_dimgrow.data.columns import MISSING
-from torchrec_dimgrow.data.errors import DataError
 from torchrec_dimgrow.data.prepare import FORMATS, prepare
 from torchrec_dimgrow.data.split import Split
 from torchrec_dimgrow.data.store import PreparedData, load_prepared, load_vocab, vocab_path
+from torchrec_dimgrow.errors import DataError
 
 __all__ = [
     "FORMATS",

@@ -15,7 +15,7 @@ import pyarrow as pa
 from torchrec_dimgrow.data.chunk import Chunk
 from torchrec_dimgrow.data.columns import as_tokens, int_tokens, parse_ints, text_labels
 from torchrec_dimgrow.data.csv_stream import CsvDialect, TextBatch, header_names, read_first_line, stream_text
-from torchrec_dimgrow.data.errors import DataError
+from torchrec_dimgrow.errors import DataError
 
 LABEL = "click"
 _DROPPED = {"id", LABEL, "hour"}

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from torchrec_dimgrow.data.errors import DataError
+from torchrec_dimgrow.errors import DataError
 
 MISSING = "<missing>"
 """Token of an empty/null value; it gets a vocab id like any value (if frequent enough)."""

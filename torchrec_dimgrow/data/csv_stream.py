@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from torchrec_dimgrow.data.errors import DataError
+from torchrec_dimgrow.errors import DataError
 
 BLOCK_SIZE = 8 << 20
 """Bytes per pyarrow read block (module-level so tests can force many small blocks)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchrec_dimgrow.data.errors import DataError
+from torchrec_dimgrow.errors import DataError
 
 SPLITS = ("train", "val", "test")
 _ALIASES = {"train": ("train",), "val": ("val", "dev", "valid"), "test": ("test",)}

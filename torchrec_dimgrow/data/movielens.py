@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from torchrec_dimgrow.data.chunk import Chunk
 from torchrec_dimgrow.data.columns import MISSING, as_tokens, first_false, parse_ints
 from torchrec_dimgrow.data.csv_stream import CsvDialect, TextBatch, stream_text
-from torchrec_dimgrow.data.errors import DataError
+from torchrec_dimgrow.errors import DataError
 
 FIELDS = ["user_id", "item_id", "age", "gender", "occupation", "zip", "release_year", "first_genre"]
 FILES = ("u.data", "u.user", "u.item")

@@ -25,7 +25,6 @@ from torchrec_dimgrow.data.avazu import AvazuReader
 from torchrec_dimgrow.data.chunk import Chunk, FormatReader
 from torchrec_dimgrow.data.columns import MISSING
 from torchrec_dimgrow.data.criteo import CriteoReader
-from torchrec_dimgrow.data.errors import DataError
 from torchrec_dimgrow.data.layout import SPLITS, Layout, resolve_files, resolve_movielens
 from torchrec_dimgrow.data.movielens import LAYOUTS as MOVIELENS_LAYOUTS
 from torchrec_dimgrow.data.movielens import MovieLensReader
@@ -42,6 +41,7 @@ from torchrec_dimgrow.data.store import (
 from torchrec_dimgrow.data.tabular import CsvTableReader, ParquetReader
 from torchrec_dimgrow.data.vocab import FieldVocab, ValueCounter
 from torchrec_dimgrow.diskwrite import disk_errors
+from torchrec_dimgrow.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from torchrec import EmbeddingBagConfig
 
-from torchrec_dimgrow.data.errors import DataError
 from torchrec_dimgrow.data.layout import SPLITS
 from torchrec_dimgrow.data.split import Split
+from torchrec_dimgrow.errors import DataError
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -51,6 +51,10 @@ class PreparedData:
     test: Split
     source: dict[str, Any]
     directory: Path | None = None  # the prepared dataset on disk (its vocab.json); None: in memory
+
+    def vocab(self) -> dict[str, int]:
+        """Rows of each field's table, ``{field: vocab size}`` in field order."""
+        return {f: int(v) for f, v in zip(self.fields, self.vocab_sizes, strict=True)}
 
     def table_configs(self, embedding_dim: int | dict[str, int]) -> list[EmbeddingBagConfig]:
         """One table per field; a dict gives per-field dims and a 0 drops the field."""

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from torchrec_dimgrow.data.chunk import Chunk
 from torchrec_dimgrow.data.columns import as_tokens, numeric_labels, text_labels
 from torchrec_dimgrow.data.csv_stream import CsvDialect, header_names, stream_text
-from torchrec_dimgrow.data.errors import DataError
+from torchrec_dimgrow.errors import DataError
 
 PARQUET_BATCH_ROWS = 65_536
 CSV_DIALECT = CsvDialect(delimiter=",", quoting=True)

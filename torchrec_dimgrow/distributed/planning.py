@@ -9,6 +9,7 @@ row-wise plans (which TorchRec's planner does not offer on CPU) are built by han
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,7 +25,7 @@ from torchrec.distributed.sharding_plan import (
     row_wise,
     table_wise,
 )
-from torchrec.distributed.types import EmbeddingModuleShardingPlan, ShardingPlan
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -150,3 +151,18 @@ def plan_collection(
     if module_plan is None:
         raise RuntimeError(f"planner returned no plan for {fqn!r}")
     return module_plan  # type: ignore[return-value]
+
+
+def pin_width(ps: ParameterSharding | None, old: int, new: int) -> ParameterSharding | None:
+    """``ps`` at width ``new``, every shard on the rank it was; ``None`` unless every shard
+    holds whole rows (table-wise, row-wise, or a column split into a single column
+    shard), the layouts whose shards a width change does not split."""
+    shards = getattr(ps.sharding_spec, "shards", None) if ps is not None else None
+    if ps is None or not shards:
+        return None
+    if any(int(m.shard_offsets[1]) != 0 or int(m.shard_sizes[1]) != old for m in shards):
+        return None
+    pinned = copy.deepcopy(ps)
+    for m in pinned.sharding_spec.shards:  # type: ignore[union-attr]
+        m.shard_sizes[1] = new
+    return pinned

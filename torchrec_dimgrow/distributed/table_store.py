@@ -22,7 +22,6 @@ All fields that changed at one check are handled by one re-plan.
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +38,7 @@ from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSha
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 
-from torchrec_dimgrow.distributed.planning import PlanningConfig, plan_collection, validate_configs
+from torchrec_dimgrow.distributed.planning import PlanningConfig, pin_width, plan_collection, validate_configs
 from torchrec_dimgrow.distributed.shard_io import (
     Spill,
     SpilledTable,
@@ -128,21 +127,6 @@ def _forget_handover(ebc: nn.Module) -> None:
             param._optimizer_kwargs = [  # type: ignore[attr-defined]
                 {k: v for k, v in kw.items() if k != "preallocated_host_buffers"} for kw in kwargs
             ]
-
-
-def pin_width(ps: ParameterSharding | None, old: int, new: int) -> ParameterSharding | None:
-    """``ps`` at width ``new``, every shard on the rank it was; ``None`` unless every shard
-    holds whole rows (table-wise, row-wise, or a column split into a single column
-    shard), the layouts whose shards a width change does not split."""
-    shards = getattr(ps.sharding_spec, "shards", None) if ps is not None else None
-    if ps is None or not shards:
-        return None
-    if any(int(m.shard_offsets[1]) != 0 or int(m.shard_sizes[1]) != old for m in shards):
-        return None
-    pinned = copy.deepcopy(ps)
-    for m in pinned.sharding_spec.shards:  # type: ignore[union-attr]
-        m.shard_sizes[1] = new
-    return pinned
 
 
 def find_fqn(root: nn.Module, target: nn.Module) -> str:

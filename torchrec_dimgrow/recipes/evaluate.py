@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.errors import ModelError
 from torchrec_dimgrow.manifest import Verified, vocab_difference, vocab_fingerprint
-from torchrec_dimgrow.saved_model import ModelError, ModelSpec, load_model, saved_vocab, verify_model
+from torchrec_dimgrow.saved_model import ModelSpec, load_model, saved_vocab, verify_model
 from torchrec_dimgrow.training import evaluate
 
 log = logging.getLogger(__name__)

@@ -96,7 +96,7 @@ def retrain(
     )
     model.load_state_dict(best_state)
     test = evaluate(model, data.test, tc.batch_size)
-    vocab = dict(zip(data.fields, data.vocab_sizes))
+    vocab = data.vocab()
     found = {f: int(dims[f]) for f in data.fields}
     metrics: dict[str, Any] = {
         "test_auc": test["auc"],

@@ -42,16 +42,17 @@ from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
 from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors
 from torchrec_dimgrow.distributed.env import DistEnv
-from torchrec_dimgrow.distributed.importance import SlotGateMean
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import Interrupted, NonFiniteError
+from torchrec_dimgrow.gate_mean import SlotGateMean
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.modules.tables import FP32_BYTES, field_bytes
+from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.policy import final_dims, vote_dims
-from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, learned_floor
+from torchrec_dimgrow.policy import final_dims
+from torchrec_dimgrow.recipes.vote import publish_vote
+from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, learned_floor
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +94,6 @@ class SearchState:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchState:
         return cls(**{**raw, "early": EarlyStopping(**raw["early"])})
-
-
-class ValStream:
-    """Endless, resumable stream of this rank's validation batches (gate steps)."""
-
-    def __init__(self, split: Split, batch_size: int, seed: int, env: DistEnv, state: SearchState) -> None:
-        self.split, self.batch_size, self.seed, self.env, self.state = split, batch_size, seed, env, state
-        self._it = self._open()
-
-    def _open(self):  # type: ignore[no-untyped-def]
-        return self.split.batches(
-            self.batch_size,
-            shuffle=True,
-            seed=self.seed + 7919,
-            epoch=self.state.val_epoch,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            start_batch=self.state.val_batch,
-        )
-
-    def next(self):  # type: ignore[no-untyped-def]
-        try:
-            batch = next(self._it)
-        except StopIteration:
-            self.state.val_epoch += 1
-            self.state.val_batch = 0
-            self._it = self._open()
-            batch = next(self._it)
-        self.state.val_batch += 1
-        return batch
 
 
 def build_search_model(
@@ -200,7 +171,15 @@ class DimGrowSearch:
             self.trajectory = list(restored.run_state["trajectory"])
         if restored is None or not restored.rng_restored:  # with other ranks the RNG streams differ anyway
             torch.manual_seed(tc.seed * 1000 + env.rank)
-        self.val_stream = ValStream(data.val, tc.batch_size, tc.seed, env, self.state)
+        self.val_stream = ValStream(
+            data.val,
+            tc.batch_size,
+            tc.seed,
+            env.rank,
+            env.world_size,
+            self.state.val_epoch,
+            self.state.val_batch,
+        )
         self._note_memory()
         self.board = _summary_writer(opts.tensorboard) if env.is_main else None
 
@@ -220,6 +199,12 @@ class DimGrowSearch:
 
     def _loss(self, batch: Batch) -> torch.Tensor:
         return bce(self.dmp(batch.sparse_features), batch.labels)
+
+    def next_val_batch(self) -> Batch:
+        """The next gate-step batch; its position goes into the state a checkpoint saves."""
+        vbatch = next(self.val_stream)
+        self.state.val_epoch, self.state.val_batch = self.val_stream.epoch, self.val_stream.batch
+        return vbatch
 
     def train_step(self, batch: Batch, vbatch: Batch) -> tuple[float, CheckReport | None]:
         """One training step on ``batch``, then the controller's DimGrow step on ``vbatch``."""
@@ -327,7 +312,7 @@ class DimGrowSearch:
                     start_batch=st.batch_in_epoch,
                 )
                 for batch in batches:
-                    loss, check = self.train_step(batch, self.val_stream.next())
+                    loss, check = self.train_step(batch, self.next_val_batch())
                     st.step += 1
                     st.batch_in_epoch += 1
                     self._check_finite(loss)
@@ -437,7 +422,7 @@ class DimGrowSearch:
         st = self.state
         found = self.found_dims()
         test = self.evaluate(self.data.test)
-        vocab = dict(zip(self.data.fields, self.data.vocab_sizes))
+        vocab = self.data.vocab()
         metrics = {
             "val_auc": st.early.best,
             "best_epoch": st.early.best_epoch,
@@ -550,38 +535,4 @@ def run_search(
                 f"be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
                 step=exc.step,
             ) from None
-    return _publish_vote(data, tc.seed, results, env, opts.out_dir)
-
-
-def _publish_vote(
-    data: PreparedData, first_seed: int, results: list[dict[str, Any]], env: DistEnv, out_dir: Path
-) -> dict[str, Any]:
-    """The vote of ``results`` (one per seed from ``first_seed``); rank 0 writes dims and metrics."""
-    vocab = dict(zip(data.fields, data.vocab_sizes))
-    costs = [FP32_BYTES * v for v in data.vocab_sizes]
-    budget = results[0]["metrics"]["budget_bytes"]
-    voted = vote_dims([[r["dims"][f] for f in data.fields] for r in results], costs, budget)
-    found = dict(zip(data.fields, voted))
-    metrics = {
-        "votes": [
-            {
-                "seed": first_seed + k,
-                "dims": r["dims"],
-                "val_auc": r["metrics"]["val_auc"],
-                "found_embedding_bytes": r["metrics"]["found_embedding_bytes"],
-            }
-            for k, r in enumerate(results)
-        ],
-        "val_auc": sum(r["metrics"]["val_auc"] for r in results) / len(results),
-        "world_size": env.world_size,
-        "replans": sum(r["metrics"]["replans"] for r in results),
-        "wall_seconds": round(sum(r["metrics"]["wall_seconds"] for r in results), 3),
-        "found_total_dim": sum(voted),
-        "found_embedding_bytes": field_bytes(vocab, found),
-        "budget_bytes": budget,
-        "dropped_fields": sorted(f for f, d in found.items() if d == 0),
-    }
-    if env.is_main:
-        write_dims_json(out_dir / "dims.json", found)
-        write_json_atomic(out_dir / "metrics.json", metrics)
-    return {"dims": found, "metrics": metrics}
+    return publish_vote(data, tc.seed, results, env, opts.out_dir)
