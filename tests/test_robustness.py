@@ -11,7 +11,6 @@ import contextlib
 import errno
 import io
 import json
-import logging
 import os
 import re
 import resource
@@ -20,7 +19,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,16 +41,6 @@ from torchrec_dimgrow.runlock import LOCK_FILE, acquire, release
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("a", "b", "c")
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_package_logger() -> Iterator[None]:
-    """main() gives the package logger its own handler; later test files get it back as it was."""
-    pkg = logging.getLogger("torchrec_dimgrow")
-    handlers, propagate, level = list(pkg.handlers), pkg.propagate, pkg.level
-    yield
-    pkg.handlers[:], pkg.propagate = handlers, propagate
-    pkg.setLevel(level)
 
 
 def _rows(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,16 +28,6 @@ from torchrec_dimgrow.optim import EmbeddingOptimizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO = str(DATA / "criteo" / "criteo_head8k")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_package_logger() -> Iterator[None]:
-    """main() gives the package logger its own handler; later test files get it back as it was."""
-    pkg = logging.getLogger("torchrec_dimgrow")
-    handlers, propagate, level = list(pkg.handlers), pkg.propagate, pkg.level
-    yield
-    pkg.handlers[:], pkg.propagate = handlers, propagate
-    pkg.setLevel(level)
 
 
 @pytest.fixture(scope="module")
