@@ -11,6 +11,15 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child process, without the rendezvous variables an
+    in-process 1-rank run left behind: a child would otherwise try to listen on that run's
+    port, which may be taken by then (EADDRINUSE)."""
+    return {**{k: v for k, v in os.environ.items() if k not in RENDEZVOUS}, **extra}
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -8,7 +8,6 @@ mechanism, not whether a few steps of training happen to learn good embeddings.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
+from tests.dist_utils import child_env
 from torchrec_dimgrow.artifacts import read_dims_json
 from torchrec_dimgrow.baselines import BASELINES, make_baseline
 from torchrec_dimgrow.baselines.autodim import AutoDimPost, power_of_two_candidates
@@ -279,7 +279,7 @@ SHARDED_SCRIPT = textwrap.dedent(
 
 def test_baselines_shard_with_the_stock_sharder_and_fused_optimizer() -> None:
     """Same path as the DimGrow search: meta EBC, fused Adagrad, TorchRec planner + DMP (1 rank)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env = child_env()
     env["OMP_NUM_THREADS"] = "1"  # OpenMP spin-waits make a shared 2-core box crawl
     proc = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=180, env=env

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import dlrm_workers as w
-from tests.dist_utils import run_ranks
+from tests.dist_utils import child_env, run_ranks
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "criteo_head8k"
 STEPS = 36
@@ -65,7 +65,6 @@ def test_dlrm_pipeline_search_replans_mid_training_and_exports(
 def test_example_script_runs_end_to_end(criteo_cache: str, tmp_path: Path) -> None:
     """examples/dlrm_criteo.py under torchrun, 2 ranks, CI-sized (--max-steps)."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -75,7 +74,7 @@ def test_example_script_runs_end_to_end(criteo_cache: str, tmp_path: Path) -> No
         str(repo / "examples" / "dlrm_criteo.py"), "--data", str(SAMPLE), "--cache-dir", criteo_cache,
         "--epochs", "2", "--max-steps", "24", "--out", str(tmp_path),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=repo)
     assert proc.returncode == 0, proc.stderr[-4000:]
     dims = json.loads((tmp_path / "dims.json").read_text())

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist_utils import child_env
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -55,7 +56,7 @@ def test_random_allocation_fills_the_budget_without_exceeding_it() -> None:
 
 
 def test_bench_frontier_runs_end_to_end(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     args = ["--data", "fm", "--rows", "3000", "--uniform", "1,2", "--budgets", "0.3", "--methods", "dimgrow,sseds",
             "--no-unbudgeted", "--search-seeds", "0,1", "--retrain-seeds", "0", "--search-epochs", "1",
             "--retrain-epochs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
@@ -79,7 +80,7 @@ def test_bench_frontier_runs_end_to_end(tmp_path: Path) -> None:
 
 
 def test_bench_frontier_retrains_hand_picked_allocations_with_their_margin(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     base = ["--data", "fm", "--rows", "3000", "--uniform", "1,2", "--methods", "", "--retrain-seeds", "0",
             "--retrain-epochs", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
 
@@ -114,7 +115,7 @@ def test_bench_frontier_votes_over_cached_searches(tmp_path: Path) -> None:
     from torchrec_dimgrow.data.synthetic import generate
     from torchrec_dimgrow.policy import vote_dims
 
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     work = tmp_path / "work"
     args = ["--data", "fm", "--rows", "3000", "--uniform", "1", "--budgets", "0.2", "--methods", "dimgrow",
             "--no-unbudgeted", "--search-seeds", "1", "--search-votes", "3", "--retrain-seeds", "0",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.dist_utils import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +27,7 @@ def test_readme_python_blocks_run_and_dims_change(tmp_path: Path) -> None:
         "\n\nassert controller.steps == 20\n"
         "import json; print('RESULT', json.dumps({'dims': ebc.dims(), 'plain': len(plain)}))\n"
     )
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
-    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "LOCAL_RANK")}
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.dist_utils import run_ranks
+from tests.dist_utils import child_env, run_ranks
 from torchrec_dimgrow.artifacts import write_json_atomic
 from torchrec_dimgrow.cli import main
 from torchrec_dimgrow.data import load_prepared, prepare
@@ -40,7 +40,6 @@ from torchrec_dimgrow.runlock import LOCK_FILE, acquire, release
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("a", "b", "c")
-RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def _rows(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
@@ -314,7 +313,7 @@ def _child(args: list[str], limit_bytes: int | None = None) -> subprocess.Popen[
         if limit_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}  # set by in-process runs
+    env = child_env()
     env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     return subprocess.Popen(
         [sys.executable, "-m", "torchrec_dimgrow", *args],

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
+from tests.dist_utils import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -56,7 +57,7 @@ def test_generate_writes_row_groups_and_a_learnable_label(tmp_path: Path) -> Non
 
 
 def test_quick_run_streams_two_ranks_and_replans(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    env = child_env(PYTHONHASHSEED="0")
     data = tmp_path / "data"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--quick", "--data", str(data),

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dist_utils import child_env
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
@@ -90,7 +92,7 @@ def test_spearman_is_undefined_on_a_constant_side() -> None:
 
 
 def test_bench_suite_runs_end_to_end_and_resumes_from_its_cache(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH.parent), env.get("PYTHONPATH", "")])
     args = ["--instances", "2", "--scale", "tiny", "--search-seeds", "0", "--retrain-seeds", "0",
             "--search-epochs", "2", "--retrain-epochs", "1", "--uniform", "1,4", "--d-max", "4",
@@ -134,7 +136,7 @@ def test_bench_suite_rejects_an_unlabelled_variant_and_a_bad_scale(
 
 
 def test_bench_frontier_adds_mde_and_pruning_at_each_dimgrow_point(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH.parent), env.get("PYTHONPATH", "")])
     args = ["--data", "fm", "--rows", "3000", "--uniform", "1,4", "--d-max", "4", "--budgets", "0.5",
             "--methods", "dimgrow,mde,prune", "--no-unbudgeted", "--search-seeds", "0", "--retrain-seeds", "0",

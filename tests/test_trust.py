@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.dist_utils import dcp_tensors, same_tensors
+from tests.dist_utils import child_env, dcp_tensors, same_tensors
 from torchrec_dimgrow.cli import main
 from torchrec_dimgrow.data import prepare
 from torchrec_dimgrow.manifest import verify
@@ -422,7 +421,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(cache: Path, finished: Path, t
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "torchrec_dimgrow",
          *args, "--resume", str(run)],
-        env={**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"},
+        env=child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1"),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
