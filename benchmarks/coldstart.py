@@ -2,12 +2,18 @@
 
     python benchmarks/coldstart.py --seeds 0,1,2,3,4                  # package defaults
     python benchmarks/coldstart.py --seeds 0,1,2,3,4 --set initial_dim=4 --label init4
+    python benchmarks/coldstart.py --seeds 0,1,2 --rows 65000 --signal 6 --exponent 1.0 \
+        --vocab 50,5000,120,800,2000,300,60,1500,400,3000,90,200 \
+        --ranks 0,4,2,8,1,6,0,3,5,2,0,8 --label zipf        # Zipf ids, cheap noise fields
 
 Runs the 1-rank DimGrow search recipe on :func:`~torchrec_dimgrow.data.synthetic.fm_interactions`
 (a factorization-machine teacher over hidden per-field ranks 0,0,1,2,4,8, no main
 effects) once per search seed and reports, per seed, the found dims, their Spearman
-correlation with the hidden ranks, the epochs run and whether the search stalled (stopped
-with every field at <= 1 logical dim). ``--set key=value`` overrides a ``DimGrowConfig`` field.
+correlation with the hidden ranks, the epochs run, whether the search stalled (stopped
+with every field at <= 1 logical dim) and whether it learned (``metrics["learned"]``: best
+validation AUC 2 standard errors above its start). ``--vocab``/``--ranks``/``--exponent``/
+``--signal`` shape the data (per-field rows, Zipf ids): the ``zipf`` line above is the shape on
+which searches end at chance AUC. ``--set key=value`` overrides a ``DimGrowConfig`` field.
 Writes ``<out>/coldstart[_<label>].{csv,json}``.
 """
 
@@ -22,7 +28,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, quiet_logs, write_rows
 
-COLUMNS = ["search_seed", "spearman", "stalled", "epochs", "best_epoch", "val_auc", "max_logical", "dims"]
+COLUMNS = [
+    "search_seed",
+    "spearman",
+    "stalled",
+    "learned",
+    "epochs",
+    "best_epoch",
+    "val_auc",
+    "max_logical",
+    "dims",
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--rows", type=int, default=60_000)
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--vocab", default="20", help="rows of every field, or one per field (comma-separated)")
+    p.add_argument("--ranks", default="0,0,1,2,4,8", help="hidden rank per field")
+    p.add_argument("--exponent", type=float, default=None, help="Zipf exponent of the ids (default uniform)")
+    p.add_argument("--signal", type=float, default=3.0)
     p.add_argument("--set", action="append", default=[], help="DimGrowConfig override key=value")
     p.add_argument("--label", default="")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -49,7 +69,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     overrides = parse_sets(args.set)
     dg = DimGrowConfig(**overrides)
-    data = fm_interactions(FMConfig(rows=args.rows, seed=args.data_seed))
+    vocab = [int(v) for v in args.vocab.split(",")]
+    data = fm_interactions(
+        FMConfig(
+            rows=args.rows,
+            seed=args.data_seed,
+            vocab=vocab[0] if len(vocab) == 1 else tuple(vocab),
+            ranks=tuple(int(r) for r in args.ranks.split(",")),
+            signal=args.signal,
+            exponent=args.exponent,
+        )
+    )
     need = data.source["need"]
     env = init_distributed("gloo")
     rows: list[dict[str, Any]] = []
@@ -66,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
                     float(spearmanr([need[f] for f in need], [dims[f] for f in need]).statistic), 3
                 ),
                 "stalled": all(d <= 1 for d in dims.values()) and peak <= len(dims),
+                "learned": m["learned"],
                 "epochs": m["epochs"],
                 "best_epoch": m["best_epoch"],
                 "val_auc": round(m["val_auc"], 4),

@@ -252,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--local", action="store_true", help="plain modules instead of a 1-rank DMP")
 
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (source checkout)")
-    b.add_argument(
-        "name", choices=["memory", "quality", "overhead", "replan", "dlrm", "frontier", "serving", "suite"]
-    )
+    b.add_argument("name", help=f"a script of benchmarks/: {', '.join(bench_names()) or '(none here)'}")
     b.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
@@ -636,11 +634,21 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench_names() -> list[str]:
+    """Every runnable script of ``benchmarks/`` (helpers start with ``_``); none outside a checkout."""
+    return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}.py"
-    if not script.is_file():
-        print(f"benchmark {script} not found: 'bench' needs a source checkout", file=sys.stderr)
+    """Run ``benchmarks/NAME.py`` with the remaining arguments (the CLI only dispatches)."""
+    if args.name not in bench_names():
+        where = f"one of {', '.join(bench_names())}" if bench_names() else "a source checkout"
+        print(f"error: no benchmark {args.name!r} in {BENCH_DIR}: 'bench' needs {where}", file=sys.stderr)
         return 2
+    script = BENCH_DIR / f"{args.name}.py"
     sys.argv = [str(script), *args.args]
     runpy.run_path(str(script), run_name="__main__")
     return 0
