@@ -10,14 +10,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+_PKG = logging.getLogger("torchrec_dimgrow")
+_PRISTINE = (list(_PKG.handlers), _PKG.propagate, _PKG.level)
+
+
+def _restore_package_logger() -> None:
+    handlers, propagate, level = _PRISTINE
+    for handler in [h for h in _PKG.handlers if h not in handlers]:
+        _PKG.removeHandler(handler)
+    _PKG.propagate, _PKG.level = propagate, level
+
+
 @pytest.fixture(autouse=True)
 def _package_logger_as_found() -> Iterator[None]:
-    """Undo what a CLI run in a test does to the package logger (its own stderr handler, no
-    propagation): a later test's ``caplog`` would see nothing, and the handler would write to
-    a captured stream that is closed by then."""
-    pkg = logging.getLogger("torchrec_dimgrow")
-    handlers, propagate, level = list(pkg.handlers), pkg.propagate, pkg.level
+    """Every test starts and ends with the package logger as the session found it.
+
+    A CLI run (``main()``, also inside module-scoped fixtures, which are set up before this
+    one) gives it its own stderr handler and stops propagation: a later test's ``caplog``
+    would see nothing, and the handler would write to a captured stream closed by then.
+    """
+    _restore_package_logger()
     yield
-    for handler in [h for h in pkg.handlers if h not in handlers]:
-        pkg.removeHandler(handler)
-    pkg.propagate, pkg.level = propagate, level
+    _restore_package_logger()
