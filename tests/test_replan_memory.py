@@ -162,3 +162,41 @@ def test_replan_frees_a_table_that_an_earlier_replan_handed_over() -> None:
     # may change owner) RSS must grow by about new - old = 64 MB, not by all 128 MB.
     deltas = [r["delta"] for r in run_ranks(_handed_over_then_changed_worker, 2)]
     assert sum(deltas) < 96_000_000, deltas
+
+
+def _old_module_worker(rank: int, world: int, in_place: bool) -> dict[str, Any]:
+    import gc
+    import weakref
+
+    from torchrec_dimgrow.policy import DimChange
+
+    coll, store = _sharded_tables([5_000, 7_000])
+    store.rewidth_in_place = in_place
+    gc.collect()
+    gc.disable()  # what is left to the cycle collector stays until a full collection
+    try:
+        old = store.sharded
+        tbes = [m for lookup in old._lookups for m in lookup.modules()]
+        refs = [weakref.ref(old), *(weakref.ref(m) for m in tbes)]
+        del old, tbes
+        coll.apply_changes([DimChange(0, "grow", 0, 4, 5)], store)
+        alive = sum(r() is not None for r in refs)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        garbage = [o for o in gc.garbage if type(o) in (torch.Tensor, torch.nn.Parameter)]
+        cyclic_bytes = sum(t.untyped_storage().nbytes() for t in garbage)
+        gc.set_debug(0)
+        gc.garbage.clear()
+    finally:
+        gc.enable()
+    return {"modules": len(refs), "alive": alive, "cyclic_tensor_bytes": cyclic_bytes}
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["spill", "in_place"])
+def test_replan_frees_the_old_module_without_the_cycle_collector(in_place: bool) -> None:
+    # The old sharded EBC, its lookups and TBEs refer back to themselves (TorchRec's
+    # state-dict hooks, FBGEMM's closures over the TBE): left to the cycle collector, every
+    # re-plan's old module would stay until a full collection, often the end of the run.
+    (r,) = run_ranks(_old_module_worker, 1, in_place)
+    assert r["modules"] > 2 and r["alive"] == 0, r
+    assert r["cyclic_tensor_bytes"] == 0, r
