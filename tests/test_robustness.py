@@ -524,3 +524,14 @@ def test_retrain_progress_bar_only_on_a_terminal(
     assert main([*args, "--out", str(tmp_path / "r"), "--epochs", "1", "--max-steps", "5"]) == 0
     err = capsys.readouterr().err
     assert "retrain epoch" not in err and "it/s" not in err, err
+
+
+def test_a_ctrl_c_that_dcp_wrapped_in_its_save_is_still_an_interrupt() -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from torchrec_dimgrow.diskwrite import was_interrupted
+
+    wrapped = CheckpointException("save failed", {0: (KeyboardInterrupt(), None)})
+    assert was_interrupted(wrapped)
+    assert not was_interrupted(CheckpointException("save failed", {1: (OSError("boom"), None)}))
+    assert not was_interrupted(RuntimeError("unrelated"))

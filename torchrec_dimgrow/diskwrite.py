@@ -63,6 +63,12 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
                     todo.append(inner)
 
 
+def was_interrupted(exc: BaseException) -> bool:
+    """Whether a Ctrl-C is in ``exc``'s chain: DCP wraps one that lands inside its write in a
+    ``CheckpointException``, which would otherwise read as a failed save."""
+    return any(isinstance(item, KeyboardInterrupt) for item in _chain(exc))
+
+
 def _existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -40,7 +41,7 @@ from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
-from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors
+from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors, was_interrupted
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
@@ -333,6 +334,10 @@ class DimGrowSearch:
                 if tc.max_steps is not None and st.step >= tc.max_steps:
                     st.done = True
         except KeyboardInterrupt:
+            raise Interrupted(self._interrupted_at(), step=self.state.step) from None
+        except CheckpointException as exc:
+            if not was_interrupted(exc):
+                raise
             raise Interrupted(self._interrupted_at(), step=self.state.step) from None
         bar.close()
         if self.board is not None:
