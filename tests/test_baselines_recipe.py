@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,27 @@ def test_baseline_metrics_json_has_the_search_keys(tmp_path: Path) -> None:
         and uniform["epochs"] == 0
         and uniform["found_total_dim"] == 12
     )
+
+
+def test_baseline_cli_writes_dims_and_metrics_and_takes_the_renamed_knobs(tmp_path: Path) -> None:
+    """``python -m torchrec_dimgrow baseline`` (1-rank DMP) goes through the recipe."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "autodim"
+    args = ["--data", str(root.parent / "shared" / "data" / "movielens-100k"), "--format", "movielens"]
+    args += ["--out", str(out), "--epochs", "1", "--max-steps", "30", "--quiet", "--method", "autodim"]
+    args += ["--d-max", "8", "--set", "gate_every=2", "--set", "gate_lr=0.01", "--set", "capacity_block=4"]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torchrec_dimgrow", "baseline", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    dims = json.loads((out / "dims.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["found_total_dim"] == sum(dims.values()) and f"total_dim {sum(dims.values())}" in r.stdout
+    assert m["steps"] == 30 and m["epochs"] == 1 and m["world_size"] == 1
+    assert m["extra"]["config"]["gate_every"] == 2 and m["extra"]["config"]["gate_lr"] == 0.01
