@@ -118,13 +118,14 @@ def search(
             res = run_search(data, dg, tc, planning, env, SearchOptions(Path(tmp), quiet=True))
         return dict(res["dims"])
     from torchrec_dimgrow.baselines import Placement, make_baseline
+    from torchrec_dimgrow.recipes.baseline import run_baseline
 
     extra: dict[str, Any] = {}
     if method == "sseds" and budget is not None:
         full = sum(data.vocab_sizes) * args.d_max
         extra["param_budget"] = int(budget * full)
-    found = make_baseline(method, d_max=args.d_max, **extra).search(
-        data, tc, placement=Placement(env, planning)
+    found = run_baseline(
+        make_baseline(method, d_max=args.d_max, **extra), data, tc, placement=Placement(env, planning)
     )
     return dict(found.dims)
 

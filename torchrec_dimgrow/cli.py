@@ -609,6 +609,7 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 def _cmd_baseline(args: argparse.Namespace) -> int:
     """A SuperNet baseline search (1-rank DMP, N ranks under torchrun, or ``--local``)."""
     from torchrec_dimgrow.baselines import Placement, make_baseline
+    from torchrec_dimgrow.recipes.baseline import run_baseline
 
     try:
         search = make_baseline(args.method, d_max=args.d_max, **parse_sets(args.set))
@@ -622,7 +623,7 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
         _lock_out(lock, args.out, env or DistEnv(0, 1, 0, torch.device("cpu"), "none"))
         cache = args.cache_dir or args.out / "data"
         data = _prepare_on_rank0(args, cache, env or DistEnv(0, 1, 0, torch.device("cpu"), "none"))
-        result = search.search(data, tc, out_dir=args.out, placement=Placement(env))
+        result = run_baseline(search, data, tc, out_dir=args.out, placement=Placement(env))
         finished = True
     finally:
         lock.close()
