@@ -40,6 +40,8 @@ RUN_CONTROL = frozenset(
 )
 """Settings that steer how a run executes, not what it computes: free to change on resume."""
 
+PATH_KEYS = frozenset({"data.path"})
+
 BEHAVIOUR_BEFORE_SETTING = {"dimgrow.grow_price_exponent": 0.0, "dimgrow.cap_dims_at_rows": False}
 """What a search did before each of these settings existed (their defaults changed the rule).
 
@@ -96,13 +98,18 @@ def adopt_saved(cfg: SearchRunConfig, saved: Mapping[str, Any], explicit: Collec
     for key, value in sorted({**sectioned, **older}.items()):
         if key in RUN_CONTROL or key not in current:
             continue
-        if key in explicit and current[key] != value:
+        if key in explicit and _norm(key, current[key]) != _norm(key, value):
             raise UsageError(
                 f"{key} {current[key]} contradicts the checkpoint's {key} {value}; --resume continues "
                 "with the saved settings (drop the setting, or start a new run)"
             )
         current[key] = value
     return from_flat(type(cfg), current)
+
+
+def _norm(key: str, value: Any) -> Any:
+    """A path setting compares as the file it names (config.json records it absolute)."""
+    return str(Path(value).resolve()) if key in PATH_KEYS and isinstance(value, str) else value
 
 
 def preflight(cfg: SearchRunConfig, explicit: Collection[str]) -> tuple[SearchRunConfig, Verified]:
