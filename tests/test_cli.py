@@ -338,4 +338,5 @@ def test_voted_search_on_two_ranks_exports_the_vote_of_its_searches(tmp_path: Pa
     assert 0 < m["found_embedding_bytes"] <= m["budget_bytes"] == int(0.1 * 16 * 4 * sum(vocab.values()))
     # one of the votes is a complete search; resuming it alone would break the vote
     r = cli("search", *args, "--out", str(runs[0]), "--resume", str(runs[0]))
-    assert r.returncode == 2 and "a --votes run cannot be resumed" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "a voting run (run.votes > 1) cannot be resumed" in r.stderr, r.stderr[-2000:]

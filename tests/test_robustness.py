@@ -467,7 +467,7 @@ def test_ctrl_c_inside_a_checkpoint_write_keeps_the_previous_one(
         (
             ("--set", "run.votes=2"),
             7,  # the second search's third step
-            "interrupted at step 2 of the search with seed 1; a --votes run cannot be resumed "
+            "interrupted at step 2 of the search with seed 1; a voting run (run.votes) cannot be resumed "
             "(its finished searches stay in {out}/votes)",
         ),
     ],

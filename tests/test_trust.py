@@ -31,7 +31,7 @@ CRITEO = str(DATA / "criteo" / "criteo_head8k")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Criteo sample prepared once; every run below reuses it through --cache-dir."""
+    """The Criteo sample prepared once; every run below reuses it through data.cache_dir."""
     path = tmp_path_factory.mktemp("prepared") / "data"
     prepare(CRITEO, "criteo", path)
     return path

@@ -101,8 +101,8 @@ def run_search(
             results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
         except Interrupted as exc:  # a vote's searches cannot be resumed one by one
             raise Interrupted(
-                f"interrupted at step {exc.step} of the search with seed {seed}; a --votes run cannot "
-                f"be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
+                f"interrupted at step {exc.step} of the search with seed {seed}; a voting run (run.votes) "
+                f"cannot be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
                 step=exc.step,
             ) from None
     return publish_vote(data, tc.seed, results, env, opts.out_dir)
@@ -115,8 +115,8 @@ def resolve(cfg: SearchRunConfig, explicit: Collection[str]) -> tuple[SearchRunC
     cfg, found = preflight(cfg, explicit)
     if cfg.run.votes > 1:  # given now, or saved with the checkpoint
         raise UsageError(
-            "--resume continues one search; a --votes run cannot be resumed (its finished "
-            "searches stay in OUT/votes; start it again with --overwrite)"
+            "--resume continues one search; a voting run (run.votes > 1) cannot be resumed (its "
+            "finished searches stay in OUT/votes; start it again with --overwrite)"
         )
     return cfg, found
 
