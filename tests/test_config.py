@@ -215,3 +215,10 @@ def test_resume_compares_the_data_path_as_the_file_it_names() -> None:
     ):
         adopt_saved(cfg, saved, explicit={"data.path", "dimgrow.gate_lr"})
     assert adopt_saved(cfg, saved, explicit={"data.path"}).dimgrow.gate_lr == 0.001
+
+
+def test_the_example_config_file_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).resolve().parents[1] / "examples" / "search.toml"
+    got = printed(capsys, "search", "--config", str(example), "--set", "dimgrow.gate_lr=0.003")
+    assert (got["train"]["epochs"], got["train"]["batch_size"], got["dimgrow"]["alpha"]) == (20, 64, 0.1)
+    assert got["dimgrow"]["gate_lr"] == 0.003 and got["run"]["quiet"] is True
