@@ -369,10 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logs()
     import torch
 
-    from torchrec_dimgrow.cli import parse_sets
     from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
+    from torchrec_dimgrow.runconfig import parse_overrides
 
-    args.dimgrow_set = parse_sets(args.set)
+    args.dimgrow_set = parse_overrides(args.set)
 
     torch.set_num_threads(args.threads)
     name, data = load(args)

@@ -111,7 +111,7 @@ def found_dims(args: argparse.Namespace, flags: list[str], work: Path) -> dict[s
     path = args.dims or work / "search" / "dims.json"
     if not path.is_file():
         cmd = [sys.executable, "-m", "torchrec_dimgrow", "search", *flags, "--out", str(work / "search"),
-               "--cache-dir", str(work / "data"), "--seed", str(args.search_seed), "--quiet"]  # fmt: skip
+               "--set", f"data.cache_dir={work / 'data'}", "--seed", str(args.search_seed), "--quiet"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"search failed:\n{proc.stderr[-3000:]}")

@@ -304,7 +304,7 @@ def test_baseline_subcommand_writes_dims_and_rejects_unknown_knobs(tmp_path: Pat
     from torchrec_dimgrow.cli import main
 
     criteo = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "criteo_head8k")
-    common = ["baseline", "--data", criteo, "--format", "criteo", "--local", "--d-max", "4"]
+    common = ["baseline", "--data", criteo, "--format", "criteo", "--set", "run.local=true", "--d-max", "4"]
     assert main([*common, "--method", "uniform", "--out", str(tmp_path / "u")]) == 0
     dims = read_dims_json(tmp_path / "u" / "dims.json")
     assert len(dims) == 39 and set(dims.values()) == {4}

@@ -359,8 +359,8 @@ def test_cli_retrain_evaluate_export_chain_on_parquet(tmp_path: Path) -> None:
         str(run),
         "--epochs",
         "2",
-        "--max-steps",
-        "20",
+        "--set",
+        "train.max_steps=20",
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

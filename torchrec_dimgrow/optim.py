@@ -81,7 +81,7 @@ class EmbeddingOptimizer:
         """
         if device.type == "cpu" and self.name not in CPU_FUSED_OPTIMIZERS:
             raise UsageError(
-                f"--embedding-optimizer {self.name}: the fused CPU kernel (fbgemm-gpu) supports "
+                f"train.embedding_optimizer {self.name}: the fused CPU kernel (fbgemm-gpu) supports "
                 f"{', '.join(CPU_FUSED_OPTIMIZERS)} only; use one of those, or run on CUDA"
             )
 

@@ -19,6 +19,7 @@ a retrain:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,8 +37,12 @@ from torchrec_dimgrow.artifacts import write_dims_json, write_json_atomic
 from torchrec_dimgrow.baselines.base import BaselineSearch, Placement, Trained
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
+from torchrec_dimgrow.errors import UsageError
 from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import state_bytes, tensor_bytes
+from torchrec_dimgrow.recipes.setup import local_env, lock_out, prepare_on_rank0
+from torchrec_dimgrow.runconfig import BaselineRunConfig
 from torchrec_dimgrow.training import EarlyStopping, ValStream, fit
 
 log = logging.getLogger(__name__)
@@ -268,3 +273,38 @@ def run_baseline(
             write_json_atomic(out / "metrics.json", result.metrics)
             write_json_atomic(out / "search.json", result.to_dict())
     return result
+
+
+def baseline_main(cfg: BaselineRunConfig) -> int:
+    """The ``baseline`` command: a SuperNet baseline search (1-rank DMP, N ranks under torchrun,
+    or ``run.local`` plain modules) that writes dims.json. The method and its config overrides
+    (``--set method.KEY=VALUE``) go to :func:`~torchrec_dimgrow.baselines.make_baseline`."""
+    from torchrec_dimgrow.baselines import BASELINES, make_baseline
+
+    cfg.data.require()
+    method, out = cfg.run.method, cfg.run.out
+    if method not in BASELINES:
+        raise UsageError(f"run.method must be one of {sorted(BASELINES)}, got {method!r} (--method)")
+    if out is None:
+        raise UsageError("no output directory: pass --out (or run.out)")
+    try:
+        search = make_baseline(method, d_max=cfg.run.d_max, **cfg.method)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"baseline {method}: {exc}") from exc
+    env = None if cfg.run.local else init_distributed()
+    finished = False
+    lock = contextlib.ExitStack()
+    try:
+        lock_out(lock, Path(out), env or local_env())
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(out) / "data"
+        data = prepare_on_rank0(cfg.data, cache, env or local_env())
+        result = run_baseline(search, data, cfg.train, out_dir=Path(out), placement=Placement(env))
+        finished = True
+    finally:
+        lock.close()
+        if env is not None:
+            destroy_distributed(synchronize=finished)
+    if env is None or env.is_main:
+        total = sum(result.dims.values())
+        print(f"dims: {json.dumps(result.dims)}\ntotal_dim {total}  -> {Path(out) / 'dims.json'}")
+    return 0
