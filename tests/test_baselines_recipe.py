@@ -72,7 +72,17 @@ def test_baseline_cli_writes_dims_and_metrics_and_takes_the_renamed_knobs(tmp_pa
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "autodim"
     args = ["--data", str(root.parent / "shared" / "data" / "movielens-100k"), "--format", "movielens"]
-    args += ["--out", str(out), "--epochs", "1", "--set", "train.max_steps=30", "--quiet", "--method", "autodim"]
+    args += [
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--set",
+        "train.max_steps=30",
+        "--quiet",
+        "--method",
+        "autodim",
+    ]
     args += ["--d-max", "8", "--set", "method.gate_every=2", "--set", "method.gate_lr=0.01"]
     args += ["--set", "method.capacity_block=4"]
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
