@@ -41,6 +41,7 @@ from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
+from torchrec_dimgrow.data.blocks import BlockConfig, FieldBlocks, field_blocks
 from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors, was_interrupted
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig
@@ -48,6 +49,7 @@ from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import Interrupted, NonFiniteError
 from torchrec_dimgrow.gate_mean import SlotGateMean
 from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.blocks import BlockDimGrowCollection
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
@@ -72,6 +74,8 @@ class SearchOptions:
     discard_latest: bool = False  # resume fell back past a damaged latest checkpoint
     tensorboard: Path | None = None  # rank 0 also logs loss, val AUC, dims and gates here
     resave: bool = False  # resumed on another world size: rewrite the checkpoint at this one first
+    # Frequency blocks (data/blocks.py): with ``enabled``, one table (gates, dims) per block.
+    blocks: BlockConfig | None = None
 
 
 @dataclass
@@ -98,9 +102,18 @@ class SearchState:
 
 
 def build_search_model(
-    data: PreparedData, dg: DimGrowConfig, tc: TrainConfig
+    data: PreparedData, dg: DimGrowConfig, tc: TrainConfig, blocks: FieldBlocks | None = None
 ) -> tuple[CTRModel, DimGrowEmbeddingBagCollection]:
-    """Reference search network: DimGrow tables -> per-field adapter (sum) -> WideDeep."""
+    """Reference search network: DimGrow tables -> per-field adapter (sum) -> WideDeep.
+
+    With ``blocks``, one DimGrow table per frequency block behind the id remap
+    (:class:`~torchrec_dimgrow.modules.blocks.BlockDimGrowCollection`); the returned
+    collection is then the one over the blocks.
+    """
+    if blocks is not None:
+        sparse = BlockDimGrowCollection(blocks, tc.adapter_dim, dg, align="project", device="meta")
+        model = CTRModel(sparse, "sum", tc.adapter_dim, hidden=tc.hidden, dropout=tc.dropout)
+        return model, sparse.coll
     tables = data.table_configs(tc.adapter_dim)
     coll = DimGrowEmbeddingBagCollection(tables, dg, align="project", device="meta")
     model = CTRModel(coll, "sum", tc.adapter_dim, hidden=tc.hidden, dropout=tc.dropout)
@@ -129,7 +142,9 @@ class DimGrowSearch:
         self.data, self.dg, self.tc, self.planning, self.env, self.opts = data, dg, tc, planning, env, opts
         self.state = SearchState(early=EarlyStopping(tc.early_stop_patience))
         torch.manual_seed(tc.seed)
-        self.model, self.coll = build_search_model(data, dg, tc)
+        use_blocks = opts.blocks is not None and opts.blocks.enabled
+        self.blocks = field_blocks(data, opts.blocks) if use_blocks else None
+        self.model, self.coll = build_search_model(data, dg, tc, self.blocks)
         saved_plan = self._restore_capacities(opts.resume) if opts.resume is not None else None
         self.sharded: ShardedModel = shard_model(
             self.model,
@@ -427,7 +442,7 @@ class DimGrowSearch:
         st = self.state
         found = self.found_dims()
         test = self.evaluate(self.data.test)
-        vocab = self.data.vocab()
+        vocab = self.blocks.vocab() if self.blocks is not None else self.data.vocab()
         metrics = {
             "val_auc": st.early.best,
             "best_epoch": st.early.best_epoch,
@@ -484,6 +499,7 @@ class DimGrowSearch:
                         "train": asdict(self.tc),
                         "planning": asdict(self.planning),
                         "data": self.data.source,
+                        **({"blocks": self.blocks.to_dict()} if self.blocks is not None else {}),
                     },
                 )
                 with (out / "trajectory.csv").open("w", newline="") as fh:
@@ -527,6 +543,8 @@ def run_search(
     """
     if votes < 1:
         raise ValueError(f"votes must be >= 1, got {votes}")
+    if votes > 1 and opts.blocks is not None and opts.blocks.enabled:
+        raise ValueError("a vote over several searches is per field; it does not take frequency blocks")
     if votes == 1:
         return DimGrowSearch(data, dg, tc, planning, env, opts).run()
     results = []
