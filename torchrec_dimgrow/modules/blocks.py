@@ -20,6 +20,7 @@ planner as separate tables), behind the remap.
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -63,6 +64,10 @@ def remap_to_blocks(
     return local[order].to(values.dtype), out_lengths.to(lengths.dtype), out_weights
 
 
+# One leaf of an fx trace (the serving export's ``torchrec.fx`` pass), scripted as a whole.
+torch.fx.wrap("remap_to_blocks")
+
+
 class BlockRemap(nn.Module):
     """``KeyedJaggedTensor`` over the fields -> one over the blocks (identity if none is split)."""
 
@@ -85,9 +90,9 @@ class BlockRemap(nn.Module):
     def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         if not self.split:
             return features
-        if features.keys() != self.fields:
+        if not isinstance(features, torch.fx.Proxy) and features.keys() != self.fields:
             raise KeyError(f"BlockRemap: expected the keys {self.fields}, got {features.keys()}")
-        values, lengths, weights = remap_to_blocks(
+        remapped = remap_to_blocks(  # indexed, not unpacked: an fx trace sees one leaf call
             features.values(),
             features.lengths(),
             features.weights_or_none(),
@@ -95,7 +100,9 @@ class BlockRemap(nn.Module):
             self.global_starts,
             len(self.block_keys),
         )
-        return KeyedJaggedTensor(keys=self.block_keys, values=values, lengths=lengths, weights=weights)
+        return KeyedJaggedTensor(
+            keys=self.block_keys, values=remapped[0], lengths=remapped[1], weights=remapped[2]
+        )
 
 
 class BlockSum(nn.Module):
@@ -190,3 +197,21 @@ class BlockDimGrowCollection(nn.Module):
 
     def forward_summed(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return self.coll.forward_summed(self.remap(features))
+
+
+class BlockLookup(nn.Module):
+    """A plain TorchRec lookup over frequency blocks: field KJT -> remap -> stock EBC ``.ebc``.
+
+    The retrained (and served) model's sparse part: ``.ebc`` holds one table per kept block at
+    its found dim (blocks at 0 dims have no table and contribute nothing), and the output is
+    its ``KeyedTensor`` over the block keys, which a concatenating consumer takes as is.
+    ``torch.fx``-traceable (the remap is one leaf call), so the serving export scripts it.
+    """
+
+    def __init__(self, blocks: FieldBlocks, ebc: nn.Module) -> None:
+        super().__init__()
+        self.remap = BlockRemap(blocks)
+        self.ebc = ebc
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.ebc(self.remap(features))

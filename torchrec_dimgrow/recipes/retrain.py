@@ -22,6 +22,7 @@ from tqdm import tqdm
 from torchrec_dimgrow.artifacts import write_json_atomic
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.data.blocks import FieldBlocks, field_blocks
 from torchrec_dimgrow.manifest import vocab_fingerprint
 from torchrec_dimgrow.modules.backbone import CTRModel
 from torchrec_dimgrow.modules.tables import field_bytes, field_params
@@ -29,17 +30,37 @@ from torchrec_dimgrow.saved_model import ModelSpec, build_model, save_model, spe
 from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, fit
 
 
-def retrain_spec(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig) -> ModelSpec:
-    """The saved-model spec of a retrain: every field's dim plus the backbone settings."""
-    missing = [f for f in data.fields if f not in dims]
+def dims_blocks(
+    data: PreparedData, dims: Mapping[str, int], blocks: FieldBlocks | None = None
+) -> FieldBlocks | None:
+    """The frequency blocks ``dims`` is keyed by: ``None`` for per-field dims, else ``blocks``
+    or the data's own (:func:`~torchrec_dimgrow.data.blocks.field_blocks`), whose names it must
+    match (a block search's ``dims.json`` names its blocks)."""
+    if blocks is None and set(dims) <= set(data.fields):
+        return None
+    fb = blocks if blocks is not None else field_blocks(data)
+    if sorted(dims) != sorted(fb.names()):
+        raise ValueError(
+            f"dims names neither the fields {list(data.fields)} nor the data's blocks {fb.names()}"
+        )
+    return fb
+
+
+def retrain_spec(
+    data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, blocks: FieldBlocks | None = None
+) -> ModelSpec:
+    """The saved-model spec of a retrain: every field's (or block's) dim plus the backbone settings."""
+    names = blocks.names() if blocks is not None else list(data.fields)
+    missing = [f for f in names if f not in dims]
     if missing:
-        raise ValueError(f"dims has no entry for fields {missing}")
-    if not any(int(dims[f]) for f in data.fields):
+        raise ValueError(f"dims has no entry for {'blocks' if blocks else 'fields'} {missing}")
+    if not any(int(dims[f]) for f in names):
         raise ValueError("every field has dim 0: nothing to retrain")
     return spec_for(
         data.fields,
         data.vocab_sizes,
         dims,
+        blocks,
         adapter_dim=tc.adapter_dim,
         hidden=list(tc.hidden),
         dropout=tc.dropout,
@@ -47,9 +68,13 @@ def retrain_spec(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig) -
 
 
 def build_retrain_model(
-    data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, init_std: float = 0.01
+    data: PreparedData,
+    dims: Mapping[str, int],
+    tc: TrainConfig,
+    init_std: float = 0.01,
+    blocks: FieldBlocks | None = None,
 ) -> CTRModel:
-    return build_model(retrain_spec(data, dims, tc), init_std=init_std)
+    return build_model(retrain_spec(data, dims, tc, dims_blocks(data, dims, blocks)), init_std=init_std)
 
 
 def retrain(
@@ -58,15 +83,20 @@ def retrain(
     tc: TrainConfig,
     out_dir: str | Path | None = None,
     quiet: bool = True,
+    blocks: FieldBlocks | None = None,
 ) -> dict[str, Any]:
     """Train from scratch at ``dims``; return (and write) test AUC / log loss and sizes.
+
+    ``dims`` per field, or per frequency block (a block search's ``dims.json``: the tables
+    are then the blocks, behind the same id remap; ``blocks`` defaults to the data's).
 
     With ``out_dir`` the best-validation model is saved to ``out_dir/model`` (see
     :mod:`torchrec_dimgrow.saved_model`), so ``evaluate`` and ``export`` can reload it.
     """
     start = time.perf_counter()
+    fb = dims_blocks(data, dims, blocks)
     torch.manual_seed(tc.seed)
-    model = build_retrain_model(data, dims, tc)
+    model = build_retrain_model(data, dims, tc, blocks=fb)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     early = EarlyStopping(tc.early_stop_patience)
     best_state = copy.deepcopy(model.state_dict())
@@ -96,8 +126,8 @@ def retrain(
     )
     model.load_state_dict(best_state)
     test = evaluate(model, data.test, tc.batch_size)
-    vocab = data.vocab()
-    found = {f: int(dims[f]) for f in data.fields}
+    vocab = fb.vocab() if fb is not None else data.vocab()
+    found = {f: int(dims[f]) for f in vocab}
     metrics: dict[str, Any] = {
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
@@ -105,8 +135,8 @@ def retrain(
         "learned": early.learned,
         "embedding_params": field_params(vocab, found),
         "embedding_bytes": field_bytes(vocab, found),
-        "total_dim": int(sum(int(dims[f]) for f in data.fields)),
-        "dims": {f: int(dims[f]) for f in data.fields},
+        "total_dim": int(sum(found.values())),
+        "dims": found,
         "seed": tc.seed,
         "steps": steps,
         "wall_seconds": round(time.perf_counter() - start, 3),
@@ -116,6 +146,6 @@ def retrain(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         ids = vocab_fingerprint(data.directory) if data.directory is not None else None
-        save_model(model, retrain_spec(data, dims, tc), out, vocab=ids)
+        save_model(model, retrain_spec(data, dims, tc, fb), out, vocab=ids)
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
