@@ -11,6 +11,12 @@ into one feature per field, so a consumer still sees KJT in, KeyedTensor out, wi
 field keys. A configuration where no field is split runs neither: the remap returns its
 input and the collection's output is passed through, bit for bit.
 
+The remap itself reads nothing back to the host. The lookup behind it still needs the new
+KJT's ids per key (TorchRec's ``length_per_key``, one small ``tolist``), which a batch from
+the loader has precomputed (``from_lengths_sync``) and a remapped one computes in the
+forward: one extra host read per step. Remapping in the data loader instead (``BlockRemap``
+on the batch, then a model over the block keys) would move it off the training step.
+
 :class:`BlockDimGrowCollection` is the search's collection over blocks: a stock
 :class:`~torchrec_dimgrow.modules.collection.DimGrowEmbeddingBagCollection` whose tables
 are the blocks (each with its own gates, dims, capacity and re-plans, sharded by the
