@@ -117,3 +117,16 @@ def test_a_request_for_ids_outside_a_field_is_refused(retrained: tuple[Path, dic
     lengths = torch.ones(3, dtype=torch.int64)
     with pytest.raises(torch.jit.Error, match="serving request"):
         m({"values": torch.tensor([w.VOCAB[0], 0, 0]), "lengths": lengths})
+
+
+def test_evaluate_refuses_data_cut_into_other_blocks(retrained: tuple[Path, dict]) -> None:
+    from dataclasses import replace
+
+    from torchrec_dimgrow.errors import ModelError
+
+    out, r = retrained
+    same = replace(r["data"], blocks=r["blocks"].to_dict())
+    assert evaluate_saved(out, same, r["tc"].batch_size)["test_auc"] == r["metrics"]["test_auc"]
+    other = replace(r["data"], blocks={**r["blocks"].to_dict(), "a": [0, 41, 150]})
+    with pytest.raises(ModelError, match="frequency blocks differ"):
+        evaluate_saved(out, other, r["tc"].batch_size)
