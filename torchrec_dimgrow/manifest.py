@@ -69,6 +69,10 @@ def data_fingerprint(source: dict[str, Any], cache_dir: Path | None) -> dict[str
 def vocab_fingerprint(cache_dir: Path) -> dict[str, str] | None:
     """Per field, the sha256 of its values in id order (``None`` without a ``vocab.json``).
 
+    A field that ``prepare`` cut into more than one frequency block
+    (:mod:`torchrec_dimgrow.data.blocks`) hashes its block starts too: a block model's tables
+    mean other ids under other boundaries.
+
     Why per field and over the values, not the vocab sizes nor the whole file: a column
     whose values were relabelled keeps its vocab size but gives its ids other meanings,
     and the file also records paths and mtimes, which change when the same data is
@@ -78,12 +82,16 @@ def vocab_fingerprint(cache_dir: Path) -> dict[str, str] | None:
     if not path.is_file():
         return None
     try:
-        vocab = json.loads(path.read_text())["vocab"]
+        payload = json.loads(path.read_text())
+        vocab, blocks = payload["vocab"], payload.get("blocks", {})
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: unreadable vocab ({err})") from err
     out = {}
     for name, mapping in vocab.items():
-        values = [value for value, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        values: list[Any] = [value for value, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        starts = blocks.get(name, [0])
+        if len(starts) > 1:  # a split field: its ids are also cut into these frequency blocks
+            values = [{"blocks": starts}, *values]
         out[name] = hashlib.sha256(json.dumps(values, ensure_ascii=False).encode()).hexdigest()
     return out
 

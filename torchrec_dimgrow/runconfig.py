@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 from torchrec_dimgrow.bounds import AT_LEAST_1, MAX_DIM, NON_NEGATIVE, Bound, check_bounds
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig, parse_budget
 from torchrec_dimgrow.data import FORMATS
+from torchrec_dimgrow.data.blocks import BlockConfig
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.errors import UsageError
 
@@ -159,6 +160,7 @@ class SearchRunConfig:
     dimgrow: DimGrowConfig = field(default_factory=DimGrowConfig)
     planning: PlanningConfig = field(default_factory=PlanningConfig)
     run: SearchRun = field(default_factory=SearchRun)
+    blocks: BlockConfig = field(default_factory=BlockConfig)
 
     DERIVED: ClassVar[dict[str, str]] = {"planning.batch_size": "train.batch_size"}
 
@@ -355,10 +357,11 @@ def coerce(value: Any, hint: Any, where: str, key: str = "") -> Any:
     elif hint is str:
         if isinstance(value, (str, Path)):
             return str(value)
-    elif origin is list:
+    elif origin in (list, tuple):
         items = [t.strip() for t in value.split(",") if t.strip()] if isinstance(value, str) else value
         if isinstance(items, (list, tuple)):
-            return [coerce(item, args[0], where) for item in items]
+            coerced = [coerce(item, args[0], where) for item in items]
+            return coerced if origin is list else tuple(coerced)
     else:
         return value
     name = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string"}.get(

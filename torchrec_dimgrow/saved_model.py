@@ -33,10 +33,12 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from torchrec_dimgrow.data.blocks import FieldBlocks
 from torchrec_dimgrow.diskwrite import agreed_write, deferred_sigint, disk_errors
 from torchrec_dimgrow.errors import CheckpointError, ModelError
 from torchrec_dimgrow.manifest import MANIFEST, Verified, verify, write_manifest
 from torchrec_dimgrow.modules.backbone import CTRModel
+from torchrec_dimgrow.modules.blocks import BlockLookup
 from torchrec_dimgrow.modules.tables import normal_init
 
 MODEL_SUBDIR = "model"
@@ -58,20 +60,41 @@ class ModelSpec:
     hidden: list[int] = field(default_factory=lambda: [64, 32, 16])
     dropout: float = 0.2
     version: int = SPEC_VERSION
+    # Frequency blocks (data/blocks.py): first id of each block per field; ``dims`` is then
+    # per block (``FieldBlocks.names()``). ``None``: one table per field.
+    blocks: dict[str, list[int]] | None = None
+
+    def field_blocks(self) -> FieldBlocks | None:
+        if self.blocks is None:
+            return None
+        return FieldBlocks(
+            list(self.fields), list(self.vocab_sizes), [list(self.blocks[f]) for f in self.fields]
+        )
+
+    def table_rows(self) -> dict[str, int]:
+        """Rows of every table (kept or not): per field, or per block."""
+        fb = self.field_blocks()
+        return fb.vocab() if fb is not None else dict(zip(self.fields, self.vocab_sizes, strict=True))
 
     def table_configs(self) -> list[EmbeddingBagConfig]:
-        """One table per kept field (dim > 0), in field order: the retrain model's tables."""
+        """One table per kept field or block (dim > 0), in field order: the retrain model's tables."""
         return [
-            EmbeddingBagConfig(name=f, embedding_dim=self.dims[f], num_embeddings=n, feature_names=[f])
-            for f, n in zip(self.fields, self.vocab_sizes, strict=True)
-            if self.dims[f] > 0
+            EmbeddingBagConfig(name=t, embedding_dim=self.dims[t], num_embeddings=n, feature_names=[t])
+            for t, n in self.table_rows().items()
+            if self.dims[t] > 0
         ]
 
     def validate(self, where: str) -> None:
         if len(self.fields) != len(self.vocab_sizes):
             raise ModelError(f"{where}: {len(self.fields)} fields but {len(self.vocab_sizes)} vocab sizes")
-        if sorted(self.dims) != sorted(self.fields):
-            raise ModelError(f"{where}: dims do not name exactly the fields")
+        if self.blocks is not None and sorted(self.blocks) != sorted(self.fields):
+            raise ModelError(f"{where}: blocks do not name exactly the fields")
+        try:
+            names = list(self.table_rows())
+        except ValueError as err:
+            raise ModelError(f"{where}: {err}") from err
+        if sorted(self.dims) != sorted(names):
+            raise ModelError(f"{where}: dims do not name exactly the {'blocks' if self.blocks else 'fields'}")
         bad = {f: d for f, d in self.dims.items() if not isinstance(d, int) or d < 0}
         if bad:
             raise ModelError(f"{where}: invalid dims {bad}")
@@ -89,19 +112,29 @@ def build_model(spec: ModelSpec, device: torch.device | str = "cpu", init_std: f
         c.init_fn = normal_init(init_std)
     ebc = EmbeddingBagCollection(tables=configs, device=dev)
     in_dim = sum(c.embedding_dim for c in configs)
-    model = CTRModel(ebc, "concat", spec.adapter_dim, in_dim=in_dim, hidden=spec.hidden, dropout=spec.dropout)
+    fb = spec.field_blocks()
+    sparse: nn.Module = BlockLookup(fb, ebc) if fb is not None and fb.split else ebc
+    model = CTRModel(
+        sparse, "concat", spec.adapter_dim, in_dim=in_dim, hidden=spec.hidden, dropout=spec.dropout
+    )
     if dev.type != "meta":
         model.to(dev)
     return model
 
 
 def spec_for(
-    fields: Sequence[str], vocab_sizes: Sequence[int], dims: Mapping[str, int], **backbone: Any
+    fields: Sequence[str],
+    vocab_sizes: Sequence[int],
+    dims: Mapping[str, int],
+    blocks: FieldBlocks | None = None,
+    **backbone: Any,
 ) -> ModelSpec:
+    names = blocks.names() if blocks is not None else list(fields)
     return ModelSpec(
         fields=list(fields),
         vocab_sizes=[int(v) for v in vocab_sizes],
-        dims={f: int(dims[f]) for f in fields},
+        dims={t: int(dims[t]) for t in names},
+        blocks=blocks.to_dict() if blocks is not None else None,
         **backbone,
     )
 
@@ -153,7 +186,8 @@ def _publish(tmp: Path, final: Path, spec: ModelSpec, vocab: Mapping[str, str] |
     """Rank 0: the spec and the manifest, then the rename that makes ``tmp`` the model."""
     if not _is_main():
         return
-    (tmp / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    raw = {k: v for k, v in asdict(spec).items() if k != "blocks" or v is not None}  # field models: as before
+    (tmp / SPEC_FILE).write_text(json.dumps(raw, indent=2) + "\n")
     data = {"vocab_fields": dict(vocab) if vocab is not None else None}
     write_manifest(tmp, config={"kind": MODEL_KIND}, data=data, world_size=world, step=0)
     with deferred_sigint():

@@ -51,7 +51,7 @@ This module holds ``swap_in``; the handle is :mod:`torchrec_dimgrow.handle` and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -61,8 +61,10 @@ from torchrec.distributed.types import ShardedModule
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.data.blocks import FieldBlocks
 from torchrec_dimgrow.distributed.runtime import stock_collections
 from torchrec_dimgrow.handle import DimGrowHandle, default_loss
+from torchrec_dimgrow.modules.blocks import BlockDimGrowCollection
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.optim import embedding_optimizer_of
 from torchrec_dimgrow.swap_export import export, set_submodule
@@ -95,6 +97,7 @@ def swap_in(
     align: AlignMode = "project",
     dense_device: torch.device | str | None = None,
     targets: Sequence[str] | None = None,
+    blocks: FieldBlocks | Mapping[str, FieldBlocks] | None = None,
 ) -> DimGrowHandle:
     """Replace the ``EmbeddingBagCollection``\\ s of ``model`` in place by DimGrow collections.
 
@@ -109,6 +112,17 @@ def swap_in(
     default every stock EBC is swapped except those inside another TorchRec module (a
     ``FeatureProcessedEmbeddingBagCollection``'s, say, which its own sharder expects stock).
     Call it before sharding. Returns the :class:`DimGrowHandle` that drives the search.
+
+    ``blocks`` (one :class:`~torchrec_dimgrow.data.blocks.FieldBlocks`, or one per module
+    path) searches per frequency block: the collection at that path becomes a
+    :class:`~torchrec_dimgrow.modules.blocks.BlockDimGrowCollection` (KJT over the same
+    features in, one feature per field out, each field the sum of its blocks), whose
+    DimGrow collection (one table per block, named ``FieldBlocks.names()``) is what the
+    handle drives, at ``PATH.coll``. Its fields must be the collection's features, one
+    table each, with the tables' row counts. Training runs the remap inside the model's
+    forward, so a ``TrainPipelineSparseDist`` cannot start that lookup's input
+    distribution early (it runs unpipelined). ``handle.export()`` of the unsharded model
+    keeps the remap and the block sum around the exported collection.
     """
     if isinstance(model, DistributedModelParallel) or any(
         isinstance(m, ShardedModule) for m in model.modules()
@@ -123,6 +137,17 @@ def swap_in(
     )
     swapped: dict[str, DimGrowEmbeddingBagCollection] = {}
     for path, ebc in found:
+        fb = blocks.get(path) if isinstance(blocks, Mapping) else blocks
+        if fb is not None:
+            sparse = _block_collection(path, ebc, fb, config, align)
+            sparse.coll.post.to(dense)
+            sparse.remap.to(dense)
+            spec = embedding_optimizer_of(list(ebc.parameters()))
+            if spec is not None:
+                spec.apply(sparse.coll.ebc.parameters())
+            set_submodule(model, path, sparse)
+            swapped[f"{path}.coll"] = sparse.coll
+            continue
         coll = DimGrowEmbeddingBagCollection(
             [replace(c) for c in ebc.embedding_bag_configs()],
             config,
@@ -137,6 +162,23 @@ def swap_in(
         set_submodule(model, path, coll)
         swapped[path] = coll
     return DimGrowHandle(model, swapped, align)
+
+
+def _block_collection(
+    path: str, ebc: EmbeddingBagCollection, fb: FieldBlocks, config: DimGrowConfig, align: AlignMode
+) -> BlockDimGrowCollection:
+    configs = ebc.embedding_bag_configs()
+    features = [f for c in configs for f in c.feature_names]
+    if any(len(c.feature_names) != 1 for c in configs) or features != list(fb.fields):
+        raise ValueError(
+            f"swap_in: blocks at {path}: need one table per feature and the fields {list(fb.fields)}, "
+            f"the collection has features {features}"
+        )
+    rows = [c.num_embeddings for c in configs]
+    if rows != list(fb.vocab_sizes):
+        raise ValueError(f"swap_in: blocks at {path}: vocab sizes {list(fb.vocab_sizes)}, tables have {rows}")
+    widths = {c.feature_names[0]: c.embedding_dim for c in configs}
+    return BlockDimGrowCollection(fb, widths, config, align, is_weighted=ebc.is_weighted(), device=ebc.device)
 
 
 def _swap_targets(

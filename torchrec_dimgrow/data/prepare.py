@@ -22,6 +22,7 @@ import numpy as np
 
 from torchrec_dimgrow.data.aliccp import aliccp_reader
 from torchrec_dimgrow.data.avazu import AvazuReader
+from torchrec_dimgrow.data.blocks import BlockConfig, block_starts
 from torchrec_dimgrow.data.chunk import Chunk, FormatReader
 from torchrec_dimgrow.data.columns import MISSING
 from torchrec_dimgrow.data.criteo import CriteoReader
@@ -59,8 +60,12 @@ def prepare(
     min_count: int = 2,
     split_seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    blocks: BlockConfig | None = None,
 ) -> PreparedData:
     """Prepare ``data`` (format ``fmt``) into ``cache_dir``, or reuse it if already current.
+
+    ``blocks``: the rule that cuts each field into frequency blocks (stored with the vocab,
+    see :mod:`torchrec_dimgrow.data.blocks`); its ``enabled`` flag plays no part here.
 
     In a multi-process job, call it on one rank and barrier before the others call
     :func:`load_prepared` (concurrent calls are safe but each would redo the work).
@@ -73,6 +78,7 @@ def prepare(
         else resolve_files(str(data), fmt)
     )
     source = _source(data, fmt, layout, label_col, drop_cols, min_count, split_seed, fractions)
+    source["blocks"] = (blocks or BlockConfig()).rule()
     cache_dir = Path(cache_dir)
     current = _reusable(cache_dir, source)
     if current is not None:
@@ -271,7 +277,9 @@ def _route(writers: dict[str, _SplitWriter], codes: np.ndarray, ids: np.ndarray,
 def _build(reader: FormatReader, layout: Layout, source: dict[str, Any], staging: Path) -> None:
     vocabs = _count_train(reader, layout, source)
     writers = _encode(reader, layout, source, vocabs, staging)
-    _write_vocab(staging, reader.fields, vocabs, source)
+    rule = BlockConfig(mass=tuple(source["blocks"]["mass"]), min_rows=source["blocks"]["min_rows"])
+    blocks = {name: block_starts(v.id_counts(), rule) for name, v in zip(reader.fields, vocabs, strict=True)}
+    _write_vocab(staging, reader.fields, vocabs, source, blocks)
     meta = {
         "version": FORMAT_VERSION,
         "fields": reader.fields,
@@ -280,12 +288,19 @@ def _build(reader: FormatReader, layout: Layout, source: dict[str, Any], staging
         "rows": {s: w.labels.rows for s, w in writers.items()},
         "positives": {s: w.positives for s, w in writers.items()},
         "missing_token": MISSING,
+        "blocks": blocks,
         "source": source,
     }
     meta_path(staging).write_text(json.dumps(meta, indent=2))
 
 
-def _write_vocab(staging: Path, fields: list[str], vocabs: list[FieldVocab], source: dict[str, Any]) -> None:
+def _write_vocab(
+    staging: Path,
+    fields: list[str],
+    vocabs: list[FieldVocab],
+    source: dict[str, Any],
+    blocks: dict[str, list[int]],
+) -> None:
     """Write value->id maps per field: retrain/eval on new raw data must reuse these ids."""
     payload = {
         "version": FORMAT_VERSION,
@@ -294,6 +309,7 @@ def _write_vocab(staging: Path, fields: list[str], vocabs: list[FieldVocab], sou
         "missing_token": MISSING,
         "source": source,
         "vocab": {name: vocab.mapping() for name, vocab in zip(fields, vocabs, strict=True)},
+        "blocks": blocks,
     }
     with open(vocab_path(staging), "w") as handle:
         json.dump(payload, handle)

@@ -51,6 +51,8 @@ class PreparedData:
     test: Split
     source: dict[str, Any]
     directory: Path | None = None  # the prepared dataset on disk (its vocab.json); None: in memory
+    # Frequency-block starts per field (data/blocks.py), as prepare stored them; None: in memory.
+    blocks: dict[str, list[int]] | None = None
 
     def vocab(self) -> dict[str, int]:
         """Rows of each field's table, ``{field: vocab size}`` in field order."""
@@ -121,6 +123,7 @@ def load_prepared(cache_dir: str | Path) -> PreparedData:
         num_dense=num_dense,
         source=meta["source"],
         directory=cache_dir,
+        blocks={f: [int(b) for b in s] for f, s in meta["blocks"].items()} if "blocks" in meta else None,
         **splits,
     )
 

@@ -62,6 +62,7 @@ class ValueCounter:
         vocab.rows = rows
         vocab.kept_rows = int(pc.sum(table.column("count")).as_py() or 0)
         vocab.missing_rows = int(pc.sum(missing).as_py() or 0)
+        vocab.counts = table.column("count").to_numpy().astype(np.int64)
         return vocab
 
 
@@ -73,6 +74,12 @@ class FieldVocab:
         self._lookup: dict[str, int] | None = None
         # Train rows counted, rows whose value made the vocab, rows that were null/empty.
         self.rows = self.kept_rows = self.missing_rows = 0
+        # Train count of every value in ``values`` (ids 1..n), most frequent first.
+        self.counts = np.zeros(len(self.values), dtype=np.int64)
+
+    def id_counts(self) -> np.ndarray:
+        """Train rows per id: the shared bucket 0 (rows outside the vocab), then ids 1..n."""
+        return np.concatenate([[self.rows - self.kept_rows], self.counts]).astype(np.int64)
 
     def degenerate(self, name: str, min_count: int) -> str | None:
         """Why this field can carry no signal (all null, or mostly in the shared bucket 0)."""

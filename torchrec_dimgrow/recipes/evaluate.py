@@ -25,6 +25,14 @@ def check_data_matches(spec: ModelSpec, data: PreparedData, where: str) -> None:
         raise ModelError(
             f"{where}: vocab sizes differ from the data's for fields {diff} (different data or data.min_count?)"
         )
+    stored = data.blocks
+    if (
+        spec.blocks is not None
+        and stored is not None
+        and any(spec.blocks[f] != stored[f] for f in spec.fields)
+    ):
+        diff = [f for f in spec.fields if spec.blocks[f] != stored[f]]
+        raise ModelError(f"{where}: the model's frequency blocks differ from the data's for fields {diff}")
 
 
 def check_vocab_matches(saved: dict[str, str] | None, data: PreparedData, where: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from torchrec_dimgrow.data.store import VOCAB_FILE
 from torchrec_dimgrow.errors import UsageError
-from torchrec_dimgrow.saved_model import MODEL_SUBDIR, load_model, resolve_model_dir, verify_model
+from torchrec_dimgrow.saved_model import MODEL_SUBDIR, ModelSpec, load_model, resolve_model_dir, verify_model
 from torchrec_dimgrow.serving import CPU_ROW_ALIGNMENT, check_serving, export_serving, serving_vocab
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,15 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UsageError(f"{path}: not a vocab (a JSON object with 'fields' and 'vocab')")
     return raw
+
+
+def _dropped_fields(spec: ModelSpec) -> list[str]:
+    """Fields without any table (with frequency blocks: every block at dim 0)."""
+    fb = spec.field_blocks()
+    if fb is None:
+        return [f for f in spec.fields if spec.dims[f] == 0]
+    per_field = fb.field_dims(spec.dims)
+    return [f for f in spec.fields if not any(per_field[f])]
 
 
 def export_saved(
@@ -80,7 +89,8 @@ def export_saved(
     )
     extra = {
         "dims": dict(spec.dims),
-        "dropped_fields": [f for f in spec.fields if spec.dims[f] == 0],
+        "blocks": spec.blocks,
+        "dropped_fields": _dropped_fields(spec),
         "source_model": str(root.resolve()),
         "source_vocab": str(vocab_file.resolve()) if vocab_file is not None else None,
     }

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from torchrec_dimgrow.artifacts import write_json_atomic
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.data.blocks import FieldBlocks, field_blocks
 from torchrec_dimgrow.errors import DimGrowError, DiskError, UsageError
 from torchrec_dimgrow.manifest import vocab_fingerprint
 from torchrec_dimgrow.modules.backbone import CTRModel
@@ -41,17 +42,37 @@ from torchrec_dimgrow.saved_model import ModelSpec, build_model, save_model, spe
 from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, fit
 
 
-def retrain_spec(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig) -> ModelSpec:
-    """The saved-model spec of a retrain: every field's dim plus the backbone settings."""
-    missing = [f for f in data.fields if f not in dims]
+def dims_blocks(
+    data: PreparedData, dims: Mapping[str, int], blocks: FieldBlocks | None = None
+) -> FieldBlocks | None:
+    """The frequency blocks ``dims`` is keyed by: ``None`` for per-field dims, else ``blocks``
+    or the data's own (:func:`~torchrec_dimgrow.data.blocks.field_blocks`), whose names it must
+    match (a block search's ``dims.json`` names its blocks)."""
+    if blocks is None and set(dims) <= set(data.fields):
+        return None
+    fb = blocks if blocks is not None else field_blocks(data)
+    if sorted(dims) != sorted(fb.names()):
+        raise ValueError(
+            f"dims names neither the fields {list(data.fields)} nor the data's blocks {fb.names()}"
+        )
+    return fb
+
+
+def retrain_spec(
+    data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, blocks: FieldBlocks | None = None
+) -> ModelSpec:
+    """The saved-model spec of a retrain: every field's (or block's) dim plus the backbone settings."""
+    names = blocks.names() if blocks is not None else list(data.fields)
+    missing = [f for f in names if f not in dims]
     if missing:
-        raise ValueError(f"dims has no entry for fields {missing}")
-    if not any(int(dims[f]) for f in data.fields):
+        raise ValueError(f"dims has no entry for {'blocks' if blocks else 'fields'} {missing}")
+    if not any(int(dims[f]) for f in names):
         raise ValueError("every field has dim 0: nothing to retrain")
     return spec_for(
         data.fields,
         data.vocab_sizes,
         dims,
+        blocks,
         adapter_dim=tc.adapter_dim,
         hidden=list(tc.hidden),
         dropout=tc.dropout,
@@ -59,9 +80,13 @@ def retrain_spec(data: PreparedData, dims: Mapping[str, int], tc: TrainConfig) -
 
 
 def build_retrain_model(
-    data: PreparedData, dims: Mapping[str, int], tc: TrainConfig, init_std: float = 0.01
+    data: PreparedData,
+    dims: Mapping[str, int],
+    tc: TrainConfig,
+    init_std: float = 0.01,
+    blocks: FieldBlocks | None = None,
 ) -> CTRModel:
-    return build_model(retrain_spec(data, dims, tc), init_std=init_std)
+    return build_model(retrain_spec(data, dims, tc, dims_blocks(data, dims, blocks)), init_std=init_std)
 
 
 def retrain(
@@ -70,15 +95,20 @@ def retrain(
     tc: TrainConfig,
     out_dir: str | Path | None = None,
     quiet: bool = True,
+    blocks: FieldBlocks | None = None,
 ) -> dict[str, Any]:
     """Train from scratch at ``dims``; return (and write) test AUC / log loss and sizes.
+
+    ``dims`` per field, or per frequency block (a block search's ``dims.json``: the tables
+    are then the blocks, behind the same id remap; ``blocks`` defaults to the data's).
 
     With ``out_dir`` the best-validation model is saved to ``out_dir/model`` (see
     :mod:`torchrec_dimgrow.saved_model`), so ``evaluate`` and ``export`` can reload it.
     """
     start = time.perf_counter()
+    fb = dims_blocks(data, dims, blocks)
     torch.manual_seed(tc.seed)
-    model = build_retrain_model(data, dims, tc)
+    model = build_retrain_model(data, dims, tc, blocks=fb)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     early = EarlyStopping(tc.early_stop_patience)
     best_state = copy.deepcopy(model.state_dict())
@@ -108,8 +138,8 @@ def retrain(
     )
     model.load_state_dict(best_state)
     test = evaluate(model, data.test, tc.batch_size)
-    vocab = data.vocab()
-    found = {f: int(dims[f]) for f in data.fields}
+    vocab = fb.vocab() if fb is not None else data.vocab()
+    found = {f: int(dims[f]) for f in vocab}
     metrics: dict[str, Any] = {
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
@@ -117,8 +147,8 @@ def retrain(
         "learned": early.learned,
         "embedding_params": field_params(vocab, found),
         "embedding_bytes": field_bytes(vocab, found),
-        "total_dim": int(sum(int(dims[f]) for f in data.fields)),
-        "dims": {f: int(dims[f]) for f in data.fields},
+        "total_dim": int(sum(found.values())),
+        "dims": found,
         "seed": tc.seed,
         "steps": steps,
         "wall_seconds": round(time.perf_counter() - start, 3),
@@ -128,7 +158,7 @@ def retrain(
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         ids = vocab_fingerprint(data.directory) if data.directory is not None else None
-        save_model(model, retrain_spec(data, dims, tc), out, vocab=ids)
+        save_model(model, retrain_spec(data, dims, tc, fb), out, vocab=ids)
         write_json_atomic(out / "metrics.json", metrics)
     return metrics
 
@@ -152,8 +182,10 @@ def retrain_main(cfg: RetrainRunConfig) -> int:
             clear_previous(out, RETRAIN_OUTPUTS)  # never a new metrics.json beside an old model/
         try:
             data = prepare_on_rank0(cfg.data, cache or out / "data", local_env(), cfg.train.batch_size)
-            if dims_file is not None:
-                dims = read_dims(dims_file, data.fields)
+            if dims_file is not None:  # per field, or per block (a block search's dims.json)
+                dims = read_dims(dims_file, None)
+                names = data.fields if set(dims) <= set(data.fields) else field_blocks(data).names()
+                dims = read_dims(dims_file, names)
             else:
                 dims = {f: int(cfg.run.uniform_dim or 0) for f in data.fields}
             if not any(dims.values()):

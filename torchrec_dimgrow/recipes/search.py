@@ -87,6 +87,8 @@ def run_search(
     """
     if votes < 1:
         raise ValueError(f"votes must be >= 1, got {votes}")
+    if votes > 1 and opts.blocks is not None and opts.blocks.enabled:
+        raise ValueError("a vote over several searches is per field; it does not take frequency blocks")
     if votes == 1:
         return DimGrowSearch(data, dg, tc, planning, env, opts).run()
     results = []
@@ -158,7 +160,7 @@ def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
             assert cfg.run.resume is not None
             resumed = verified_resume(Path(cfg.run.resume), env)
         cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "data"
-        data = prepare_on_rank0(cfg.data, cache, env, tc.batch_size)
+        data = prepare_on_rank0(cfg.data, cache, env, tc.batch_size, blocks=cfg.blocks)
         fingerprint = data_fingerprint(data.source, cache)
         if resumed is not None:
             check_same_data(resumed, fingerprint, env)
@@ -177,7 +179,12 @@ def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
             tensorboard=Path(cfg.run.tensorboard) if cfg.run.tensorboard else None,
             resave=resumed is not None and resumed.world_size != env.world_size,
             config_file=record,
+            blocks=cfg.blocks,
         )
+        if cfg.blocks.enabled and cfg.run.votes > 1:
+            raise UsageError(
+                "run.votes > 1 votes per field; it does not take frequency blocks (blocks.enabled)"
+            )
         result = run_search(data, dg, tc, cfg.planning, env, opts, votes=cfg.run.votes)
         finished = True
     except (NonFiniteError, DiskError, Interrupted):

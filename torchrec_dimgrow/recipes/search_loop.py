@@ -40,17 +40,17 @@ from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
+from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
 from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors, was_interrupted
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import Interrupted, NonFiniteError
 from torchrec_dimgrow.gate_mean import SlotGateMean
-from torchrec_dimgrow.modules.backbone import CTRModel
-from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import final_dims
+from torchrec_dimgrow.recipes.search_model import build_search_model
 from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, learned_floor
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class SearchOptions:
     tensorboard: Path | None = None  # rank 0 also logs loss, val AUC, dims and gates here
     resave: bool = False  # resumed on another world size: rewrite the checkpoint at this one first
     config_file: dict[str, Any] | None = None  # config.json: the run's config (else the dataclasses')
+    # Frequency blocks (data/blocks.py): with ``enabled``, one table (gates, dims) per block.
+    blocks: BlockConfig | None = None
 
 
 @dataclass
@@ -96,16 +98,6 @@ class SearchState:
         return cls(**{**raw, "early": EarlyStopping(**raw["early"])})
 
 
-def build_search_model(
-    data: PreparedData, dg: DimGrowConfig, tc: TrainConfig
-) -> tuple[CTRModel, DimGrowEmbeddingBagCollection]:
-    """Reference search network: DimGrow tables -> per-field adapter (sum) -> WideDeep."""
-    tables = data.table_configs(tc.adapter_dim)
-    coll = DimGrowEmbeddingBagCollection(tables, dg, align="project", device="meta")
-    model = CTRModel(coll, "sum", tc.adapter_dim, hidden=tc.hidden, dropout=tc.dropout)
-    return model, coll
-
-
 def _max_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -128,7 +120,9 @@ class DimGrowSearch:
         self.data, self.dg, self.tc, self.planning, self.env, self.opts = data, dg, tc, planning, env, opts
         self.state = SearchState(early=EarlyStopping(tc.early_stop_patience))
         torch.manual_seed(tc.seed)
-        self.model, self.coll = build_search_model(data, dg, tc)
+        use_blocks = opts.blocks is not None and opts.blocks.enabled
+        self.blocks = field_blocks(data, opts.blocks) if use_blocks else None
+        self.model, self.coll = build_search_model(data, dg, tc, self.blocks)
         saved_plan = self._restore_capacities(opts.resume) if opts.resume is not None else None
         self.sharded: ShardedModel = shard_model(
             self.model,
@@ -425,7 +419,7 @@ class DimGrowSearch:
         st = self.state
         found = self.found_dims()
         test = self.evaluate(self.data.test)
-        vocab = self.data.vocab()
+        vocab = self.blocks.vocab() if self.blocks is not None else self.data.vocab()
         metrics = {
             "val_auc": st.early.best,
             "best_epoch": st.early.best_epoch,
@@ -463,7 +457,8 @@ class DimGrowSearch:
 
     def _config(self) -> dict[str, Any]:  # config.json of a run from Python (the CLI hands its own)
         sections = {"train": asdict(self.tc), "planning": asdict(self.planning)}
-        return {"dimgrow": self.dg.to_dict(), **sections, "data": self.data.source}
+        blocks = {"blocks": self.blocks.to_dict()} if self.blocks is not None else {}
+        return {"dimgrow": self.dg.to_dict(), **sections, "data": self.data.source, **blocks}
 
     def _publish(self, found: dict[str, int], metrics: dict[str, Any]) -> None:
         """Write the result files into a staging dir, then move each into ``out_dir``.

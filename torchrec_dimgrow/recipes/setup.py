@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from torchrec_dimgrow.data import PreparedData, load_prepared, prepare
+from torchrec_dimgrow.data.blocks import BlockConfig
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.errors import DataError, DimGrowError, DirectoryInUse, UsageError
 from torchrec_dimgrow.runconfig import DataConfig
@@ -41,11 +42,16 @@ def local_env() -> DistEnv:
 
 # ---------------------------------------------------------------- data
 def prepare_on_rank0(
-    data: DataConfig, cache: Path, env: DistEnv, batch_size: int | None = None
+    data: DataConfig,
+    cache: Path,
+    env: DistEnv,
+    batch_size: int | None = None,
+    blocks: BlockConfig | None = None,
 ) -> PreparedData:
     """Rank 0 prepares the data; every rank learns of a failure (no rank left waiting).
 
     ``batch_size``: refuse a batch (times the world size) larger than the train split.
+    ``blocks``: the rule that cuts each field into frequency blocks (default rule if None).
     """
     error: list[str | None] = [None]
     if env.is_main:
@@ -57,6 +63,7 @@ def prepare_on_rank0(
                 label_col=data.label_col,
                 drop_cols=list(data.drop_cols),
                 min_count=data.min_count,
+                blocks=blocks,
             )
         except (DataError, OSError, ValueError) as exc:
             error = [str(exc)]

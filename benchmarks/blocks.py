@@ -1,0 +1,233 @@
+"""Frequency blocks: field-level DimGrow vs DimGrow per frequency block vs uniform dims, at one budget.
+
+For every dataset and seed: the field-level search and the block search (one table per
+frequency block, ``BlockConfig(enabled=True)``; the boundaries are the prepared data's, or
+for the synthetic Zipf data cut by the same rule from its train counts) run under the same
+byte budget (a fraction of the ``d_max`` model), then a fresh plain model is retrained at
+the found dims with the shared ``retrain`` recipe (per block: the same id remap in front of
+one stock table per kept block). "uniform" is every field at ``budget * d_max`` dims, the
+same bytes as the budget. Reported: found embedding bytes ``4 * sum rows * dim`` (per table),
+test AUC / log loss of the retrained model, search wall time.
+
+    python benchmarks/blocks.py --quick --out /tmp/blocks       # zipf + movielens, 1 seed, short
+    python benchmarks/blocks.py --datasets zipf --seeds 0,1,2 --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, markdown_table, mean_std, pm, quiet_logs, write_rows
+
+METHODS = ["field", "blocks", "uniform"]
+DATA_ROOT = REPO.parent / "shared" / "data"
+
+
+@dataclass
+class BlocksBenchConfig:
+    datasets: list[str] = field(default_factory=lambda: ["zipf", "movielens"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
+    d_max: int = 16
+    budget: float = 0.25
+    batch_size: int = 256
+    search_epochs: int = 6
+    retrain_epochs: int = 10
+    patience: int = 2
+    zipf_rows: int = 60_000
+    data_root: str = str(DATA_ROOT)
+    cache_dir: str = ""
+
+
+def load_dataset(name: str, cfg: BlocksBenchConfig) -> Any:
+    if name == "zipf":
+        from torchrec_dimgrow.data.synthetic import FMConfig, fm_interactions
+
+        # an FM teacher over Zipf(1.1) ids: big tables whose head is seen often and tail rarely
+        return fm_interactions(
+            FMConfig(
+                rows=cfg.zipf_rows,
+                vocab=(50, 300, 2_000, 5_000, 5_000, 2_000),
+                ranks=(0, 1, 2, 4, 8, 8),
+                exponent=1.1,
+                seed=0,
+            )
+        )
+    if name == "movielens":
+        from torchrec_dimgrow.data import prepare
+
+        cache = Path(cfg.cache_dir or tempfile.gettempdir()) / "dimgrow_blocks_cache" / name
+        return prepare(Path(cfg.data_root) / "movielens-100k", "movielens", cache)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def _train_cfg(cfg: BlocksBenchConfig, seed: int, epochs: int) -> Any:
+    from torchrec_dimgrow.config import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, early_stop_patience=cfg.patience, seed=seed)
+
+
+def search(
+    method: str, data: Any, cfg: BlocksBenchConfig, seed: int, env: Any
+) -> tuple[dict[str, int], Any, float]:
+    """Found dims (per field or per block), the blocks they are keyed by, and the search wall time."""
+    from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
+
+    if method == "uniform":
+        return dict.fromkeys(data.fields, round(cfg.budget * cfg.d_max)), None, 0.0
+    from torchrec_dimgrow.config import DimGrowConfig
+    from torchrec_dimgrow.distributed.planning import PlanningConfig
+    from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+
+    blocks = BlockConfig(enabled=True) if method == "blocks" else None
+    dg = DimGrowConfig(d_max=cfg.d_max, budget=cfg.budget)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = SearchOptions(Path(tmp), quiet=True, log_every=0, blocks=blocks)
+        res = run_search(
+            data,
+            dg,
+            _train_cfg(cfg, seed, cfg.search_epochs),
+            PlanningConfig(batch_size=cfg.batch_size),
+            env,
+            opts,
+        )
+    fb = field_blocks(data, blocks) if blocks is not None else None
+    return res["dims"], fb, time.perf_counter() - start
+
+
+def run_one(
+    method: str, data: Any, dataset: str, cfg: BlocksBenchConfig, seed: int, env: Any
+) -> dict[str, Any]:
+    from torchrec_dimgrow.recipes.retrain import retrain
+
+    dims, fb, wall = search(method, data, cfg, seed, env)
+    vocab = fb.vocab() if fb is not None else data.vocab()
+    row: dict[str, Any] = {
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "tables": len(vocab),
+        "search_wall_s": round(wall, 2),
+        "embedding_bytes": 4 * sum(vocab[t] * d for t, d in dims.items()),
+        "dims": dims,
+    }
+    if fb is not None:
+        row["blocks"] = fb.to_dict()
+    if not any(dims.values()):
+        return {**row, "test_auc": float("nan"), "test_logloss": float("nan"), "note": "every table dropped"}
+    metrics = retrain(dims, data, _train_cfg(cfg, seed, cfg.retrain_epochs), blocks=fb)
+    return {**row, "test_auc": metrics["test_auc"], "test_logloss": metrics["test_logloss"]}
+
+
+def summarise(runs: Sequence[dict[str, Any]], budgets: dict[str, int]) -> list[dict[str, Any]]:
+    out = []
+    for ds in dict.fromkeys(r["dataset"] for r in runs):
+        for m in dict.fromkeys(r["method"] for r in runs if r["dataset"] == ds):
+            rs = [r for r in runs if r["dataset"] == ds and r["method"] == m]
+            b, _ = mean_std(r["embedding_bytes"] for r in rs)
+            out.append(
+                {
+                    "dataset": ds,
+                    "method": m,
+                    "seeds": len(rs),
+                    "tables": rs[0]["tables"],
+                    "budget_KiB": round(budgets[ds] / 1024, 1),
+                    "found_KiB": round(b / 1024, 1),
+                    "test_auc": pm(r["test_auc"] for r in rs),
+                    "test_logloss": pm(r["test_logloss"] for r in rs),
+                    "search_s": round(mean_std(r["search_wall_s"] for r in rs)[0], 1),
+                }
+            )
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="zipf,movielens")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--d-max", type=int, default=16)
+    p.add_argument("--budget", type=float, default=0.25, help="fraction of the d_max model's bytes")
+    p.add_argument("--search-epochs", type=int, default=6)
+    p.add_argument("--retrain-epochs", type=int, default=10)
+    p.add_argument("--zipf-rows", type=int, default=60_000)
+    p.add_argument("--data-root", default=str(DATA_ROOT))
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--quick", action="store_true", help="1 seed, 3 search / 5 retrain epochs, 30k Zipf rows")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BlocksBenchConfig:
+    cfg = BlocksBenchConfig(
+        datasets=args.datasets.split(","),
+        methods=args.methods.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        d_max=args.d_max,
+        budget=args.budget,
+        search_epochs=args.search_epochs,
+        retrain_epochs=args.retrain_epochs,
+        zipf_rows=args.zipf_rows,
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+    )
+    if args.quick:
+        cfg.seeds, cfg.search_epochs, cfg.retrain_epochs, cfg.zipf_rows = [0], 3, 5, 30_000
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
+
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    quiet_logs()
+    torch.set_num_threads(1)
+    command = "python benchmarks/blocks.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = init_distributed()
+    runs: list[dict[str, Any]] = []
+    budgets: dict[str, int] = {}
+    start = time.perf_counter()
+    try:
+        for ds in cfg.datasets:
+            data = load_dataset(ds, cfg)
+            budgets[ds] = round(cfg.budget * 4 * cfg.d_max * sum(data.vocab_sizes))
+            for m in cfg.methods:
+                for seed in cfg.seeds:
+                    t = time.perf_counter()
+                    runs.append(run_one(m, data, ds, cfg, seed, env))
+                    r = runs[-1]
+                    print(
+                        f"  {ds:9s} {m:7s} seed {seed}: {r['embedding_bytes'] / 1024:8.1f} KiB  "
+                        f"test AUC {r['test_auc']:.4f}  ({time.perf_counter() - t:.0f}s)",
+                        flush=True,
+                    )
+    finally:
+        destroy_distributed()
+    table = summarise(runs, budgets)
+    meta = {
+        "command": command.strip(),
+        "config": asdict(cfg),
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    write_rows(runs, args.out, "blocks_runs", meta)
+    write_rows(table, args.out, "blocks", meta)
+    print()
+    print(markdown_table(table, list(table[0].keys()) if table else []))
+    print(f"\n{meta['command']}  ({meta['wall_s']} s) -> {args.out}/blocks.{{csv,json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
