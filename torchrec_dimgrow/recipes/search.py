@@ -155,7 +155,12 @@ class DimGrowSearch:
         self.trajectory: list[dict[str, Any]] = []
         self.checkpoints = CheckpointClient(
             self.dmp,
-            {"dense_opt": self.dense_opt, "controller": self.controller, "epoch_gates": self.epoch_gates},
+            {
+                "dense_opt": self.dense_opt,
+                "controller": self.controller,
+                "epoch_gates": self.epoch_gates,
+                **self._extra_stateful(),
+            },
             env.rank,
             env.world_size,
         )
@@ -185,6 +190,10 @@ class DimGrowSearch:
         self.board = _summary_writer(opts.tensorboard) if env.is_main else None
 
     # ------------------------------------------------------------------ pieces
+    def _extra_stateful(self) -> dict[str, Any]:
+        """More objects whose ``state_dict`` a checkpoint keeps (a subclass's; model built)."""
+        return {}
+
     def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
         """Rebuild the tables at the checkpoint's widths; return the plan they were sharded with."""
         meta = read_run_state(ckpt)

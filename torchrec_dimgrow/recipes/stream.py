@@ -1,0 +1,513 @@
+"""Online DimGrow: one in-order pass over a time-ordered stream that publishes serving versions.
+
+The stream is the prepared data's train split, read once in its stored row order (no
+shuffle, no epochs, no early stopping); each global batch is ``batch_size * world_size``
+consecutive rows, rank ``r`` taking its share as in the search. Per step, on batch ``t``:
+
+1. **progressive validation**: the model in ``eval()`` scores batch ``t`` before any update
+   has seen it; logits and labels join a sliding window of the last ``window_rows`` rows
+   (AUC, log loss, rows, over every rank's rows);
+2. the **DimGrow step** (:class:`~torchrec_dimgrow.controller.DimGrowController`): the gate
+   step on batch ``t`` (lookups detached, so the tables never see it here) and, every
+   ``check_interval`` steps, grow/shrink/re-plan exactly as in the search;
+3. the **training step** on batch ``t``.
+
+Publish rule. A publish falls due every ``publish_every`` steps. It runs at the first step,
+at or after falling due, at which the dims are *settled*: no grow, shrink or re-plan in the
+last ``settle_steps`` steps (default: the collection's ``check_interval``). While unsettled
+it stays pending (one pending publish at most; later due points merge into it). At the end
+of the stream a last version is published if the dims are settled and the model trained
+since the previous one. Each publish writes ``OUT/versions/vK`` from the *current* searched
+weights at the current found dims (no retrain; see :mod:`torchrec_dimgrow.online` for the
+exact function the published model computes) and then replaces ``OUT/versions/LATEST``
+(:mod:`torchrec_dimgrow.versions`).
+
+Checkpoints (:mod:`torchrec_dimgrow.checkpoint`) are written every ``checkpoint_every`` steps
+(default ``publish_every``) after that step's publish; they record the rows consumed, the
+versions published, the window and the column means, so a killed run resumes at the next
+unconsumed row. A version published after the last checkpoint is recognised by its step
+when the resumed run reaches that step again, and kept rather than written twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.model_parallel import get_unwrapped_module
+
+from torchrec_dimgrow.artifacts import gate_table, write_dims_json, write_json_atomic
+from torchrec_dimgrow.checkpoint import read_run_state
+from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+from torchrec_dimgrow.controller import CheckReport
+from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.data.store import VOCAB_FILE, load_vocab
+from torchrec_dimgrow.diskwrite import agreed_write, disk_errors
+from torchrec_dimgrow.distributed.env import DistEnv
+from torchrec_dimgrow.distributed.planning import PlanningConfig
+from torchrec_dimgrow.distributed.shard_io import copy_block
+from torchrec_dimgrow.errors import Interrupted
+from torchrec_dimgrow.manifest import write_manifest
+from torchrec_dimgrow.modules.shuffle_gate import column_shuffle
+from torchrec_dimgrow.online import (
+    ColumnMeans,
+    fold,
+    gather_active_tables,
+    load_into_ctr,
+    reference_logits,
+    request_of,
+)
+from torchrec_dimgrow.recipes.retrain import retrain_spec
+from torchrec_dimgrow.recipes.search import TRAJECTORY_COLUMNS, DimGrowSearch, SearchOptions
+from torchrec_dimgrow.saved_model import build_model
+from torchrec_dimgrow.serving import export_serving, serving_vocab
+from torchrec_dimgrow.training import auc_logloss, gather_1d
+from torchrec_dimgrow.versions import VERSION_FILE, VersionPublisher
+
+log = logging.getLogger(__name__)
+
+CHECK_FILE = "check.pt"
+WINDOW_FILE = "window.json"
+STREAM_LOG = "stream_metrics.jsonl"
+SEMANTICS = (
+    "searched weights at the found dims, no retrain: kept columns (gate > final_threshold) as "
+    "tables; adapter = gate-scaled projection rows; bias = (1 - gate) * column mean * projection "
+    "over active columns (dropped columns: gate 0); head = searched WideDeep (rank-0 BatchNorm stats)"
+)
+
+
+@dataclass
+class StreamConfig:
+    """Settings of online DimGrow (see the module docstring for the publish rule)."""
+
+    publish_every: int = 200
+    keep_versions: int = 3
+    window_rows: int = 10_000
+    settle_steps: int | None = None  # default: the collection's check_interval
+    checkpoint_every: int | None = None  # default: publish_every
+    serving: str = "fp32"
+    log_every: int = 50
+    max_steps: int | None = None  # stop after this many steps (default: the whole stream)
+
+    def __post_init__(self) -> None:
+        if self.publish_every < 1:
+            raise ValueError(f"StreamConfig: publish_every must be >= 1, got {self.publish_every}")
+        if self.keep_versions < 1:
+            raise ValueError(f"StreamConfig: keep_versions must be >= 1, got {self.keep_versions}")
+        if self.window_rows < 1:
+            raise ValueError(f"StreamConfig: window_rows must be >= 1, got {self.window_rows}")
+
+
+@dataclass
+class StreamState:
+    """What a resumed stream needs besides tensors (saved in each checkpoint's run state)."""
+
+    rows_consumed: int = 0
+    versions: int = 0  # number of the last version published
+    published_steps: list[int] = field(default_factory=list)
+    last_change_step: int = -(10**9)
+    pending: bool = False
+    scored_rows: int = 0
+    scored_logloss_sum: float = 0.0  # progressive log loss over the whole stream so far
+
+
+class GlobalShuffle:
+    """Training noise of the summed path: one column shuffle of the *global* batch.
+
+    Every rank all-gathers the active columns of its rows (detached; B x C, small), shuffles
+    the global batch with a generator that is identical on every rank and takes its own
+    rows' share. A 1-rank run with the global batch size draws the very same noise, so
+    the gate gradients (hence the decisions) do not depend on the world size.
+    """
+
+    def __init__(self, seed: int, rank: int, world: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rank, self.world = rank, world
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xs = x.detach().contiguous()
+        if self.world > 1:
+            parts = [torch.empty_like(xs) for _ in range(self.world)]
+            dist.all_gather(parts, xs)
+            full = torch.cat(parts)
+        else:
+            full = xs
+        noise = column_shuffle(full.cpu(), self.gen).to(xs.device)
+        rows = xs.shape[0]
+        return noise[self.rank * rows : (self.rank + 1) * rows].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["rng"])
+
+
+class Window:
+    """This rank's last scored (logits, labels) batches; the rows of ``steps`` global batches."""
+
+    def __init__(self, steps: int) -> None:
+        self.items: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=max(1, steps))
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.items.append((logits.detach().float().cpu(), labels.detach().float().cpu()))
+
+    def metrics(self) -> dict[str, float]:
+        """AUC / log loss / rows over every rank's window (collective)."""
+        if self.items:
+            s = torch.cat([a for a, _ in self.items])
+            y = torch.cat([b for _, b in self.items])
+        else:
+            s = y = torch.zeros(0)
+        s, y = gather_1d(s), gather_1d(y)
+        if s.numel() == 0:
+            return {"auc": float("nan"), "logloss": float("nan"), "rows": 0}
+        m = auc_logloss(s, y)
+        return {"auc": m["auc"], "logloss": m["logloss"], "rows": int(s.numel())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items": list(self.items)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.items.clear()
+        self.items.extend(state["items"])
+
+
+@dataclass
+class StreamOptions(SearchOptions):
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    crash_at_step: int | None = None  # tests: os._exit(3) right after this step (a kill)
+    fail_publish: bool = False  # tests: fail every publish after its staging dir is complete
+
+
+class DimGrowStream(DimGrowSearch):
+    """The search's model, controller and checkpoints, driven over a stream (one pass, in order)."""
+
+    opts: StreamOptions
+
+    def __init__(
+        self,
+        data: PreparedData,
+        dg: DimGrowConfig,
+        tc: TrainConfig,
+        planning: PlanningConfig,
+        env: DistEnv,
+        opts: StreamOptions,
+    ) -> None:
+        self.sc = opts.stream
+        global_batch = tc.batch_size * env.world_size
+        self.window = Window(math.ceil(self.sc.window_rows / global_batch))
+        super().__init__(data, dg, tc, planning, env, opts)
+        self.sstate = StreamState()
+        if opts.resume is not None:
+            self.sstate = StreamState(**read_run_state(opts.resume)["stream"])
+        else:
+            self._init_tables()
+        self.settle = self.sc.settle_steps if self.sc.settle_steps is not None else dg.check_interval
+        self.publisher = VersionPublisher(opts.out_dir, self.sc.keep_versions)
+        self.publisher.fail_after_staging = opts.fail_publish
+        self.root_model = get_unwrapped_module(self.dmp)
+        self.last_sample: Batch | None = None
+        self.last_loss = float("nan")
+
+    def _extra_stateful(self) -> dict[str, Any]:
+        self.means = ColumnMeans(len(self.coll.table_names), int(self.coll.gate_values().shape[1]))
+        self.noise = GlobalShuffle(self.tc.seed * 7919 + 17, self.env.rank, self.env.world_size)
+        self.coll.post.noise_fn = self.noise
+        return {"window": self.window, "column_means": self.means, "noise": self.noise}
+
+    @torch.no_grad()
+    def _init_tables(self) -> None:
+        """Draw every table from its own generator (seed, table): the same on any sharding."""
+        weights = self.store.views()[0]
+        std = self.dg.init_std
+        caps = self.coll.capacity_list()
+        for t, cfg in enumerate(self.coll._user_configs):
+            gen = torch.Generator().manual_seed(self.tc.seed * 1_000_003 + t)
+            full = torch.empty(cfg.num_embeddings, caps[t]).normal_(0.0, std, generator=gen)
+            cols = list(range(caps[t]))
+            copy_block(full, weights[cfg.name], cols, cols)
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def score(self, batch: Batch) -> torch.Tensor:
+        """Progressive validation: the current model in eval() on a batch it has not seen."""
+        self.dmp.eval()
+        try:
+            pooled = self.coll.ebc(batch.sparse_features)
+            if hasattr(pooled, "wait") and not hasattr(pooled, "values"):
+                pooled = pooled.wait()
+            self.means.add(self.coll, pooled)
+            logits = self.root_model.head(self.coll.post.summed(pooled)).float()
+        finally:
+            self.dmp.train()
+        return logits  # type: ignore[no-any-return]
+
+    def stream_step(self, batch: Batch) -> CheckReport | None:
+        batch = batch.to(self.env.device)
+        logits = self.score(batch)
+        labels = batch.labels.float()
+        self.window.add(logits, labels)
+        ss = self.sstate
+        ss.scored_rows += int(labels.numel())
+        ss.scored_logloss_sum += float(
+            torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        )
+        self.last_sample = batch
+        self.dmp.train()
+        check = self.controller.step(self._loss, batch)  # gate step on the not-yet-trained batch
+        self.dense_opt.zero_grad(set_to_none=True)
+        loss = self._loss(batch)
+        loss.backward()
+        self.dense_opt.step()
+        self.last_loss = float(loss.detach())
+        return check
+
+    def after_check(self, check: CheckReport | None) -> None:
+        super().after_check(check)
+        if check is not None and check.changed:
+            self.sstate.last_change_step = self.state.step
+            self.means.reset()
+
+    def settled(self) -> bool:
+        return self.state.step - self.sstate.last_change_step >= self.settle and self.means.rows > 0
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        st, ss, sc, tc = self.state, self.sstate, self.sc, self.tc
+        self._wall_before, self._wall_start = st.wall_seconds, time.perf_counter()
+        world = self.env.world_size
+        global_batch = tc.batch_size * world
+        if ss.rows_consumed % global_batch:
+            raise ValueError(
+                f"the checkpoint consumed {ss.rows_consumed} rows, not a whole number of "
+                f"{global_batch}-row global batches: resume with the same batch size x world size"
+            )
+        start = ss.rows_consumed // global_batch
+        total = self.data.train.num_batches(tc.batch_size, world, drop_last=True)
+        if sc.max_steps is not None:
+            total = min(total, sc.max_steps)
+        if st.step == 0:
+            self._log_trajectory()
+        batches = self.data.train.batches(
+            tc.batch_size,
+            shuffle=False,
+            rank=self.env.rank,
+            world_size=world,
+            drop_last=True,
+            start_batch=start,
+        )
+        try:
+            for index, batch in enumerate(batches, start=start):
+                if index >= total:
+                    break
+                # One RNG stream per step, the same on every rank: column re-draws and dropout
+                # do not depend on what earlier steps drew, so a resume continues exactly.
+                torch.manual_seed(tc.seed * 1_000_003 + 7 * st.step + 1)
+                check = self.stream_step(batch)
+                st.step += 1
+                ss.rows_consumed += global_batch
+                self._check_finite(self.last_loss)
+                self.after_check(check)
+                if st.step % sc.publish_every == 0:
+                    ss.pending = True
+                if ss.pending and self.settled():
+                    self.publish()
+                if sc.log_every and st.step % sc.log_every == 0:
+                    self._log_window()
+                every = sc.checkpoint_every if sc.checkpoint_every is not None else sc.publish_every
+                if every and st.step % every == 0:
+                    self.save_checkpoint()
+                if self.opts.crash_at_step is not None and st.step == self.opts.crash_at_step:
+                    os._exit(3)
+        except KeyboardInterrupt:
+            raise Interrupted(self._interrupted_at(), step=st.step) from None
+        last = ss.published_steps[-1] if ss.published_steps else 0
+        if st.step > last and self.settled():
+            self.publish()
+        st.done = True
+        self.save_checkpoint()
+        return self._finish_stream()
+
+    def _log_window(self) -> None:
+        m = self.window.metrics()
+        if self.env.is_main:
+            dims = self.coll.dims_list()
+            log.info(
+                "step %d  rows %d  window auc %.4f  logloss %.4f  total_dim %d  versions %d",
+                self.state.step,
+                self.sstate.rows_consumed,
+                m["auc"],
+                m["logloss"],
+                sum(dims),
+                self.sstate.versions,
+            )
+            line = {"step": self.state.step, "rows": self.sstate.rows_consumed, "window": m, "dims": dims}
+            with (self.opts.out_dir / STREAM_LOG).open("a") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+    # ------------------------------------------------------------------ publishing
+    def publish(self) -> None:
+        """Write the next serving version from the current weights (collective; rank 0 writes)."""
+        st, ss = self.state, self.sstate
+        active = gather_active_tables(self.coll, self.store)
+        mu = self.means.mean()
+        window = self.window.metrics()
+        number = ss.versions + 1
+        result: list[tuple[int, bool]] = []
+
+        def write_all() -> None:
+            if self.env.is_main:
+                result.append(self._write_version(number, active, mu, window))
+
+        agreed_write(self.publisher.base, write_all, self.env.world_size)
+        ss.pending = False
+        ss.published_steps.append(st.step)
+        ss.versions = number
+        if self.env.is_main and result:
+            log.info(
+                "step %d: %s version v%d", st.step, "published" if result[0][1] else "kept", result[0][0]
+            )
+
+    def _write_version(
+        self, number: int, active: dict[str, torch.Tensor], mu: torch.Tensor, window: dict[str, float]
+    ) -> tuple[int, bool]:
+        folded = fold(self.coll, active, mu)
+        dims = {f: folded.dims[f] for f in self.data.fields}
+        if not any(dims.values()):
+            raise RuntimeError(f"step {self.state.step}: every found dim is 0, nothing to publish")
+        plain = build_model(retrain_spec(self.data, dims, self.tc))
+        load_into_ctr(plain, folded, self.root_model.head)
+        sample = self.last_sample
+        assert sample is not None
+        feats = sample.sparse_features.to("cpu")
+        reference = reference_logits(self.coll, self.root_model.head, active, mu, feats)
+        with torch.no_grad():
+            plain_logits = plain(feats).float()
+        st, ss = self.state, self.sstate
+
+        def write(staging: Path) -> None:
+            extra = {
+                "dims": dims,
+                "dropped_fields": [f for f in self.data.fields if dims[f] == 0],
+                "step": st.step,
+                "rows_consumed": ss.rows_consumed,
+                "semantics": SEMANTICS,
+            }
+            export_serving(
+                plain,
+                self.data.fields,
+                self.sc.serving,
+                staging,
+                extra_meta=extra,
+                field_rows=dict(zip(self.data.fields, self.data.vocab_sizes)),
+                vocab=self._vocab(),
+            )
+            write_dims_json(staging / "dims.json", dims)
+            write_json_atomic(
+                staging / WINDOW_FILE,
+                {"step": st.step, "rows_consumed": ss.rows_consumed, "window": window, **self._cumulative()},
+            )
+            write_json_atomic(staging / "gates.json", gate_table(self.coll))
+            torch.save(
+                {
+                    "request": request_of(feats, self.data.fields),
+                    "reference_logits": reference.cpu(),
+                    "plain_fp32_logits": plain_logits.cpu(),
+                    "labels": sample.labels.float().cpu(),
+                    "column_means": mu,
+                },
+                staging / CHECK_FILE,
+            )
+            (staging / VERSION_FILE).write_text(
+                json.dumps({"version": f"v{number}", "step": st.step, "rows_consumed": ss.rows_consumed})
+                + "\n"
+            )
+            write_manifest(
+                staging,
+                config={"kind": "stream_version", "serving": self.sc.serving, "version": f"v{number}"},
+                data=self.opts.data_fingerprint,
+                world_size=self.env.world_size,
+                step=st.step,
+            )
+
+        with disk_errors(self.publisher.base):
+            return self.publisher.publish(number, st.step, write)
+
+    def _vocab(self) -> dict[str, Any] | None:
+        directory = self.data.directory
+        if directory is None or not (Path(directory) / VOCAB_FILE).is_file():
+            return None
+        return serving_vocab(load_vocab(directory), self.data.fields, self.data.vocab_sizes, str(directory))
+
+    def _cumulative(self) -> dict[str, Any]:
+        ss = self.sstate
+        return {
+            "scored_rows": ss.scored_rows,
+            "progressive_logloss_rank0": ss.scored_logloss_sum / max(1, ss.scored_rows),
+        }
+
+    # ------------------------------------------------------------------ checkpoints and results
+    def save_checkpoint(self) -> None:
+        self.state.wall_seconds = self.elapsed()
+        run_state = {
+            "state": asdict(self.state),
+            "stream": asdict(self.sstate),
+            "dims": self.coll.dims_list(),
+            "capacity": self.coll.capacity_list(),
+            "trajectory": self.trajectory,
+        }
+        opts = self.opts
+        manifest = {"config": opts.run_config, "data": opts.data_fingerprint, "step": self.state.step}
+        self.checkpoints.save(opts.out_dir / "checkpoint", run_state, manifest, opts.discard_latest)
+        opts.discard_latest = False
+
+    def _finish_stream(self) -> dict[str, Any]:
+        st, ss = self.state, self.sstate
+        found = self.coll.export_dims()
+        window = self.window.metrics()
+        metrics = {
+            "steps": st.step,
+            "rows_consumed": ss.rows_consumed,
+            "versions": ss.versions,
+            "published_steps": ss.published_steps,
+            "window": window,
+            "progressive_logloss_rank0": ss.scored_logloss_sum / max(1, ss.scored_rows),
+            "replans": self.controller.replans,
+            "world_size": self.env.world_size,
+            "wall_seconds": round(self.elapsed(), 3),
+            "found_total_dim": sum(found.values()),
+        }
+        if self.env.is_main:
+            out = self.opts.out_dir
+            write_dims_json(out / "dims.json", found)
+            write_json_atomic(out / "metrics.json", metrics)
+            with (out / "trajectory.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
+                writer.writeheader()
+                writer.writerows(self.trajectory)
+        return {"dims": found, "metrics": metrics, "trajectory": list(self.trajectory)}
+
+
+def run_stream(
+    data: PreparedData,
+    dg: DimGrowConfig,
+    tc: TrainConfig,
+    planning: PlanningConfig,
+    env: DistEnv,
+    opts: StreamOptions,
+) -> dict[str, Any]:
+    """Run online DimGrow over ``data.train`` (in order, once); versions go to ``opts.out_dir/versions``."""
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    return DimGrowStream(data, dg, tc, planning, env, opts).run()
