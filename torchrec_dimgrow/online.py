@@ -261,3 +261,52 @@ def request_of(features: KeyedJaggedTensor, fields: Sequence[str]) -> dict[str, 
     values = torch.cat([by_key[f].values() for f in fields])
     lengths = torch.cat([by_key[f].lengths() for f in fields])
     return {"values": values.long().cpu(), "lengths": lengths.int().cpu()}
+
+
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+@torch.no_grad()
+def logit_error_bound(plain: CTRModel, serving: str, max_bag: int) -> float:
+    """A bound on |served logit - fp32 logit| from the tables' quantisation alone.
+
+    Per table, the largest per-element error of FBGEMM's row-wise quantisation: at int8/int4
+    half a step of the row's ``(max - min) / (2^bits - 1)`` grid, plus the rounding of its
+    scale and bias to fp16 (``(levels * scale + |min|) * 2^-10``, twice fp16's unit
+    roundoff); at fp16 ``|w| * 2^-10``. Times ``max_bag`` (sum pooling), it is propagated as
+    an elementwise interval through the model: ``|W| e`` through every linear layer (the
+    adapter, the wide part, each deep layer), ``|gamma| / sqrt(var + eps)`` through an eval
+    BatchNorm, unchanged through ReLU and Dropout. Rigorous for the float model; the fp32
+    arithmetic's own rounding (~1e-6 relative) comes on top.
+    """
+    if serving == "fp32":
+        return 0.0
+    ebc = plain.sparse
+    assert isinstance(ebc, EmbeddingBagCollection)
+    parts = []
+    for cfg in ebc.embedding_bag_configs():
+        w = ebc.embedding_bags[cfg.name].weight.detach().float()
+        if serving == "fp16":
+            err = float(w.abs().max()) * 2.0**-10
+        else:
+            levels = 2 ** QUANT_BITS[serving] - 1
+            lo, hi = w.min(dim=1).values, w.max(dim=1).values
+            scale = (hi - lo) / levels
+            err = float((0.5 * scale + (levels * scale + lo.abs()) * 2.0**-10).max())
+        parts.append(torch.full((cfg.embedding_dim,), err * max_bag))
+    e = torch.cat(parts)
+    adapter = plain.adapter
+    assert isinstance(adapter, nn.Linear)
+    e = adapter.weight.detach().abs() @ e
+    head = plain.head
+    wide = head.wide.weight.detach().abs() @ e  # type: ignore[union-attr]
+    for layer in head.deep:  # type: ignore[union-attr]
+        if isinstance(layer, nn.Linear):
+            e = layer.weight.detach().abs() @ e
+        elif isinstance(layer, nn.BatchNorm1d):
+            assert layer.running_var is not None
+            gamma = layer.weight.detach() if layer.weight is not None else torch.ones_like(layer.running_var)
+            e = gamma.abs() / torch.sqrt(layer.running_var + layer.eps) * e
+        elif not isinstance(layer, (nn.ReLU, nn.Dropout)):
+            raise ValueError(f"logit_error_bound: no rule for {type(layer).__name__}")
+    return float((e + wide).max())

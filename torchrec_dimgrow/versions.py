@@ -97,8 +97,9 @@ class VersionPublisher:
     """Writes ``ROOT/versions/vK`` directories and keeps ``LATEST`` pointing at a complete one.
 
     Single writer (rank 0). ``keep``: how many versions stay on disk (at least 1; the one
-    ``LATEST`` names is never deleted). ``fail_after_staging`` (tests): raise after the
-    staging directory is complete, before the rename, to simulate a kill mid-publish.
+    ``LATEST`` names is never deleted). ``after_staging`` (tests): called with the version
+    number once the staging directory is complete, before the rename (a kill injected there
+    must leave the previous ``LATEST`` and its version intact).
     """
 
     def __init__(self, root: str | Path, keep: int = 3) -> None:
@@ -107,7 +108,7 @@ class VersionPublisher:
         self.root = Path(root)
         self.base = self.root / VERSIONS
         self.keep = keep
-        self.fail_after_staging = False
+        self.after_staging: Callable[[int], None] | None = None
 
     def existing_for_step(self, step: int) -> int | None:
         """The version already published at ``step``, if any."""
@@ -146,8 +147,8 @@ class VersionPublisher:
             if recorded != step:
                 raise RuntimeError(f"{staging / VERSION_FILE}: records step {recorded}, not {step}")
             _fsync_tree(staging)
-            if self.fail_after_staging:
-                raise RuntimeError(f"injected failure after staging v{number}")
+            if self.after_staging is not None:
+                self.after_staging(number)
             os.rename(staging, final)
             _fsync_dir(self.base)
         except BaseException:

@@ -65,6 +65,7 @@ from torchrec_dimgrow.online import (
     fold,
     gather_active_tables,
     load_into_ctr,
+    logit_error_bound,
     reference_logits,
     request_of,
 )
@@ -188,7 +189,7 @@ class Window:
 class StreamOptions(SearchOptions):
     stream: StreamConfig = field(default_factory=StreamConfig)
     crash_at_step: int | None = None  # tests: os._exit(3) right after this step (a kill)
-    fail_publish: bool = False  # tests: fail every publish after its staging dir is complete
+    kill_in_publish: int | None = None  # tests: os._exit(3) once version K is staged, before its rename
 
 
 class DimGrowStream(DimGrowSearch):
@@ -216,7 +217,9 @@ class DimGrowStream(DimGrowSearch):
             self._init_tables()
         self.settle = self.sc.settle_steps if self.sc.settle_steps is not None else dg.check_interval
         self.publisher = VersionPublisher(opts.out_dir, self.sc.keep_versions)
-        self.publisher.fail_after_staging = opts.fail_publish
+        if opts.kill_in_publish is not None:
+            doomed = opts.kill_in_publish
+            self.publisher.after_staging = lambda n: os._exit(3) if n == doomed else None
         self.root_model = get_unwrapped_module(self.dmp)
         self.last_sample: Batch | None = None
         self.last_loss = float("nan")
@@ -396,6 +399,7 @@ class DimGrowStream(DimGrowSearch):
         with torch.no_grad():
             plain_logits = plain(feats).float()
         st, ss = self.state, self.sstate
+        max_bag = int(feats.lengths().max()) if feats.lengths().numel() else 1
 
         def write(staging: Path) -> None:
             extra = {
@@ -427,6 +431,8 @@ class DimGrowStream(DimGrowSearch):
                     "plain_fp32_logits": plain_logits.cpu(),
                     "labels": sample.labels.float().cpu(),
                     "column_means": mu,
+                    "serving": self.sc.serving,
+                    "logit_error_bound": logit_error_bound(plain, self.sc.serving, max_bag),
                 },
                 staging / CHECK_FILE,
             )
