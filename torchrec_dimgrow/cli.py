@@ -51,6 +51,7 @@ from torchrec_dimgrow.runlock import run_lock, sibling_lock
 from torchrec_dimgrow.validation import (
     RETRAIN_OUTPUTS,
     SEARCH_OUTPUTS,
+    STREAM_OUTPUTS,
     OutputGuard,
     apply_saved_config,
     check_out_dir,
@@ -209,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", type=Path, default=None, help="run dir (or its checkpoint/) to continue")
     s.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps")
     s.add_argument("--log-every", type=int, default=50)
+    # Online DimGrow (recipes/stream.py); its other settings are StreamConfig's defaults.
+    s.add_argument(
+        "--stream",
+        action="store_true",
+        help="online DimGrow: one in-order pass over the train split, publishing serving versions to "
+        "OUT/versions (progressive validation, no epochs or early stopping)",
+    )
+    s.add_argument("--publish-every", type=int, default=None, help="with --stream: steps between versions")
+    s.add_argument("--keep-versions", type=int, default=None, help="with --stream: versions kept on disk")
     s.add_argument(
         "--tensorboard", type=Path, default=None, help="also log to this TensorBoard dir (needs tensorboard)"
     )
@@ -420,7 +430,8 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     lock = contextlib.ExitStack()
     try:
         _lock_out(lock, out, env)  # a live run's directory is refused first, whatever it holds yet
-        check_out_dir(out, SEARCH_OUTPUTS, args.overwrite, resuming=continuing)
+        outputs = (*SEARCH_OUTPUTS, *STREAM_OUTPUTS) if args.stream else SEARCH_OUTPUTS
+        check_out_dir(out, outputs, args.overwrite, resuming=continuing)
         EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr).check_device(env.device)
         if resumed is not None:  # before any data work: a damaged checkpoint stops the run here
             resumed = _verified_resume(args.resume, env)
@@ -435,7 +446,7 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
                 error = [str(exc)]
             _agree(error, env)
         if args.overwrite and not continuing and env.is_main:
-            clear_previous(out, SEARCH_OUTPUTS)
+            clear_previous(out, outputs)
         planning = PlanningConfig(sharding=args.sharding, batch_size=args.batch_size)
         opts = SearchOptions(
             out,
@@ -449,7 +460,10 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
             tensorboard=args.tensorboard,
             resave=resumed is not None and resumed.world_size != env.world_size,
         )
-        result = run_search(data, dg, tc, planning, env, opts, votes=args.votes)
+        if args.stream:
+            result = _run_stream(args, data, dg, tc, planning, env, opts)
+        else:
+            result = run_search(data, dg, tc, planning, env, opts, votes=args.votes)
         finished = True
     except (NonFiniteError, DiskError, Interrupted):
         raise  # keeps the last good checkpoint for inspection or --resume
@@ -460,6 +474,15 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
     finally:
         lock.close()
         destroy_distributed(synchronize=finished)
+    if args.stream:
+        if env.is_main:
+            m = result["metrics"]
+            print(
+                f"dims: {json.dumps(result['dims'])}\n"
+                f"steps {m['steps']}  rows {m['rows_consumed']}  versions {m['versions']}  "
+                f"window_auc {m['window']['auc']:.4f}  replans {m['replans']}  -> {out / 'versions'}"
+            )
+        return 0
     if env.is_main:
         m = result["metrics"]
         print(
@@ -476,6 +499,33 @@ def _cmd_search(args: argparse.Namespace, explicit: set[str]) -> int:
         if args.strict:
             return EXIT_STRICT
     return 0
+
+
+def _run_stream(
+    args: argparse.Namespace,
+    data: PreparedData,
+    dg: DimGrowConfig,
+    tc: TrainConfig,
+    planning: PlanningConfig,
+    env: DistEnv,
+    opts: Any,
+) -> dict[str, Any]:
+    """``search --stream``: the online recipe with StreamConfig's defaults (plus two flags)."""
+    from dataclasses import fields as dataclass_fields
+
+    from torchrec_dimgrow.recipes.stream import StreamConfig, StreamOptions, run_stream
+
+    if args.votes > 1:
+        raise UsageError("--stream publishes one run's versions; it does not take --votes")
+    defaults = StreamConfig()
+    stream = StreamConfig(
+        publish_every=args.publish_every or defaults.publish_every,
+        keep_versions=args.keep_versions or defaults.keep_versions,
+        log_every=args.log_every,
+        max_steps=args.max_steps,
+    )
+    base = {f.name: getattr(opts, f.name) for f in dataclass_fields(opts)}
+    return run_stream(data, dg, tc, planning, env, StreamOptions(**base, stream=stream))
 
 
 def _check_tensorboard(args: argparse.Namespace) -> None:

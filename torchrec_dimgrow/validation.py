@@ -84,6 +84,8 @@ RANGES: dict[str, Bound] = {
     "embedding_lr": POSITIVE,
     "checkpoint_every": NON_NEGATIVE,
     "log_every": NON_NEGATIVE,
+    "publish_every": AT_LEAST_1,  # search --stream
+    "keep_versions": AT_LEAST_1,
     # retrain
     "uniform_dim": Bound(1, MAX_DIM),
     # export
@@ -140,6 +142,7 @@ SEARCH_OUTPUTS = (
     "checkpoint.prev",
     "votes",
 )
+STREAM_OUTPUTS = ("versions", "stream_metrics.jsonl")  # besides SEARCH_OUTPUTS, with search --stream
 RETRAIN_OUTPUTS = ("metrics.json", "model")
 
 
