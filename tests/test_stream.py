@@ -120,7 +120,7 @@ def test_every_version_loads_alone_and_reproduces_the_trainer_s_scores(
 
 def test_int8_versions_stay_within_the_quantisation_bound(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_ranks(w.stream, 1, str(out), {**SETTINGS, "serving": "int8", "max_steps": 12})
+    run_ranks(w.stream, 1, str(out), {**SETTINGS, "serving": "int8", "max_steps": 20})
     versions = list_versions(out)
     assert versions
     for n, got in zip(versions, load_alone(*(out / "versions" / f"v{n}" for n in versions))):

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -310,3 +312,73 @@ def logit_error_bound(plain: CTRModel, serving: str, max_bag: int) -> float:
         elif not isinstance(layer, (nn.ReLU, nn.Dropout)):
             raise ValueError(f"logit_error_bound: no rule for {type(layer).__name__}")
     return float((e + wide).max())
+
+
+@torch.no_grad()
+def load_into_mixed(mixed: nn.Module, folded: FoldedCollection) -> nn.Module:
+    """Copy a folded collection into ``export``'s ``MixedDimEmbeddingBagCollection`` (align="project").
+
+    What a user's own model (a DLRM) publishes from: ``export(build_model(), dims,
+    align="project")`` holds one such collection per DimGrow collection, tables at the found
+    dims and one bias-free ``d x width`` projection per kept feature. Those take the kept
+    columns and the gate-scaled projection rows; they have no bias, so the collection must
+    have been folded without column means (zero noise: :meth:`DimGrowHandle.serving_weights`'s
+    default), whose bias is zero.
+    """
+    from torchrec_dimgrow.modules.mixed_dim import MixedDimEmbeddingBagCollection
+
+    if not isinstance(mixed, MixedDimEmbeddingBagCollection):
+        raise TypeError(
+            f"load_into_mixed: expected a MixedDimEmbeddingBagCollection, got {type(mixed).__name__}"
+        )
+    if any(float(b.abs().max()) > 0 for b in folded.bias if b.numel()):
+        raise ValueError(
+            "load_into_mixed: the fold has a bias (column means) that a mixed-dim collection cannot hold"
+        )
+    tables = mixed.ebc.embedding_bags  # type: ignore[union-attr]
+    for name, weight in folded.tables.items():
+        if folded.dims[name]:
+            tables[name].weight.copy_(weight)  # type: ignore[index,union-attr]
+    align = mixed.align
+    for i, feature in enumerate(align.feature_names):  # type: ignore[union-attr,arg-type]
+        if str(i) in align.projections:  # type: ignore[operator,union-attr]
+            align.projections[str(i)].copy_(folded.weights[folded.features.index(feature)])  # type: ignore[index,union-attr]
+    return mixed
+
+
+def write_version(
+    staging: Path,
+    model: nn.Module,
+    input_features: Sequence[str],
+    serving: str,
+    number: int,
+    step: int,
+    *,
+    extra_meta: Mapping[str, Any] | None = None,
+    field_rows: Mapping[str, int] | None = None,
+    vocab: Mapping[str, Any] | None = None,
+    world_size: int = 1,
+) -> None:
+    """A complete serving version in ``staging``: ``export_serving``'s files, version.json, manifest.
+
+    For :meth:`~torchrec_dimgrow.versions.VersionPublisher.publish` from a user's loop::
+
+        folded = handle.serving_weights()                    # every rank (collective)
+        if rank == 0:
+            model = export(build_model(), handle.found_dims(), align="project")
+            load_into_mixed(model.<path>, folded["<path>"]); copy the dense layers
+            publisher.publish(k, step, lambda d: write_version(d, model, keys, "fp32", k, step))
+    """
+    from torchrec_dimgrow.serving import export_serving
+    from torchrec_dimgrow.versions import finish_version
+
+    export_serving(
+        model,
+        input_features,
+        serving,
+        staging,
+        extra_meta={"step": step, **(extra_meta or {})},
+        field_rows=field_rows,
+        vocab=vocab,
+    )
+    finish_version(staging, number, step, manifest_config={"serving": serving}, world_size=world_size)

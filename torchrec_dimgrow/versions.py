@@ -93,6 +93,28 @@ def write_latest(root: str | Path, name: str) -> None:
     _fsync_dir(base)
 
 
+def finish_version(
+    staging: Path,
+    number: int,
+    step: int,
+    info: dict[str, Any] | None = None,
+    manifest_config: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
+    world_size: int = 1,
+) -> None:
+    """The last files of a staged version: ``version.json`` (its step), then the manifest.
+
+    The manifest (:func:`~torchrec_dimgrow.manifest.write_manifest`) holds the sha256 of
+    every other file, so it is written last.
+    """
+    from torchrec_dimgrow.manifest import write_manifest
+
+    payload = {"version": f"v{number}", "step": step, **(info or {})}
+    (staging / VERSION_FILE).write_text(json.dumps(payload, sort_keys=True) + "\n")
+    config = {"kind": "serving_version", "version": f"v{number}", **(manifest_config or {})}
+    write_manifest(staging, config=config, data=data or {}, world_size=world_size, step=step)
+
+
 class VersionPublisher:
     """Writes ``ROOT/versions/vK`` directories and keeps ``LATEST`` pointing at a complete one.
 

@@ -58,7 +58,6 @@ from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.shard_io import copy_block
 from torchrec_dimgrow.errors import Interrupted
-from torchrec_dimgrow.manifest import write_manifest
 from torchrec_dimgrow.modules.shuffle_gate import column_shuffle
 from torchrec_dimgrow.online import (
     ColumnMeans,
@@ -74,7 +73,7 @@ from torchrec_dimgrow.recipes.search import TRAJECTORY_COLUMNS, DimGrowSearch, S
 from torchrec_dimgrow.saved_model import build_model
 from torchrec_dimgrow.serving import export_serving, serving_vocab
 from torchrec_dimgrow.training import auc_logloss, gather_1d
-from torchrec_dimgrow.versions import VERSION_FILE, VersionPublisher
+from torchrec_dimgrow.versions import VersionPublisher, finish_version
 
 log = logging.getLogger(__name__)
 
@@ -436,16 +435,14 @@ class DimGrowStream(DimGrowSearch):
                 },
                 staging / CHECK_FILE,
             )
-            (staging / VERSION_FILE).write_text(
-                json.dumps({"version": f"v{number}", "step": st.step, "rows_consumed": ss.rows_consumed})
-                + "\n"
-            )
-            write_manifest(
+            finish_version(
                 staging,
-                config={"kind": "stream_version", "serving": self.sc.serving, "version": f"v{number}"},
-                data=self.opts.data_fingerprint,
-                world_size=self.env.world_size,
-                step=st.step,
+                number,
+                st.step,
+                {"rows_consumed": ss.rows_consumed},
+                {"kind": "stream_version", "serving": self.sc.serving},
+                self.opts.data_fingerprint,
+                self.env.world_size,
             )
 
         with disk_errors(self.publisher.base):
