@@ -496,6 +496,17 @@ class DimGrowStream(DimGrowSearch):
             out = self.opts.out_dir
             write_dims_json(out / "dims.json", found)
             write_json_atomic(out / "metrics.json", metrics)
+            write_json_atomic(out / "gates.json", gate_table(self.coll))
+            write_json_atomic(
+                out / "config.json",
+                {
+                    "dimgrow": self.dg.to_dict(),
+                    "train": asdict(self.tc),
+                    "planning": asdict(self.planning),
+                    "stream": asdict(self.sc),
+                    "data": self.data.source,
+                },
+            )
             with (out / "trajectory.csv").open("w", newline="") as fh:
                 writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
                 writer.writeheader()
