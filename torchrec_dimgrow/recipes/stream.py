@@ -22,6 +22,12 @@ weights at the current found dims (no retrain; see :mod:`torchrec_dimgrow.online
 exact function the published model computes) and then replaces ``OUT/versions/LATEST``
 (:mod:`torchrec_dimgrow.versions`).
 
+World size. The training noise of the gate mixing is one column shuffle of the *global*
+batch (:class:`GlobalShuffle`, an all-gather of the batch's active columns), the tables are
+drawn per table from their own generator, and the torch RNG is reseeded identically on every
+rank at each step: with a head free of per-rank batch statistics (no BatchNorm) and of
+dropout, 2 ranks take exactly the decisions of 1 rank fed the same global batches.
+
 Checkpoints (:mod:`torchrec_dimgrow.checkpoint`) are written every ``checkpoint_every`` steps
 (default ``publish_every``) after that step's publish; they record the rows consumed, the
 versions published, the window and the column means, so a killed run resumes at the next
@@ -314,8 +320,10 @@ class DimGrowStream(DimGrowSearch):
             for index, batch in enumerate(batches, start=start):
                 if index >= total:
                     break
-                # One RNG stream per step, the same on every rank: column re-draws and dropout
-                # do not depend on what earlier steps drew, so a resume continues exactly.
+                # One RNG stream per step, the same on every rank: column re-draws do not depend
+                # on which rank owns a table or on what earlier steps drew (a resume continues
+                # exactly). Dropout masks therefore repeat across ranks' rows; the tests that
+                # compare world sizes run without dropout.
                 torch.manual_seed(tc.seed * 1_000_003 + 7 * st.step + 1)
                 check = self.stream_step(batch)
                 st.step += 1
