@@ -126,6 +126,7 @@ class StreamState:
     pending: bool = False
     scored_rows: int = 0
     scored_logloss_sum: float = 0.0  # progressive log loss over the whole stream so far
+    publish_seconds: float = 0.0  # wall time spent publishing (all versions, this rank)
 
 
 class GlobalShuffle:
@@ -371,6 +372,7 @@ class DimGrowStream(DimGrowSearch):
     def publish(self) -> None:
         """Write the next serving version from the current weights (collective; rank 0 writes)."""
         st, ss = self.state, self.sstate
+        began = time.perf_counter()
         active = gather_active_tables(self.coll, self.store)
         mu = self.means.mean()
         window = self.window.metrics()
@@ -385,10 +387,11 @@ class DimGrowStream(DimGrowSearch):
         ss.pending = False
         ss.published_steps.append(st.step)
         ss.versions = number
+        seconds = time.perf_counter() - began
+        ss.publish_seconds += seconds
         if self.env.is_main and result:
-            log.info(
-                "step %d: %s version v%d", st.step, "published" if result[0][1] else "kept", result[0][0]
-            )
+            what = "published" if result[0][1] else "kept"
+            log.info("step %d: %s version v%d (%.2f s)", st.step, what, result[0][0], seconds)
 
     def _write_version(
         self, number: int, active: dict[str, torch.Tensor], mu: torch.Tensor, window: dict[str, float]
@@ -496,6 +499,7 @@ class DimGrowStream(DimGrowSearch):
             "window": window,
             "progressive_logloss_rank0": ss.scored_logloss_sum / max(1, ss.scored_rows),
             "replans": self.controller.replans,
+            "publish_seconds_total": round(ss.publish_seconds, 3),
             "world_size": self.env.world_size,
             "wall_seconds": round(self.elapsed(), 3),
             "found_total_dim": sum(found.values()),
