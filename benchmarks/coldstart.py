@@ -59,15 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from torchrec_dimgrow.cli import parse_sets
     from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
     from torchrec_dimgrow.data.synthetic import FMConfig, fm_interactions
     from torchrec_dimgrow.distributed.env import init_distributed
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+    from torchrec_dimgrow.runconfig import parse_overrides
 
     torch.set_num_threads(1)
-    overrides = parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     dg = DimGrowConfig(**overrides)
     vocab = [int(v) for v in args.vocab.split(",")]
     data = fm_interactions(

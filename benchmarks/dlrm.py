@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    from torchrec_dimgrow.cli import parse_sets
+    from torchrec_dimgrow.runconfig import parse_overrides
 
     def ints(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x]
@@ -331,7 +331,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         alphas=[float(a) for a in args.alphas.split(",") if a],
         keep_fields=not args.no_keep_fields,
         threads=args.threads,
-        dimgrow_set=parse_sets(args.set),
+        dimgrow_set=parse_overrides(args.set),
     )
     if args.quick:
         cfg.seeds, cfg.search_epochs, cfg.retrain_epochs = cfg.seeds[:1], 2, 3

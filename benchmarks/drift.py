@@ -33,6 +33,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -135,26 +136,24 @@ def main(argv: list[str] | None = None) -> None:
     window_batches = args.window // args.batch_size
     steps = data.train.num_batches(args.batch_size, drop_last=True)
     phase_steps = steps // 3
-    stream = {
-        "window_rows": args.window,
-        "log_every": window_batches,
-        "publish_every": 10**9,
-        "keep_versions": 1,
-    }
+    stream = StreamConfig(enabled=True, window_rows=args.window, publish_every=10**9, keep_versions=1)
     with tempfile.TemporaryDirectory() as tmp:
         first = run_stream(
+            data,
+            dg,
+            replace(tc, max_steps=phase_steps),
+            planning,
+            env,
+            StreamOptions(Path(tmp) / "phase1", log_every=window_batches, quiet=True, stream=stream),
+        )
+        online_dir = Path(tmp) / "online"
+        online = run_stream(
             data,
             dg,
             tc,
             planning,
             env,
-            StreamOptions(
-                Path(tmp) / "phase1", quiet=True, stream=StreamConfig(**stream, max_steps=phase_steps)
-            ),
-        )
-        online_dir = Path(tmp) / "online"
-        online = run_stream(
-            data, dg, tc, planning, env, StreamOptions(online_dir, quiet=True, stream=StreamConfig(**stream))
+            StreamOptions(online_dir, log_every=window_batches, quiet=True, stream=stream),
         )
         log_lines = [json.loads(line) for line in (online_dir / STREAM_LOG).read_text().splitlines()]
     destroy_distributed()

@@ -118,13 +118,14 @@ def search(
             res = run_search(data, dg, tc, planning, env, SearchOptions(Path(tmp), quiet=True))
         return dict(res["dims"])
     from torchrec_dimgrow.baselines import Placement, make_baseline
+    from torchrec_dimgrow.recipes.baseline import run_baseline
 
     extra: dict[str, Any] = {}
     if method == "sseds" and budget is not None:
         full = sum(data.vocab_sizes) * args.d_max
         extra["param_budget"] = int(budget * full)
-    found = make_baseline(method, d_max=args.d_max, **extra).search(
-        data, tc, placement=Placement(env, planning)
+    found = run_baseline(
+        make_baseline(method, d_max=args.d_max, **extra), data, tc, placement=Placement(env, planning)
     )
     return dict(found.dims)
 
@@ -368,10 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logs()
     import torch
 
-    from torchrec_dimgrow.cli import parse_sets
     from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
+    from torchrec_dimgrow.runconfig import parse_overrides
 
-    args.dimgrow_set = parse_sets(args.set)
+    args.dimgrow_set = parse_overrides(args.set)
 
     torch.set_num_threads(args.threads)
     name, data = load(args)

@@ -118,6 +118,7 @@ def _run_baseline(
 ) -> dict[str, Any]:
     from torchrec_dimgrow.baselines import Placement, make_baseline
     from torchrec_dimgrow.distributed.planning import PlanningConfig
+    from torchrec_dimgrow.recipes.baseline import run_baseline
 
     tc = _train_config(cfg)
     per_method: dict[str, dict[str, Any]] = {
@@ -131,7 +132,7 @@ def _run_baseline(
     }
     overrides = per_method.get(name, {})
     search = make_baseline("uniform" if name in ("full", "floor") else name, d_max=d_max, **overrides)
-    res = search.search(data, tc, placement=Placement(env, PlanningConfig(batch_size=tc.batch_size)))
+    res = run_baseline(search, data, tc, placement=Placement(env, PlanningConfig(batch_size=tc.batch_size)))
     return {
         "dims": res.dims,
         "steps": res.steps,

@@ -1,7 +1,7 @@
 """Found dims and retrained quality per method and dataset.
 
 For every dataset, method and seed: run the search (DimGrow with ``run_search``; the
-baselines with their :class:`~torchrec_dimgrow.baselines.BaselineSearch`, on the same
+baselines, each a :class:`~torchrec_dimgrow.baselines.BaselineSearch`, with ``run_baseline``), on the same
 sharded 1-rank TorchRec path, same batch, same table optimizer), then retrain a fresh plain
 model at the found dims with the shared ``retrain`` recipe (early stopping on validation
 AUC, test metrics of the best epoch). "full" is every field at D_max, retrained the same way
@@ -99,8 +99,11 @@ def search_dims(
             res = run_search(data, dg, tc, planning, env, SearchOptions(Path(tmp), quiet=True))
         return res["dims"], time.perf_counter() - start
     from torchrec_dimgrow.baselines import Placement, make_baseline
+    from torchrec_dimgrow.recipes.baseline import run_baseline
 
-    result = make_baseline(method, d_max=cfg.d_max).search(data, tc, placement=Placement(env, planning))
+    result = run_baseline(
+        make_baseline(method, d_max=cfg.d_max), data, tc, placement=Placement(env, planning)
+    )
     return result.dims, time.perf_counter() - start
 
 

@@ -17,11 +17,20 @@ against the same retrained models evaluated in float; the fp32 rows check the ex
 alone (``--latency-batch`` examples, median of repeats; measured on the shared, loaded machine:
 compare within a table only).
 
-``--request-cost`` measures instead what the exported model's request checks cost: per
-``--latency-batch`` request (real rows: the first 20 batches of the train split, which every
-dataset fills), the loaded artifact with checks (``model(request)``)
-and without (``model.model(request)``), timed back to back in alternating order over
-``--request-rounds`` rounds; the cost is the median of the paired differences. Times are the
+``--request-cost`` measures instead what validating a request costs: per ``--latency-batch``
+request (real rows: the first 20 batches of the train split, which every dataset fills), three
+calls timed back to back in rotating order over ``--request-rounds`` rounds:
+
+* ``torchrec``: the same model exported as TorchRec ships it (``torchrec.fx`` trace of the
+  quantized EBC, FBGEMM's kernel bounds check in its default ``WARNING`` mode, which repairs a
+  bad id to row 0) and no request checks: what serving costs without this package's checks;
+* ``checked``: the exported artifact, ``model(request)``: the request checks, then the lookup
+  with FBGEMM's own check off (the request checks cover it);
+* ``lookup``: the artifact's ``model.model(request)``: the lookup alone, nothing checked.
+
+``check_pct`` is the median paired difference checked - torchrec over torchrec: the price of
+validation a user pays; ``own_check_pct`` (checked - lookup over lookup) is the request checks'
+own cost. Times are the
 thread's CPU time (one intra-op thread, no I/O: the latency on a core of its own), so that other
 processes on a shared machine do not count. The model is the
 found dims' (``--dims``, else the ``found_dims`` recorded in ``results/serving_NAME.json``, else a
@@ -47,7 +56,14 @@ from torchrec_dimgrow.data import PreparedData, prepare
 from torchrec_dimgrow.data.synthetic import PlantedConfig, planted, write_parquet
 from torchrec_dimgrow.recipes.retrain import retrain
 from torchrec_dimgrow.saved_model import build_model, load_model, spec_for
-from torchrec_dimgrow.serving import export_serving, quantize_model, row_bytes, served_dim
+from torchrec_dimgrow.serving import (
+    ServingModel,
+    export_serving,
+    quantize_model,
+    row_bytes,
+    script,
+    served_dim,
+)
 from torchrec_dimgrow.training import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,7 +111,7 @@ def found_dims(args: argparse.Namespace, flags: list[str], work: Path) -> dict[s
     path = args.dims or work / "search" / "dims.json"
     if not path.is_file():
         cmd = [sys.executable, "-m", "torchrec_dimgrow", "search", *flags, "--out", str(work / "search"),
-               "--cache-dir", str(work / "data"), "--seed", str(args.search_seed), "--quiet"]  # fmt: skip
+               "--set", f"data.cache_dir={work / 'data'}", "--seed", str(args.search_seed), "--quiet"]  # fmt: skip
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"search failed:\n{proc.stderr[-3000:]}")
@@ -149,10 +165,12 @@ REQUEST_COLUMNS = [
     "serving",
     "bags",
     "batch",
-    "request_us_unchecked",
+    "request_us_torchrec",
     "request_us_checked",
+    "request_us_lookup",
     "check_us",
     "check_pct",
+    "own_check_pct",
 ]
 
 
@@ -166,30 +184,38 @@ def recorded_dims(args: argparse.Namespace, name: str, flags: list[str], work: P
 
 @torch.no_grad()
 def request_cost(
-    artifact: torch.jit.ScriptModule, requests: list[dict[str, torch.Tensor]], rounds: int
+    artifact: torch.jit.ScriptModule,
+    torchrec_default: torch.jit.ScriptModule,
+    requests: list[dict[str, torch.Tensor]],
+    rounds: int,
 ) -> dict[str, float]:
-    """Median request time with and without the checks, and the median paired difference (us)."""
-    checked, unchecked, diffs = [], [], []
+    """Median request times of the three calls (see the module doc) and the paired check costs (us)."""
+    calls = {"checked": artifact, "torchrec": torchrec_default, "lookup": artifact.model}
+    order = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    over_torchrec, over_lookup = [], []
     for request in requests[:3]:
-        artifact(request), artifact.model(request)
+        for fn in calls.values():
+            fn(request)
     for r in range(rounds):
         for request in requests:
-            pair = {}
-            for variant in ("checked", "unchecked") if r % 2 == 0 else ("unchecked", "checked"):
-                fn = artifact if variant == "checked" else artifact.model
+            one: dict[str, float] = {}
+            for variant in order[r % 3 :] + order[: r % 3]:  # each call leads in turn
                 start = time.thread_time()
-                fn(request)
-                pair[variant] = 1e6 * (time.thread_time() - start)
-            checked.append(pair["checked"])
-            unchecked.append(pair["unchecked"])
-            diffs.append(pair["checked"] - pair["unchecked"])
-    base = statistics.median(unchecked)
-    cost = statistics.median(diffs)
+                calls[variant](request)
+                one[variant] = 1e6 * (time.thread_time() - start)
+                times[variant].append(one[variant])
+            over_torchrec.append(one["checked"] - one["torchrec"])
+            over_lookup.append(one["checked"] - one["lookup"])
+    torchrec_us, lookup_us = statistics.median(times["torchrec"]), statistics.median(times["lookup"])
+    cost = statistics.median(over_torchrec)
     return {
-        "request_us_unchecked": round(base, 1),
-        "request_us_checked": round(statistics.median(checked), 1),
+        "request_us_torchrec": round(torchrec_us, 1),
+        "request_us_checked": round(statistics.median(times["checked"]), 1),
+        "request_us_lookup": round(lookup_us, 1),
         "check_us": round(cost, 1),
-        "check_pct": round(100 * cost / base, 2),
+        "check_pct": round(100 * cost / torchrec_us, 2),
+        "own_check_pct": round(100 * statistics.median(over_lookup) / lookup_us, 2),
     }
 
 
@@ -224,8 +250,10 @@ def request_cost_rows(
         out = work / "request-cost" / f"{label.replace(' ', '')}-{serving}"
         export_serving(model, data.fields, serving, out, field_rows=rows_of)
         artifact = torch.jit.load(str(out / "serving.pt"))
+        served, _ = quantize_model(copy.deepcopy(model), serving)  # as TorchRec ships it
+        torchrec_default = script(ServingModel(served, data.fields))
         rows.append({"model": label, "serving": serving, "bags": bags, "batch": args.latency_batch,
-                     **request_cost(artifact, requests, args.request_rounds)})  # fmt: skip
+                     **request_cost(artifact, torchrec_default, requests, args.request_rounds)})  # fmt: skip
         print(markdown_table(rows[-1:], REQUEST_COLUMNS), flush=True)
     print(markdown_table(rows, REQUEST_COLUMNS))
     write_rows(rows, args.out, f"serving_requests_{name}", {"argv": sys.argv, "found_dims": dims})

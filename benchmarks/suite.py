@@ -389,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parsed flags plus their derived lists; a bad flag exits with a one-line error."""
-    from torchrec_dimgrow.cli import parse_sets
     from torchrec_dimgrow.data.suite import parse_scale
+    from torchrec_dimgrow.runconfig import parse_overrides
 
     p = build_parser()
     args = p.parse_args(argv)
@@ -399,7 +399,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.uniform_list = [int(x) for x in args.uniform.split(",") if x]
         args.search_seed_list = [int(s) for s in args.search_seeds.split(",") if s]
         args.retrain_seed_list = [int(s) for s in args.retrain_seeds.split(",") if s]
-        args.dimgrow_set = parse_sets(args.set)
+        args.dimgrow_set = parse_overrides(args.set)
     except ValueError as e:
         p.error(str(e))
     if args.instances < 1 or not args.search_seed_list or not args.retrain_seed_list or not args.uniform_list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +27,17 @@ def configs(world: int) -> tuple[DimGrowConfig, TrainConfig, PlanningConfig]:
 
 
 def stream(rank: int, world: int, out: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """One stream run into ``out``; ``kwargs``: StreamConfig fields plus resume / crash_at_step."""
+    """One stream run into ``out``; ``kwargs``: StreamConfig fields plus max_steps (train),
+    log_every (run), resume / crash_at_step / kill_in_publish."""
     env: DistEnv = init_distributed("gloo")
     dg, tc, planning = configs(world)
     resume = kwargs.pop("resume", None)
     crash = kwargs.pop("crash_at_step", None)
     kill = kwargs.pop("kill_in_publish", None)
+    tc = replace(tc, max_steps=kwargs.pop("max_steps", None))
     opts = StreamOptions(
         Path(out),
+        log_every=kwargs.pop("log_every", 50),
         quiet=True,
         resume=Path(resume) if resume else None,
         stream=StreamConfig(**kwargs),

@@ -29,6 +29,7 @@ from torchrec_dimgrow.baselines.supernet import SparseSuperNet
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data.split import make_kjt
 from torchrec_dimgrow.data.synthetic import PlantedConfig, from_arrays, planted
+from torchrec_dimgrow.recipes.baseline import run_baseline, train_supernet
 
 FIELDS = ["a", "b", "c"]
 VOCAB = {"a": 7, "b": 11, "c": 5}
@@ -57,7 +58,7 @@ def _set_table(ebc: EmbeddingBagCollection, name: str, values: torch.Tensor) -> 
 
 # ------------------------------------------------------------------------------------ AutoDim
 def test_autodim_builds_one_plain_table_per_field_and_candidate() -> None:
-    search = make_baseline("autodim", d_max=16, storage_block=1)
+    search = make_baseline("autodim", d_max=16, capacity_block=1)
     sparse = search.build_sparse(FIELDS, VOCAB)
     assert power_of_two_candidates(16) == (2, 4, 8, 16)
     assert power_of_two_candidates(6) == (2, 4, 6)
@@ -88,7 +89,7 @@ def test_autodim_mixture_weights_sum_to_one_and_temperature_anneals() -> None:
 def test_autodim_favours_the_informative_candidate() -> None:
     data, effect = _informative_data()
     search = make_baseline(
-        "autodim", d_max=8, candidates=(2, 4, 8), storage_block=1, arch_lr=0.05, common_dim=16
+        "autodim", d_max=8, candidates=(2, 4, 8), capacity_block=1, gate_lr=0.05, common_dim=16
     )
     tc = TrainConfig(epochs=3, batch_size=256, hidden=[16], adapter_dim=16, early_stop_patience=5, **FROZEN)
     trained = search.build(data, tc)
@@ -100,7 +101,7 @@ def test_autodim_favours_the_informative_candidate() -> None:
     planted_table = torch.randn(500, 4, generator=gen)
     planted_table[:, 0] = effect
     _set_table(ebc, "x__d4", planted_table)
-    search.train(trained, data, tc)
+    train_supernet(search, trained, data, tc)
     post: AutoDimPost = trained.sparse.post  # type: ignore[assignment]
     assert search.export_dims(trained, data, tc)["x"] == 4
     probs = torch.softmax(post.alpha.detach()[0], dim=0)
@@ -154,7 +155,7 @@ def test_optembed_scores_the_same_with_and_without_cached_lookups() -> None:
     for cache in (True, False):
         search = make_baseline("optembed", d_max=8, cache_lookups=cache, max_eval_rows=200)
         trained = search.build(data, tc)
-        search.train(trained, data, tc)
+        train_supernet(search, trained, data, tc)
         score = search.score_fn(trained, data, batch_size=64)
         scores.append([score((8,) * 7), score((1, 2, 3, 4, 5, 6, 7))])
     assert scores[0] == pytest.approx(scores[1])
@@ -163,7 +164,7 @@ def test_optembed_scores_the_same_with_and_without_cached_lookups() -> None:
 # ------------------------------------------------------------------------------------ SSEDS
 def test_sseds_saliency_ranks_the_planted_dim_above_noise() -> None:
     data, effect = _informative_data()
-    search = make_baseline("sseds", d_max=4, storage_block=1, saliency_batch_size=512)
+    search = make_baseline("sseds", d_max=4, capacity_block=1, saliency_batch_size=512)
     tc = TrainConfig(epochs=2, batch_size=256, hidden=[16], adapter_dim=16, early_stop_patience=5, **FROZEN)
     trained = search.build(data, tc)
     gen = torch.Generator().manual_seed(2)
@@ -171,7 +172,7 @@ def test_sseds_saliency_ranks_the_planted_dim_above_noise() -> None:
     table_x[:, 0] = effect
     _set_table(trained.sparse.ebc, "x", table_x)
     _set_table(trained.sparse.ebc, "z", torch.randn(500, 4, generator=gen))
-    search.train(trained, data, tc)
+    train_supernet(search, trained, data, tc)
     sal = search.saliency(trained, data)
     assert sal.shape == (2, 4)
     others = torch.cat([sal[0, 1:], sal[1]])
@@ -224,20 +225,24 @@ def test_search_exports_a_dim_for_every_field(name: str, tmp_path: Path) -> None
     overrides = {"optembed": {"iterations": 3}, "uniform": {"train": True}}.get(name, {})
     search = make_baseline(name, d_max=8, **overrides)
     tc = TrainConfig(epochs=1, batch_size=128, hidden=[8], max_steps=12)
-    result = search.search(data, tc, out_dir=tmp_path)
+    result = run_baseline(search, data, tc, out_dir=tmp_path)
     dims = read_dims_json(tmp_path / "dims.json", data.fields)
     assert dims == result.dims
     assert all(0 <= d <= 8 for d in dims.values())
     stored = json.loads((tmp_path / "search.json").read_text())
     assert stored["method"] == name and stored["embedding_param_bytes"] > 0
     assert result.embedding_state_bytes > 0  # Adagrad keeps one sum per table value
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == name and metrics["found_total_dim"] == sum(dims.values())
+    assert metrics["steps"] == result.steps and metrics["epochs"] == len(result.history) == 1
+    assert metrics["val_auc"] == result.history[0]["val_auc"]
     if name == "uniform":
         assert set(dims.values()) == {8}
     if name == "autodim":
         assert set(dims.values()) <= {2, 4, 8}
 
 
-def test_uniform_with_dims_is_the_final_model_padded_to_the_storage_block() -> None:
+def test_uniform_with_dims_is_the_final_model_padded_to_the_capacity_block() -> None:
     search = make_baseline("uniform", dims={"a": 3, "b": 0, "c": 4})
     sparse = search.build_sparse(FIELDS, VOCAB)
     assert [(t.name, t.embedding_dim) for t in sparse.ebc.embedding_bag_configs()] == [("a", 4), ("c", 4)]
@@ -257,6 +262,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     import json, sys
     from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
     from torchrec_dimgrow.baselines import Placement, make_baseline
+    from torchrec_dimgrow.recipes.baseline import run_baseline
     from torchrec_dimgrow.data.synthetic import PlantedConfig, planted
     from torchrec_dimgrow.config import TrainConfig
     from torchrec_dimgrow.distributed.env import destroy_distributed, init_distributed
@@ -267,8 +273,8 @@ SHARDED_SCRIPT = textwrap.dedent(
     out = {}
     for name, kw in [("autodim", {}), ("optembed", {"iterations": 2}), ("sseds", {})]:
         search = make_baseline(name, d_max=8, **kw)
-        res = search.search(data, tc, placement=Placement(env))
-        sharded = isinstance(search.last_trained.sparse.ebc, ShardedEmbeddingBagCollection)
+        res = run_baseline(search, data, tc, placement=Placement(env))
+        sharded = isinstance(res.trained.sparse.ebc, ShardedEmbeddingBagCollection)
         out[name] = {"sharded": sharded, "fields": sorted(res.dims), "state": res.embedding_state_bytes,
                      "params": res.embedding_param_bytes}
     destroy_distributed()
@@ -298,7 +304,7 @@ def test_baseline_subcommand_writes_dims_and_rejects_unknown_knobs(tmp_path: Pat
     from torchrec_dimgrow.cli import main
 
     criteo = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "criteo_head8k")
-    common = ["baseline", "--data", criteo, "--format", "criteo", "--local", "--d-max", "4"]
+    common = ["baseline", "--data", criteo, "--format", "criteo", "--set", "run.local=true", "--d-max", "4"]
     assert main([*common, "--method", "uniform", "--out", str(tmp_path / "u")]) == 0
     dims = read_dims_json(tmp_path / "u" / "dims.json")
     assert len(dims) == 39 and set(dims.values()) == {4}

@@ -51,8 +51,8 @@ def test_single_process_search_and_retrain_on_movielens(tmp_path: Path) -> None:
         str(out),
         "--epochs",
         "1",
-        "--max-steps",
-        "120",
+        "--set",
+        "train.max_steps=120",
         "--quiet",
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -101,9 +101,9 @@ def _vocab(run: Path) -> list[int]:
 
 
 SEARCH_2R = [
-    "--data", CRITEO, "--format", "criteo", "--epochs", "2", "--batch-size", "64", "--max-steps", "60",
-    "--grow-threshold", "0.5005", "--checkpoint-every", "10", "--seed", "3",
-    "--final-gates", "epoch",  # a resumed run must restore the epoch gate means too
+    "--data", CRITEO, "--format", "criteo", "--epochs", "2", "--batch-size", "64", "--set", "train.max_steps=60",
+    "--set", "dimgrow.grow_threshold=0.5005", "--set", "run.checkpoint_every=10", "--seed", "3",
+    "--set", "dimgrow.final_gates=epoch",  # a resumed run must restore the epoch gate means too
 ]  # fmt: skip
 
 
@@ -139,12 +139,22 @@ def test_two_rank_torchrun_search_replans_and_writes_outputs_on_rank0(tmp_path: 
     assert "8" in caps, "a capacity change must appear in the trajectory"
     ref = json.loads((out / "dims.json").read_text())
 
-    # a flag that contradicts the checkpoint: one line from rank 0, exit 2 on both ranks
-    r = cli("search", *SEARCH_2R, "--out", str(out), "--resume", str(out), "--gate-lr", "0.01", ranks=2)
+    # a setting that contradicts the checkpoint: one line from rank 0, exit 2 on both ranks
+    r = cli(
+        "search",
+        *SEARCH_2R,
+        "--out",
+        str(out),
+        "--resume",
+        str(out),
+        "--set",
+        "dimgrow.gate_lr=0.01",
+        ranks=2,
+    )
     assert r.returncode != 0 and "exitcode  : 2" in r.stderr and "exitcode  : 1" not in r.stderr
     assert ours(r.stderr) == [
-        "error: --gate-lr 0.01 contradicts the checkpoint's --gate-lr 0.001; --resume continues with "
-        "the saved settings (drop the flag, or start a new run)"
+        "error: dimgrow.gate_lr 0.01 contradicts the checkpoint's dimgrow.gate_lr 0.001; --resume "
+        "continues with the saved settings (drop the setting, or start a new run)"
     ], r.stderr
     # resume on 1 rank: DCP reshards the 2-rank checkpoint, the planner places the tables afresh;
     # the checkpoint is rewritten at once at the new world size, holding the very same tensors
@@ -273,9 +283,19 @@ def test_bad_input_gives_a_clear_error_and_no_output(tmp_path: Path, case: str, 
 
 def test_search_with_budget_never_exceeds_it_and_refuses_an_impossible_one(tmp_path: Path) -> None:
     out = tmp_path / "search"
-    args = ["--data", MOVIELENS, "--format", "movielens", "--epochs", "1", "--max-steps", "80", "--quiet"]
+    args = [
+        "--data",
+        MOVIELENS,
+        "--format",
+        "movielens",
+        "--epochs",
+        "1",
+        "--set",
+        "train.max_steps=80",
+        "--quiet",
+    ]
     # a grow threshold below the initial gate: every field asks to grow at every step
-    r = cli("search", *args, "--out", str(out), "--budget", "0.1", "--grow-threshold", "0.3")
+    r = cli("search", *args, "--out", str(out), "--budget", "0.1", "--set", "dimgrow.grow_threshold=0.3")
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     vocab = dict(zip(json.loads((out / "dims.json").read_text()), _vocab(out)))
@@ -300,9 +320,9 @@ def test_voted_search_on_two_ranks_exports_the_vote_of_its_searches(tmp_path: Pa
     from torchrec_dimgrow.policy import vote_dims
 
     out = tmp_path / "voted"
-    args = ["--data", MOVIELENS, "--format", "movielens", "--epochs", "1", "--max-steps", "30", "--quiet",
-            "--budget", "0.1", "--grow-threshold", "0.3", "--seed", "5"]  # fmt: skip
-    r = cli("search", *args, "--out", str(out), "--votes", "3", ranks=2)
+    args = ["--data", MOVIELENS, "--format", "movielens", "--epochs", "1", "--set", "train.max_steps=30", "--quiet",
+            "--budget", "0.1", "--set", "dimgrow.grow_threshold=0.3", "--seed", "5"]  # fmt: skip
+    r = cli("search", *args, "--out", str(out), "--set", "run.votes=3", ranks=2)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [out / "votes" / f"seed-{s}" for s in (5, 6, 7)]
     assert sorted((out / "votes").iterdir()) == runs
@@ -318,4 +338,5 @@ def test_voted_search_on_two_ranks_exports_the_vote_of_its_searches(tmp_path: Pa
     assert 0 < m["found_embedding_bytes"] <= m["budget_bytes"] == int(0.1 * 16 * 4 * sum(vocab.values()))
     # one of the votes is a complete search; resuming it alone would break the vote
     r = cli("search", *args, "--out", str(runs[0]), "--resume", str(runs[0]))
-    assert r.returncode == 2 and "a --votes run cannot be resumed" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "a voting run (run.votes > 1) cannot be resumed" in r.stderr, r.stderr[-2000:]

@@ -319,12 +319,12 @@ def test_missing_file_names_path_and_split(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["criteo", "avazu", "aliccp", "movielens"])
 def test_column_flags_on_a_fixed_format_are_refused_not_ignored(tmp_path: Path, fmt: str) -> None:
-    """--drop-cols C3 on Criteo used to be ignored: the search ran on C3 anyway, exit 0."""
+    """data.drop_cols C3 on Criteo used to be ignored: the search ran on C3 anyway, exit 0."""
     with pytest.raises(
-        DataError, match=rf"--drop-cols C3: only --format csv or parquet .* --format {fmt} fixes"
+        DataError, match=rf"data\.drop_cols C3: only --format csv or parquet .* --format {fmt} fixes"
     ):
         prepare(str(SHARED / "criteo" / "criteo_head8k"), fmt, tmp_path / "x", drop_cols=["C3"])
-    with pytest.raises(DataError, match=r"--label-col y: only --format csv or parquet"):
+    with pytest.raises(DataError, match=r"data\.label_col y: only --format csv or parquet"):
         prepare(str(SHARED / "criteo" / "criteo_head8k"), fmt, tmp_path / "x", label_col="y")
     assert not (tmp_path / "x").exists()
 

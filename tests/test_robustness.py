@@ -83,7 +83,7 @@ def model_run(csv_prefix: str, tmp_path_factory: pytest.TempPathFactory) -> Path
     """A retrain with its saved model."""
     run = tmp_path_factory.mktemp("retrain") / "run"
     args = ["retrain", *data_args(csv_prefix), "--uniform-dim", "2", "--out", str(run), "--epochs", "1"]
-    assert main([*args, "--max-steps", "5", "--quiet"]) == 0
+    assert main([*args, "--set", "train.max_steps=5", "--quiet"]) == 0
     return run
 
 
@@ -95,7 +95,7 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 def search_args(prefix: str, cache: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "search", *data_args(prefix), "--cache-dir", str(cache), "--out", str(out), "--epochs", "1",
+        "search", *data_args(prefix), "--set", f"data.cache_dir={cache}", "--out", str(out), "--epochs", "1",
         "--batch-size", "16", "--quiet", *extra,
     ]  # fmt: skip
 
@@ -266,7 +266,14 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(
 ) -> None:
     out = tmp_path / "run"
     _fail_second_save(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
-    assert main(search_args(csv_prefix, cache, out, "--max-steps", "12", "--checkpoint-every", "5")) == 2
+    assert (
+        main(
+            search_args(
+                csv_prefix, cache, out, "--set", "train.max_steps=12", "--set", "run.checkpoint_every=5"
+            )
+        )
+        == 2
+    )
     assert one_error_line(capsys) == f"error: cannot write {out / 'checkpoint'}: no space left on device"
     assert verify(out / "checkpoint").manifest["step"] == 5  # the previous checkpoint, intact
     assert not (out / "checkpoint.tmp").exists() and not (out / "dims.json").exists()
@@ -287,7 +294,17 @@ def _search_with_full_disk_on_rank1(
         torch.save = save  # type: ignore[assignment]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = main(search_args(prefix, Path(cache), Path(out), "--max-steps", "12", "--checkpoint-every", "5"))
+        rc = main(
+            search_args(
+                prefix,
+                Path(cache),
+                Path(out),
+                "--set",
+                "train.max_steps=12",
+                "--set",
+                "run.checkpoint_every=5",
+            )
+        )
     return rc, err.getvalue()
 
 
@@ -329,7 +346,10 @@ def test_file_size_limit_during_a_search_is_exit_2_and_one_line(
     csv_prefix: str, cache: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    proc = _child(search_args(csv_prefix, cache, out, "--max-steps", "12", "--checkpoint-every", "5"), 4096)
+    proc = _child(
+        search_args(csv_prefix, cache, out, "--set", "train.max_steps=12", "--set", "run.checkpoint_every=5"),
+        4096,
+    )
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     lines = err.strip().splitlines()  # EFBIG from DCP, or torch's zip writer's "unexpected pos"
@@ -351,7 +371,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> 
 
 
 def _long_search(prefix: str, cache: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    return _child(search_args(prefix, cache, out, "--checkpoint-every", "2", *extra))
+    return _child(search_args(prefix, cache, out, "--set", "run.checkpoint_every=2", *extra))
 
 
 def test_second_run_on_a_live_out_is_refused_and_a_killed_runs_lock_is_taken(
@@ -381,7 +401,7 @@ def test_second_run_on_a_live_out_is_refused_and_a_killed_runs_lock_is_taken(
 def _search_rank(rank: int, world: int, prefix: str, cache: str, out: str) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = main(search_args(prefix, Path(cache), Path(out), "--max-steps", "4"))
+        rc = main(search_args(prefix, Path(cache), Path(out), "--set", "train.max_steps=4"))
     return rc, err.getvalue()
 
 
@@ -427,7 +447,14 @@ def test_ctrl_c_inside_a_checkpoint_write_keeps_the_previous_one(
 ) -> None:
     out = tmp_path / "run"
     _fail_second_save(monkeypatch, KeyboardInterrupt())
-    assert main(search_args(csv_prefix, cache, out, "--max-steps", "12", "--checkpoint-every", "5")) == 130
+    assert (
+        main(
+            search_args(
+                csv_prefix, cache, out, "--set", "train.max_steps=12", "--set", "run.checkpoint_every=5"
+            )
+        )
+        == 130
+    )
     assert capsys.readouterr().err.strip() == f"interrupted at step 10; resume with --resume {out}"
     assert verify(out / "checkpoint").manifest["step"] == 5
     assert not (out / "checkpoint.tmp").exists()
@@ -438,9 +465,9 @@ def test_ctrl_c_inside_a_checkpoint_write_keeps_the_previous_one(
     [
         ((), 2, "interrupted at step 1, before the first checkpoint: nothing to resume (run it again)"),
         (
-            ("--votes", "2"),
+            ("--set", "run.votes=2"),
             7,  # the second search's third step
-            "interrupted at step 2 of the search with seed 1; a --votes run cannot be resumed "
+            "interrupted at step 2 of the search with seed 1; a voting run (run.votes) cannot be resumed "
             "(its finished searches stay in {out}/votes)",
         ),
     ],
@@ -467,7 +494,7 @@ def test_ctrl_c_says_when_there_is_nothing_to_resume(
 
     monkeypatch.setattr(DimGrowSearch, "train_step", step)
     out = tmp_path / "run"
-    assert main(search_args(csv_prefix, cache, out, "--max-steps", "4", *extra)) == 130
+    assert main(search_args(csv_prefix, cache, out, "--set", "train.max_steps=4", *extra)) == 130
     # A vote's first search may finish with a warning of its own (4 steps learn nothing); the
     # interrupt itself is one line.
     lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("warning:")]
@@ -520,8 +547,8 @@ def test_nan_float_ids_are_missing_like_nulls(tmp_path: Path) -> None:
 def test_retrain_progress_bar_only_on_a_terminal(
     csv_prefix: str, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["retrain", *data_args(csv_prefix), "--cache-dir", str(cache), "--uniform-dim", "2"]
-    assert main([*args, "--out", str(tmp_path / "r"), "--epochs", "1", "--max-steps", "5"]) == 0
+    args = ["retrain", *data_args(csv_prefix), "--set", f"data.cache_dir={cache}", "--uniform-dim", "2"]
+    assert main([*args, "--out", str(tmp_path / "r"), "--epochs", "1", "--set", "train.max_steps=5"]) == 0
     err = capsys.readouterr().err
     assert "retrain epoch" not in err and "it/s" not in err, err
 

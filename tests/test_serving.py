@@ -142,6 +142,29 @@ def test_dropped_fields_have_no_table_and_the_artifact_runs_without_the_package(
     torch.testing.assert_close(served, model(kjt).detach(), rtol=0, atol=1e-5)
 
 
+def test_the_artifact_checks_ids_once_its_own_way_not_again_in_fbgemm(tmp_path: Path) -> None:
+    """FBGEMM's kernel check (on by default, repairing bad ids to row 0) is off behind the
+    request checks, which refuse the same requests; a default TorchRec export keeps it."""
+    from torchrec_dimgrow.serving import ServingModel, script
+    from torchrec_dimgrow.serving_checks import skip_kernel_bounds_check
+
+    spec = spec_for(FIELDS, VOCAB, DIMS)
+    model = _model(spec)
+    save_model(model, spec, tmp_path / "run")
+    export_saved(tmp_path / "run", "int8", tmp_path / "serve")
+    artifact = torch.jit.load(str(tmp_path / "serve" / "serving.pt"))
+    assert "bounds_check_indices" not in artifact.model.code
+    default, _ = quantize_model(_model(spec), "int8")
+    assert "bounds_check_indices" in script(ServingModel(default, FIELDS)).code
+    assert skip_kernel_bounds_check(default) == 1  # one kernel per quantized collection here
+    assert "bounds_check_indices" not in script(ServingModel(default, FIELDS)).code
+    bad = _kjt(seed=4)
+    values = bad.values().clone()
+    values[0] = VOCAB[0]  # one past the last row of feature 'a'
+    with pytest.raises(torch.jit.Error, match=r"serving request: values: id 40 .*feature 'a'"):
+        artifact({"values": values, "lengths": bad.lengths()})
+
+
 def test_serving_json_states_the_request_rules_and_the_rows_of_every_field(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -336,8 +359,8 @@ def test_cli_retrain_evaluate_export_chain_on_parquet(tmp_path: Path) -> None:
         str(run),
         "--epochs",
         "2",
-        "--max-steps",
-        "20",
+        "--set",
+        "train.max_steps=20",
         "--quiet",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

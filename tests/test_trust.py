@@ -31,7 +31,7 @@ CRITEO = str(DATA / "criteo" / "criteo_head8k")
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The Criteo sample prepared once; every run below reuses it through --cache-dir."""
+    """The Criteo sample prepared once; every run below reuses it through data.cache_dir."""
     path = tmp_path_factory.mktemp("prepared") / "data"
     prepare(CRITEO, "criteo", path)
     return path
@@ -39,7 +39,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def search_args(cache: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "search", "--data", CRITEO, "--format", "criteo", "--cache-dir", str(cache), "--out", str(out),
+        "search", "--data", CRITEO, "--format", "criteo", "--set", f"data.cache_dir={cache}", "--out", str(out),
         "--epochs", "1", "--batch-size", "64", "--quiet", *extra,
     ]  # fmt: skip
 
@@ -48,7 +48,18 @@ def search_args(cache: Path, out: Path, *extra: str) -> list[str]:
 def finished(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 1-rank search with two checkpoints kept (steps 10 and 12)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    rc = main(search_args(cache, out, "--max-steps", "12", "--checkpoint-every", "5", "--alpha", "0.05"))
+    rc = main(
+        search_args(
+            cache,
+            out,
+            "--set",
+            "train.max_steps=12",
+            "--set",
+            "run.checkpoint_every=5",
+            "--set",
+            "dimgrow.alpha=0.05",
+        )
+    )
     assert rc == 0
     return out
 
@@ -65,25 +76,29 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     return dst
 
 
-# ------------------------------------------------------------------ 5/6: flag ranges
+# ------------------------------------------------------------------ 5/6: setting ranges
 @pytest.mark.parametrize(
     ("flag", "value", "expect"),
     [
-        ("--d-max", "0", "--d-max must be in [1, 256], got 0"),
-        ("--d-max", "1000", "--d-max must be in [1, 256], got 1000"),
-        ("--alpha", "-1", "--alpha must be >= 0, got -1"),
-        ("--check-interval", "0", "--check-interval must be >= 1, got 0"),
-        ("--grow-threshold", "2", "--grow-threshold must be in (0, 1], got 2"),
-        ("--seed", "-1", "--seed must be in [0, 4294967295], got -1"),
-        ("--lr", "-1", "--lr must be > 0, got -1"),
-        ("--lr", "nan", "--lr must be > 0, got nan"),
-        ("--threads", "-1", "--threads must be in [1, 4096], got -1"),
-        ("--threads", "0", "--threads must be in [1, 4096], got 0"),
-        ("--max-steps", "0", "--max-steps must be >= 1, got 0"),
-        ("--checkpoint-every", "-1", "--checkpoint-every must be >= 0, got -1"),
-        ("--epochs", "0", "--epochs must be >= 1, got 0"),
-        ("--initial-dim", "0", "--initial-dim must be in [1, 256], got 0"),
-        ("--shrink-threshold", "0.7", "--shrink-threshold (0.7) must be below --grow-threshold (0.6)"),
+        ("--d-max", "0", "dimgrow.d_max must be in [1, 256], got 0"),
+        ("--d-max", "1000", "dimgrow.d_max must be in [1, 256], got 1000"),
+        ("--set", "dimgrow.alpha=-1", "dimgrow.alpha must be >= 0, got -1"),
+        ("--set", "dimgrow.check_interval=0", "dimgrow.check_interval must be >= 1, got 0"),
+        ("--set", "dimgrow.grow_threshold=2", "dimgrow.grow_threshold must be in (0, 1], got 2"),
+        ("--seed", "-1", "train.seed must be in [0, 4294967295], got -1"),
+        ("--set", "train.lr=-1", "train.lr must be > 0, got -1"),
+        ("--set", "train.lr=nan", "train.lr must be > 0, got nan"),
+        ("--set", "run.threads=-1", "run.threads must be in [1, 4096], got -1"),
+        ("--set", "run.threads=0", "run.threads must be in [1, 4096], got 0"),
+        ("--set", "train.max_steps=0", "train.max_steps must be >= 1, got 0"),
+        ("--set", "run.checkpoint_every=-1", "run.checkpoint_every must be >= 0, got -1"),
+        ("--epochs", "0", "train.epochs must be >= 1, got 0"),
+        ("--set", "dimgrow.initial_dim=0", "dimgrow.initial_dim must be in [1, 256], got 0"),
+        (
+            "--set",
+            "dimgrow.shrink_threshold=0.7",
+            "dimgrow.shrink_threshold (0.7) must be below dimgrow.grow_threshold (0.6)",
+        ),
     ],
 )
 def test_out_of_range_flag_is_one_line_naming_it_and_writes_nothing(
@@ -117,11 +132,11 @@ def test_directory_given_as_a_split_file_is_named(tmp_path: Path, capsys: pytest
 def test_fused_optimizer_without_a_cpu_kernel_is_refused_before_any_work(
     cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """fbgemm's CPU kernel has no fused Adam: refused by flag name, not by an fbgemm assertion."""
+    """fbgemm's CPU kernel has no fused Adam: refused by setting name, not by an fbgemm assertion."""
     out = tmp_path / "out"
-    assert main(search_args(cache, out, "--embedding-optimizer", "adam")) == 2
+    assert main(search_args(cache, out, "--set", "train.embedding_optimizer=adam")) == 2
     line = one_error_line(capsys)
-    assert line.startswith("error: --embedding-optimizer adam:") and "rowwise_adagrad" in line, line
+    assert line.startswith("error: train.embedding_optimizer adam:") and "rowwise_adagrad" in line, line
     assert not out.exists()
     EmbeddingOptimizer("adam").check_device(torch.device("cuda"))  # CUDA has the kernel
     EmbeddingOptimizer("rowwise_adagrad").check_device(torch.device("cpu"))
@@ -130,15 +145,15 @@ def test_fused_optimizer_without_a_cpu_kernel_is_refused_before_any_work(
 @pytest.mark.parametrize(
     ("backend", "gpus", "expect"),
     [
-        ("nccl", 0, "error: --backend nccl needs CUDA GPUs"),
+        ("nccl", 0, "error: run.backend nccl needs CUDA GPUs"),
         ("nccl", 1, None),  # rank 0 of 1 with one GPU: accepted (the NCCL build decides below)
-        ("foo", 0, "error: --backend / DIMGROW_BACKEND: unknown backend 'foo'"),
+        ("foo", 0, "error: run.backend / DIMGROW_BACKEND: unknown backend 'foo'"),
     ],
 )
 def test_backend_this_process_cannot_run_is_refused_by_flag(
     monkeypatch: pytest.MonkeyPatch, backend: str, gpus: int, expect: str | None
 ) -> None:
-    """``--backend nccl`` without GPUs failed in init_process_group with a RuntimeError trace."""
+    """``run.backend=nccl`` without GPUs failed in init_process_group with a RuntimeError trace."""
     from torchrec_dimgrow.distributed import env as dist_env
     from torchrec_dimgrow.errors import UsageError
 
@@ -160,8 +175,8 @@ def test_nccl_on_this_cpu_machine_is_one_error_line(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "out"
-    assert main(search_args(cache, out, "--backend", "nccl")) == 2
-    assert one_error_line(capsys).startswith("error: --backend nccl needs CUDA GPUs")
+    assert main(search_args(cache, out, "--set", "run.backend=nccl")) == 2
+    assert one_error_line(capsys).startswith("error: run.backend nccl needs CUDA GPUs")
     assert not out.exists()
 
 
@@ -242,12 +257,12 @@ def test_degenerate_columns_warn_once_each(tmp_path: Path, capsys: pytest.Captur
     data = _parquet_splits(tmp_path, table)
     out = tmp_path / "out"
     args = ["search", "--data", data, "--format", "parquet", "--out", str(out), "--batch-size", "8"]
-    assert main([*args, "--max-steps", "2", "--quiet"]) == 0
+    assert main([*args, "--set", "train.max_steps=2", "--quiet"]) == 0
     err = capsys.readouterr().err.splitlines()
     warned = [line for line in err if line.startswith("warning: column")]
     assert len(warned) == 2, err
     assert "'empty' is empty/null on every train row" in warned[0]
-    assert "'uid': --min-count 2 maps 100% of train rows into the shared bucket 0" in warned[1]
+    assert "'uid': data.min_count 2 maps 100% of train rows into the shared bucket 0" in warned[1]
 
 
 # ------------------------------------------------------------------ 4: output directories
@@ -256,10 +271,10 @@ def test_finished_run_is_not_replaced_without_overwrite(
 ) -> None:
     run = copy_run(finished, tmp_path)
     before = (run / "metrics.json").read_bytes()
-    assert main(search_args(cache, run, "--max-steps", "3")) == 2
+    assert main(search_args(cache, run, "--set", "train.max_steps=3")) == 2
     assert "holds a previous run (dims.json); pass --overwrite" in one_error_line(capsys)
     assert (run / "metrics.json").read_bytes() == before
-    assert main(search_args(cache, run, "--max-steps", "3", "--overwrite")) == 0
+    assert main(search_args(cache, run, "--set", "train.max_steps=3", "--overwrite")) == 0
     m = json.loads((run / "metrics.json").read_text())
     assert m["steps"] == 3
     assert not (run / "checkpoint.prev").exists(), "the old run's checkpoints must not survive --overwrite"
@@ -274,11 +289,11 @@ def test_retrain_never_writes_into_the_search_dir(
     base = ["retrain", "--data", CRITEO, "--format", "criteo", "--dims", str(run / "dims.json"), "--quiet"]
     assert main([*base, "--out", str(run)]) == 2
     assert "is the search directory of --dims" in one_error_line(capsys)
-    assert main([*base, "--max-steps", "2", "--epochs", "1"]) == 0
+    assert main([*base, "--set", "train.max_steps=2", "--epochs", "1"]) == 0
     assert (run / "metrics.json").read_bytes() == before
     assert json.loads((run / "retrain" / "metrics.json").read_text())["steps"] == 2
     capsys.readouterr()
-    assert main([*base, "--max-steps", "2", "--epochs", "1"]) == 2
+    assert main([*base, "--set", "train.max_steps=2", "--epochs", "1"]) == 2
     assert "holds a previous run (metrics.json); pass --overwrite" in one_error_line(capsys)
 
 
@@ -297,7 +312,7 @@ def test_bad_dims_file_is_one_line(
     dims.write_text(content)
     out = tmp_path / "rt"
     args = ["retrain", "--data", CRITEO, "--format", "criteo", "--dims", str(dims), "--out", str(out)]
-    args += ["--cache-dir", str(cache)]
+    args += ["--set", f"data.cache_dir={cache}"]
     assert main(args) == 2
     line = one_error_line(capsys)
     assert line.startswith(f"error: --dims: {dims}") and expect in line
@@ -309,40 +324,45 @@ def test_resume_takes_the_saved_settings_and_refuses_contradictions(
     cache: Path, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = copy_run(finished, tmp_path)
-    assert main(search_args(cache, run, "--resume", str(run), "--alpha", "0.2")) == 2
+    assert main(search_args(cache, run, "--resume", str(run), "--set", "dimgrow.alpha=0.2")) == 2
     assert one_error_line(capsys) == (
-        "error: --alpha 0.2 contradicts the checkpoint's --alpha 0.05; --resume continues with the "
-        "saved settings (drop the flag, or start a new run)"
+        "error: dimgrow.alpha 0.2 contradicts the checkpoint's dimgrow.alpha 0.05; --resume continues "
+        "with the saved settings (drop the setting, or start a new run)"
     )
     assert main(search_args(cache, run, "--resume", str(run), "--d-max", "8")) == 2
-    assert "--d-max 8 contradicts the checkpoint's --d-max 16" in one_error_line(capsys)
-    # flags left out take the saved values (here --alpha 0.05 and --max-steps 12)
+    assert "dimgrow.d_max 8 contradicts the checkpoint's dimgrow.d_max 16" in one_error_line(capsys)
+    # settings left out take the saved values (here dimgrow.alpha 0.05 and train.max_steps 12)
     assert main(search_args(cache, run, "--resume", str(run))) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["dimgrow"]["alpha"] == 0.05 and config["train"]["max_steps"] == 12
 
 
-def test_resume_of_a_checkpoint_older_than_a_rule_flag_keeps_the_old_rule() -> None:
-    import argparse
-
+def test_resume_of_a_checkpoint_older_than_a_rule_setting_keeps_the_old_rule() -> None:
     from torchrec_dimgrow.errors import UsageError
-    from torchrec_dimgrow.validation import apply_saved_config
+    from torchrec_dimgrow.recipes.resume import adopt_saved
+    from torchrec_dimgrow.runconfig import SearchRunConfig
 
-    def fresh() -> argparse.Namespace:  # today's defaults
-        return argparse.Namespace(alpha=0.1, grow_price_exponent=1.0, cap_dims_at_rows=True)
-
-    saved = {"alpha": 0.05}  # written before either rule flag existed
-    args = fresh()
-    apply_saved_config(args, saved, explicit=set())
-    assert (args.alpha, args.grow_price_exponent, args.cap_dims_at_rows) == (0.05, 0.0, False)
-    # a checkpoint that recorded the flag keeps its own value
-    args = fresh()
-    apply_saved_config(args, {**saved, "cap_dims_at_rows": True}, explicit=set())
-    assert args.cap_dims_at_rows is True and args.grow_price_exponent == 0.0
-    with pytest.raises(
-        UsageError, match="--cap-dims-at-rows True contradicts the checkpoint's --cap-dims-at-rows False"
+    fresh = SearchRunConfig()  # today's defaults
+    saved = {"alpha": 0.05, "patience": 3}  # flag names, written before either rule setting existed
+    cfg = adopt_saved(fresh, saved, explicit=set())
+    assert (cfg.dimgrow.alpha, cfg.dimgrow.grow_price_exponent, cfg.dimgrow.cap_dims_at_rows) == (
+        0.05,
+        0.0,
+        False,
+    )
+    assert cfg.train.early_stop_patience == 3
+    # a checkpoint that recorded the setting keeps its own value (either spelling)
+    for recorded in (
+        {**saved, "cap_dims_at_rows": True},
+        {"dimgrow.alpha": 0.05, "dimgrow.cap_dims_at_rows": True},
     ):
-        apply_saved_config(fresh(), saved, explicit={"cap_dims_at_rows"})
+        cfg = adopt_saved(fresh, recorded, explicit=set())
+        assert cfg.dimgrow.cap_dims_at_rows is True and cfg.dimgrow.grow_price_exponent == 0.0
+    with pytest.raises(
+        UsageError,
+        match=r"dimgrow\.cap_dims_at_rows True contradicts the checkpoint.s dimgrow\.cap_dims_at_rows False",
+    ):
+        adopt_saved(fresh, saved, explicit={"dimgrow.cap_dims_at_rows"})
 
 
 def test_damaged_checkpoint_file_is_named(
@@ -382,7 +402,16 @@ def test_nan_guard_names_the_step_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "out"
     # Adam moves every dense weight by ~lr per step: at 1e13 the activations of a search
     # started at dim 1 overflow at step 2 (from the 4-column block they do at step 1)
-    args = ["--lr", "1e13", "--max-steps", "5", "--checkpoint-every", "1", "--initial-dim", "1"]
+    args = [
+        "--set",
+        "train.lr=1e13",
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        "run.checkpoint_every=1",
+        "--set",
+        "dimgrow.initial_dim=1",
+    ]
     assert main(search_args(cache, out, *args)) == 2
     line = one_error_line(capsys)
     assert line.startswith("error: step 2: non-finite") and "last good checkpoint stays in" in line
@@ -404,11 +433,11 @@ def test_tensorboard_without_the_package_is_one_line(
         "criteo",
         "--out",
         str(out),
-        "--tensorboard",
-        str(tmp_path),
+        "--set",
+        f"run.tensorboard={tmp_path}",
     ]
     assert main(args) == 2
-    assert "--tensorboard needs the tensorboard package" in one_error_line(capsys)
+    assert "run.tensorboard needs the tensorboard package" in one_error_line(capsys)
     assert not out.exists()
 
 
@@ -439,23 +468,42 @@ def test_one_rank_checkpoint_resumes_on_two_ranks(cache: Path, finished: Path, t
 def test_search_that_keeps_no_field_warns_and_fails_under_strict(
     cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    heavy = ["--penalty-mode", "fixed", "--alpha", "1000", "--max-steps", "3"]  # every gate falls below 0.5
+    heavy = [
+        "--set",
+        "dimgrow.penalty_mode=fixed",
+        "--set",
+        "dimgrow.alpha=1000",
+        "--set",
+        "train.max_steps=3",
+    ]  # every gate falls below 0.5
     assert main(search_args(cache, tmp_path / "a", *heavy)) == 0
     err = capsys.readouterr().err
-    assert "warning: the search kept no field (every dim is 0)" in err and "--strict makes this exit 3" in err
+    assert (
+        "warning: the search kept no field (every dim is 0)" in err and "run.strict makes this exit 3" in err
+    )
     assert set(json.loads((tmp_path / "a" / "dims.json").read_text()).values()) == {0}
-    assert main(search_args(cache, tmp_path / "b", *heavy, "--strict")) == 3
+    assert main(search_args(cache, tmp_path / "b", *heavy, "--set", "run.strict=true")) == 3
 
 
 def test_log_level_beats_quiet_and_dimgrow_log_works(
     cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert main(search_args(cache, tmp_path / "a", "--max-steps", "2", "--log-level", "INFO")) == 0
+    assert (
+        main(search_args(cache, tmp_path / "a", "--set", "train.max_steps=2", "--set", "run.log_level=INFO"))
+        == 0
+    )
     assert [
         line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch 0  step 2  val_auc")
     ]
     monkeypatch.setenv("DIMGROW_LOG", "ERROR")
-    heavy = ["--penalty-mode", "fixed", "--alpha", "1000", "--max-steps", "2"]
+    heavy = [
+        "--set",
+        "dimgrow.penalty_mode=fixed",
+        "--set",
+        "dimgrow.alpha=1000",
+        "--set",
+        "train.max_steps=2",
+    ]
     assert main([a for a in search_args(cache, tmp_path / "b", *heavy) if a != "--quiet"]) == 0
     assert capsys.readouterr().err == "", "ERROR hides the epoch line and the no-field warning"
 
@@ -479,7 +527,14 @@ def test_tensorboard_logs_val_auc_dims_and_gates(cache: Path, tmp_path: Path) ->
     assert (
         main(
             search_args(
-                cache, tmp_path / "out", "--max-steps", "4", "--log-every", "2", "--tensorboard", str(board)
+                cache,
+                tmp_path / "out",
+                "--set",
+                "train.max_steps=4",
+                "--set",
+                "run.log_every=2",
+                "--set",
+                f"run.tensorboard={board}",
             )
         )
         == 0

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from torchrec_dimgrow.bounds import AT_LEAST_1, MAX_DIM, NON_NEGATIVE, POSITIVE, Bound, check_bounds
 
 AlignMode = Literal["raw", "pad", "project"]
 ShrinkSlot = Literal["lowest", "last"]
@@ -109,7 +111,9 @@ class DimGrowConfig:
             at fewer bytes: see benchmarks/ablations.md, "Penalty weighting and alpha".
         alpha: the penalty knob (see ``penalty_mode``). The authors' fixed values, in
             this package's units (their 0.1 * alpha_dataset): ML-1M 0.01, Criteo 0.002,
-            Avazu 0.0005, Ali-CCP 0.000125.
+            Avazu 0.0005, Ali-CCP 0.000125. ``None`` (default) resolves by ``penalty_mode``
+            when the config is built: 0.1 in ``"auto"`` mode, 0.01 (ML-1M's) in
+            ``"fixed"`` mode; the instance then holds (and records) the resolved value.
         auto_ema: EMA factor of the per-gate task gradient used by ``penalty_mode="auto"``.
         gate_lr: Adam learning rate of the gate logits (updated on validation batches).
         max_total_dim: global budget on the sum of logical dims (the reference: 1000).
@@ -156,7 +160,7 @@ class DimGrowConfig:
     init_std: float = 0.01
     penalty_mode: PenaltyMode = "auto"
     penalty_weighting: PenaltyWeighting = "bytes"
-    alpha: float = 0.1
+    alpha: float | None = None
     auto_ema: float = 0.99
     gate_lr: float = 1e-3
     max_total_dim: int = 1_000_000
@@ -164,8 +168,43 @@ class DimGrowConfig:
     budget_pressure: float = 0.0
     eval_mixing: Literal["mean", "shuffle", "off"] = "mean"
 
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "d_max": Bound(1, MAX_DIM),
+        "initial_dim": Bound(1, MAX_DIM),  # None = the storage block
+        "alpha": NON_NEGATIVE,
+        "budget_pressure": NON_NEGATIVE,
+        "gate_lr": POSITIVE,
+        "check_interval": AT_LEAST_1,
+        "gate_every": AT_LEAST_1,
+        "grow_threshold": Bound(0, 1, low_open=True),
+        "grow_price_exponent": NON_NEGATIVE,
+        "shrink_threshold": Bound(0, 1, high_open=True),
+        "grow_patience": AT_LEAST_1,
+        "shrink_patience": AT_LEAST_1,
+        "tau": POSITIVE,
+        "capacity_block": AT_LEAST_1,
+        "capacity_slack_blocks": NON_NEGATIVE,
+        "max_total_dim": AT_LEAST_1,
+        "auto_ema": Bound(0, 1, high_open=True),
+    }
+    """Ranges a run accepts (:meth:`check`); stricter than :meth:`validate` (``d_max`` <= 256)."""
+    BELOW: ClassVar[tuple[tuple[str, str], ...]] = (("shrink_threshold", "grow_threshold"),)
+
     def __post_init__(self) -> None:
+        self.alpha = self.penalty_alpha  # recorded resolved: a resume compares the value used
         self.validate()
+
+    @property
+    def penalty_alpha(self) -> float:
+        """``alpha``, or where it is ``None`` the default of ``penalty_mode`` (the one place
+        that default lives): 0.1 in ``"auto"`` mode, 0.01 in ``"fixed"`` mode."""
+        if self.alpha is not None:
+            return self.alpha
+        return 0.1 if self.penalty_mode == "auto" else 0.01
+
+    def check(self, section: str = "dimgrow") -> None:
+        """The ranges of :attr:`BOUNDS`, as a run checks them (one line naming the setting)."""
+        check_bounds(asdict(self), self.BOUNDS, section, self.BELOW)
 
     def validate(self) -> None:
         """Reject inconsistent settings early, with the field name in the message."""
@@ -193,7 +232,7 @@ class DimGrowConfig:
                 f"capacity_block must be >= 1, got {self.capacity_block}",
             ),
             (self.capacity_slack_blocks >= 0, "capacity_slack_blocks must be >= 0"),
-            (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
+            (self.alpha is not None and self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (
                 self.grow_price_exponent >= 0,
                 f"grow_price_exponent must be >= 0, got {self.grow_price_exponent}",
@@ -296,3 +335,21 @@ class TrainConfig:
     adapter_dim: int = 64
     dropout: float = 0.2
     max_steps: int | None = None
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "epochs": AT_LEAST_1,
+        "batch_size": AT_LEAST_1,
+        "seed": Bound(0, 2**32 - 1),  # numpy's seed range
+        "lr": POSITIVE,
+        "embedding_lr": POSITIVE,
+        "early_stop_patience": AT_LEAST_1,
+        "adapter_dim": AT_LEAST_1,
+        "dropout": Bound(0, 1, high_open=True),
+        "max_steps": AT_LEAST_1,
+    }
+    """Ranges a run accepts (:meth:`check`)."""
+    BELOW: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def check(self, section: str = "train") -> None:
+        """The ranges of :attr:`BOUNDS` (one line naming the setting)."""
+        check_bounds(asdict(self), self.BOUNDS, section)

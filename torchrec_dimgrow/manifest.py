@@ -313,5 +313,5 @@ def compare_data(saved: dict[str, Any], current: dict[str, Any]) -> None:
         )
     if saved.get("vocab_sha256") != current.get("vocab_sha256"):
         raise CheckpointError(
-            "the prepared vocab differs from the checkpoint's (different data or --min-count)"
+            "the prepared vocab differs from the checkpoint's (different data or data.min_count)"
         )

@@ -5,6 +5,8 @@
   a value (name, lr, extra kwargs), not as an optimizer object.
 * :func:`embedding_optimizer_of` reads that value back from what
   ``apply_optimizer_in_backward`` attached to a user's tables.
+* :meth:`EmbeddingOptimizer.unfused` builds it as a plain torch optimizer (unsharded
+  tables); :func:`state_bytes` counts what optimizers keep (the memory accounting).
 * :func:`remove_parameters` / :func:`replace_optimizer` edit a user's (possibly nested
   ``CombinedOptimizer``) training optimizer in place: the gate logits leave it, and the
   DMP's rebuilt fused optimizer replaces the old one after a re-plan.
@@ -79,12 +81,36 @@ class EmbeddingOptimizer:
         """
         if device.type == "cpu" and self.name not in CPU_FUSED_OPTIMIZERS:
             raise UsageError(
-                f"--embedding-optimizer {self.name}: the fused CPU kernel (fbgemm-gpu) supports "
+                f"train.embedding_optimizer {self.name}: the fused CPU kernel (fbgemm-gpu) supports "
                 f"{', '.join(CPU_FUSED_OPTIMIZERS)} only; use one of those, or run on CUDA"
             )
 
     def apply(self, params: Any) -> None:
         apply_optimizer_in_backward(self.cls(), params, {"lr": self.lr, **self.extra})
+
+    def unfused(self, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
+        """The same optimizer as a plain torch optimizer over ``params`` (unsharded tables
+        trained with dense gradients, e.g. the baselines' ``--local`` path)."""
+        cls: Any = self.cls()
+        return cls(list(params), lr=self.lr, **self.extra)
+
+
+def tensor_bytes(t: Any) -> int:
+    """Bytes this rank holds for a tensor or a ShardedTensor (its local shards)."""
+    if hasattr(t, "local_shards"):
+        return sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
+    if isinstance(t, torch.Tensor):
+        return t.numel() * t.element_size()
+    return 0
+
+
+def state_bytes(optimizers: Sequence[Any]) -> int:
+    """Bytes of every tensor the optimizers keep (moments, Adagrad sums, step counters)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            total += sum(tensor_bytes(v) for v in state.values())
+    return total
 
 
 _OPTIMIZER_NAMES: dict[str, str] = {

@@ -53,7 +53,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_dimgrow.errors import UsageError
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.serving_checks import ID_RULE_TEXT, REQUEST_RULES, CheckedServingModel, input_rows
+from torchrec_dimgrow.serving_checks import (
+    ID_RULE_TEXT,
+    REQUEST_RULES,
+    CheckedServingModel,
+    input_rows,
+    skip_kernel_bounds_check,
+)
 
 SERVING_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -368,6 +374,7 @@ def export_serving(
         raise UsageError(f"--out {out}: exists and is not an earlier serving export; refusing to overwrite")
     rows = input_rows(model, input_features, field_rows)
     served, report = quantize_model(copy.deepcopy(model), serving, row_alignment)
+    skip_kernel_bounds_check(served)  # the request checks below cover it, exactly
     lookup = script(ServingModel(served, input_features))
     scripted = torch.jit.script(CheckedServingModel(lookup, input_features, rows))
     meta: dict[str, Any] = {

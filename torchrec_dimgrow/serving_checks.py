@@ -8,12 +8,16 @@ feature, dropped fields included) with ``ValueError("serving request: ...")`` (f
 ``torch.jit.Error`` whose last line carries it) before any lookup, because FBGEMM's
 kernel trusts its input: a huge length crashes the process, and an out-of-range id becomes
 row 0 (or, ``-1``, is skipped) in a normal-looking logit. Out-of-range ids raise rather than go to
-the shared bucket (see :data:`ID_RULE_TEXT`).
+the shared bucket (see :data:`ID_RULE_TEXT`). With these checks in front, FBGEMM's own bounds
+check is redundant and is switched off in the artifact (:func:`skip_kernel_bounds_check`), so a
+validated request costs about what TorchRec's default export costs without them.
 """
 
 from collections.abc import Mapping, Sequence
 
 import torch
+from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -53,21 +57,33 @@ def _dtype_name(t: torch.Tensor) -> str:
     return f"dtype code {t.dtype}"
 
 
-def _request_tensor(batch: dict[str, torch.Tensor], key: str, device: torch.device) -> torch.Tensor:
-    """``batch[key]``, checked to be a dense 1-D int32/int64 tensor on the model's ``device``
-    (what the lookup kernel indexes with)."""
-    if key not in batch:
-        raise ValueError(f"serving request: missing key '{key}' (expected 'values' and 'lengths')")
-    t = batch[key]
+def _raise_for_keys(batch: dict[str, torch.Tensor]) -> None:
+    """The error for a request whose keys are not exactly 'values' and 'lengths'."""
+    for key in batch.keys():
+        if key != "values" and key != "lengths":
+            raise ValueError(f"serving request: unexpected key '{key}' (expected 'values' and 'lengths')")
+    missing = "values" if "values" not in batch else "lengths"
+    raise ValueError(f"serving request: missing key '{missing}' (expected 'values' and 'lengths')")
+
+
+def _request_tensor(t: torch.Tensor, key: str, device: torch.device) -> torch.Tensor:
+    """``t`` (the request's ``key``), checked to be a dense 1-D int32/int64 tensor on the model's
+    ``device`` (what the lookup kernel indexes with). One combined test on the accepted path;
+    the failing property is named only on a refusal."""
+    if (
+        (t.dtype == torch.int64 or t.dtype == torch.int32)
+        and t.layout == torch.strided
+        and t.device == device
+        and t.dim() == 1
+    ):
+        return t if t.is_contiguous() else t.contiguous()
     if t.dtype != torch.int64 and t.dtype != torch.int32:
         raise ValueError(f"serving request: {key} must be int32 or int64, got {_dtype_name(t)}")
     if t.layout != torch.strided:
         raise ValueError(f"serving request: {key} must be a dense (strided) tensor")
     if t.device != device:
         raise ValueError(f"serving request: {key} is on {t.device}, the model on {device}")
-    if t.dim() != 1:
-        raise ValueError(f"serving request: {key} must be 1-D, got shape {t.shape}")
-    return t if t.is_contiguous() else t.contiguous()
+    raise ValueError(f"serving request: {key} must be 1-D, got shape {t.shape}")
 
 
 def check_request(
@@ -83,11 +99,10 @@ def check_request(
     well-formed request that is a few vectorised passes over the input; only a refusal pays
     for locating the offending entry.
     """
-    for key in batch.keys():
-        if key != "values" and key != "lengths":
-            raise ValueError(f"serving request: unexpected key '{key}' (expected 'values' and 'lengths')")
-    values = _request_tensor(batch, "values", rows.device)
-    lengths = _request_tensor(batch, "lengths", rows.device)
+    if len(batch) != 2 or "values" not in batch or "lengths" not in batch:
+        _raise_for_keys(batch)
+    values = _request_tensor(batch["values"], "values", rows.device)
+    lengths = _request_tensor(batch["lengths"], "lengths", rows.device)
     num_features = len(features)
     n = lengths.numel()
     m = values.numel()
@@ -117,9 +132,10 @@ def check_request(
             raise ValueError(f"serving request: values has {m} entries but the lengths sum to {total}")
         if m == 0:
             return values, lengths
-        # A per-feature amax and one global min: on CPU each is cheaper than one aminmax(dim=1).
+        # A per-feature amax and one global min: on CPU each is cheaper than one aminmax(dim=1),
+        # and a scalar test of ``rows - highest`` costs fewer interpreter steps than ``any()``.
         highest = values.view(num_features, m // num_features).amax(1)
-        if int(values.min()) < 0 or bool((highest >= rows).any()):
+        if int(values.min()) < 0 or int((rows - highest).min()) < 1:
             _raise_for_id(values, lengths.view(num_features, -1).sum(1, dtype=torch.int64), rows, features)
         return values, lengths
     per_feature = lengths.view(num_features, -1).sum(1, dtype=torch.int64)  # ids of each feature
@@ -203,3 +219,26 @@ def input_rows(
             f"serving export: rows of input feature(s) {missing} unknown (no table, no field_rows)"
         )
     return [rows[f] for f in input_features]
+
+
+def skip_kernel_bounds_check(served: nn.Module) -> int:
+    """Turn off FBGEMM's own bounds check in every quantized lookup kernel of ``served``; return how many.
+
+    TorchRec builds its quantized tables with ``BoundsCheckMode.WARNING``: before each lookup
+    FBGEMM walks every id and offset again, and replaces a bad one with row 0 (or a clamped
+    offset) plus a log line. Behind :class:`CheckedServingModel` that pass can find nothing:
+    :func:`check_request` has already refused every request it would have repaired (lengths
+    and offsets, ids outside ``[0, rows)`` of their table), so it only costs a second scalar
+    walk over the ids (about as long as the checks themselves on CPU). Only for a model that
+    is served through :class:`CheckedServingModel`: its ``.model`` then trusts its input.
+    """
+    kernels: dict[int, IntNBitTableBatchedEmbeddingBagsCodegen] = {}
+    for m in served.modules():
+        # TorchRec's quantized EBC keeps its kernels in a plain list (``_emb_modules``) unless
+        # built with ``register_tbes``, so ``modules()`` alone does not reach them.
+        for k in [m, *getattr(m, "_emb_modules", [])]:
+            if isinstance(k, IntNBitTableBatchedEmbeddingBagsCodegen):
+                kernels[id(k)] = k
+    for kernel in kernels.values():
+        kernel.bounds_check_mode_int = BoundsCheckMode.NONE.value
+    return len(kernels)

@@ -234,16 +234,21 @@ def fit(
     early: EarlyStopping,
     on_best: Callable[[], None] | None = None,
     max_steps: int | None = None,
+    after_step: Callable[[Batch, int], None] | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[list[dict[str, float]], int]:
     """The shared epoch loop of the retrain and the SuperNet baselines.
 
-    Per epoch: ``model.train()``, ``step(batch, step_index)`` over ``batches(epoch)``,
-    then ``validate()`` (AUC / log loss) and :class:`EarlyStopping`, whose floor is set
-    from a ``validate()`` before the first step (:func:`learned_floor`); ``on_best`` runs
-    when an epoch is the new best (snapshot what the caller restores or exports).
-    ``max_steps`` caps the total step count. Returns the per-epoch history (epoch, steps
-    so far, val AUC and log loss) and the step count. The search recipe keeps its own
-    loop: it checkpoints and resumes mid-epoch.
+    Per epoch: ``model.train()``, ``step(batch, step_index)`` then
+    ``after_step(batch, step_index)`` over ``batches(epoch)``, then ``validate()`` (AUC /
+    log loss) and :class:`EarlyStopping`, whose floor is set from a ``validate()`` before
+    the first step (:func:`learned_floor`); ``on_best`` runs when an epoch is the new best
+    (snapshot what the caller restores or exports), then ``on_epoch_end(row)`` with the
+    epoch's history row (before the early-stopping break, so the last epoch gets one too).
+    ``after_step`` is where a run hangs what follows its weight step (the baselines'
+    architecture/gate step and schedules); ``max_steps`` caps the total step count.
+    Returns the per-epoch history (epoch, steps so far, val AUC and log loss) and the step
+    count. The search recipe keeps its own loop: it checkpoints and resumes mid-epoch.
     """
     history: list[dict[str, float]] = []
     steps = 0
@@ -252,15 +257,20 @@ def fit(
         model.train()
         for batch in batches(epoch):
             step(batch, steps)
+            if after_step is not None:
+                after_step(batch, steps)
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
         val = validate()
-        history.append({"epoch": epoch, "step": steps, "val_auc": val["auc"], "val_logloss": val["logloss"]})
-        if early.update(val["auc"], epoch):
-            if on_best is not None:
-                on_best()
-        elif early.stop:
+        row = {"epoch": epoch, "step": steps, "val_auc": val["auc"], "val_logloss": val["logloss"]}
+        history.append(row)
+        improved = early.update(val["auc"], epoch)
+        if improved and on_best is not None:
+            on_best()
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+        if not improved and early.stop:
             break
         if max_steps is not None and steps >= max_steps:
             break

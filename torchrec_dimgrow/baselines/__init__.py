@@ -1,8 +1,9 @@
 """SuperNet embedding-dimension-search baselines, built on plain TorchRec EBCs.
 
 ``BASELINES`` maps a method name to its :class:`BaselineSearch` class; :func:`make_baseline`
-builds one with config overrides. Every search returns per-field dims in the DimGrow
-``dims.json`` format, so the shared retrain recipe evaluates all methods the same way.
+builds one with config overrides; :func:`torchrec_dimgrow.recipes.baseline.run_baseline` runs
+it. Every search returns per-field dims in the DimGrow ``dims.json`` format, so the shared
+retrain recipe evaluates all methods the same way.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from torchrec_dimgrow.baselines.base import (
     BaselineConfig,
     BaselineSearch,
     Placement,
-    SearchResult,
-    write_dims,
 )
 from torchrec_dimgrow.baselines.dimreg import DimRegConfig, DimRegSearch
 from torchrec_dimgrow.baselines.optembed import Evolution, OptEmbedConfig, OptEmbedPost, OptEmbedSearch
@@ -64,10 +63,8 @@ __all__ = [
     "Placement",
     "SSEDSConfig",
     "SSEDSSearch",
-    "SearchResult",
     "SparseSuperNet",
     "UniformConfig",
     "UniformSearch",
     "make_baseline",
-    "write_dims",
 ]

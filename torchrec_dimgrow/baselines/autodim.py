@@ -60,7 +60,7 @@ class AutoDimConfig(BaselineConfig):
     backbone's ``adapter_dim`` the fields are summed (``combine="sum"``), otherwise
     concatenated. ``init_logit``: initial architecture logit (the reference: 1, i.e. uniform).
     ``temp_decay``/``temp_min``: temperature ``max(temp_min, 1 - temp_decay * step)``.
-    ``arch_every``: 1 alternates every step as the AutoDim paper does; the DimGrow authors'
+    ``gate_every``: 1 alternates every step as the AutoDim paper does; the DimGrow authors'
     re-implementation uses 10.
     """
 
@@ -119,7 +119,7 @@ class AutoDimPost(nn.Module):
         self.common_dim = common_dim
         self.weight_sharing = weight_sharing
         self.d_max = d_max
-        # stored width of each input table (>= its candidate width, see storage_block)
+        # stored width of each input table (>= its candidate width, see capacity_block)
         self.stored = (
             list(stored) if stored is not None else ([d_max] if weight_sharing else list(candidates))
         )
@@ -219,7 +219,7 @@ class AutoDimSearch(BaselineSearch):
             return "sum", None
         return "concat", self.config.common_dim * len(fields)
 
-    def arch_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
+    def gate_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         return [sparse.post.alpha]
 
     def on_step(self, sparse: SparseSuperNet, step: int) -> None:

@@ -1,14 +1,20 @@
-"""The SuperNet baselines' template: the hooks each method implements, one shared search.
+"""The SuperNet baselines' template: the hooks each method implements, its build and its steps.
 
 A method is a :class:`BaselineSearch` subclass. It implements two hooks, :meth:`build_post`
 (the dense module on top of the tables: projections, masks, architecture logits) and
 :meth:`export_dims` (the found dim per field, read off the trained SuperNet), and overrides
 only what it changes among the optional ones (:meth:`tables`, :meth:`head_input`,
-:meth:`arch_parameters`, :meth:`frozen_parameters`, the regularisers, :meth:`on_step`,
-:meth:`extra_info`). Everything else is shared: the SuperNet module pattern and table helpers
-(:mod:`~torchrec_dimgrow.baselines.supernet`), the sharding (``shard_model``, exactly as the
-DimGrow search shards), the epoch loop and early stopping (``training.fit``), the
-first-order DARTS architecture step, and the ``dims.json`` output the shared retrain reads.
+:meth:`gate_parameters`, :meth:`frozen_parameters`, the regularisers, :meth:`on_step`,
+:meth:`trains`, :meth:`extra_info`). Everything else is shared: the SuperNet module pattern
+and table helpers (:mod:`~torchrec_dimgrow.baselines.supernet`), the build with its
+optimizers and the sharding (``shard_model``, exactly as the DimGrow search shards), the
+weight step and the first-order DARTS gate step (:meth:`BaselineSearch.weight_step`,
+:meth:`BaselineSearch.gate_step`). The run itself (the epoch loop ``training.fit``, early
+stopping, export and the output files) is the recipe :mod:`torchrec_dimgrow.recipes.baseline`.
+
+"Gate parameters" are what DimGrow calls its gates and the SuperNet papers their
+architecture parameters: the ones a validation batch updates (AutoDim's logits, DimReg's
+gates with ``gates_on_val``), with the same knobs as DimGrow (``gate_lr``, ``gate_every``).
 
 Two placements, one loop:
 
@@ -24,11 +30,8 @@ from __future__ import annotations
 
 import abc
 import copy
-import json
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -38,7 +41,6 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from torchrec_dimgrow.artifacts import write_dims_json, write_json_atomic
 from torchrec_dimgrow.baselines.supernet import SparseSuperNet, all_reduce_mean, field_tables, round_up
 from torchrec_dimgrow.config import TrainConfig
 from torchrec_dimgrow.data import PreparedData
@@ -47,75 +49,24 @@ from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import shard_model
 from torchrec_dimgrow.modules.backbone import Combine, CTRModel
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, fit
+from torchrec_dimgrow.training import bce, evaluate
 
 
 # ----------------------------------------------------------------------------- optimizers
-def embedding_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Unsharded path: the table optimizer named by ``cfg.embedding_optimizer``."""
-    cls: Any = EmbeddingOptimizer(cfg.embedding_optimizer, cfg.embedding_lr).cls()
-    return cls(params, lr=cfg.embedding_lr)
-
-
-def tensor_bytes(t: Any) -> int:
-    """Bytes this rank holds for a tensor or a ShardedTensor (its local shards)."""
-    if hasattr(t, "local_shards"):
-        return sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
-    if isinstance(t, torch.Tensor):
-        return t.numel() * t.element_size()
-    return 0
-
-
-def state_bytes(optimizers: Iterable[Any]) -> int:
-    """Bytes of every tensor the optimizers keep (moments, Adagrad sums, step counters)."""
-    total = 0
-    for opt in optimizers:
-        for state in opt.state.values():
-            total += sum(tensor_bytes(v) for v in state.values())
-    return total
-
-
 @dataclass
 class Optimizers:
-    """Tables (``embedding``; the DMP's fused optimizer when sharded), dense weights, architecture."""
+    """Tables (``embedding``; the DMP's fused optimizer when sharded), dense weights, gates."""
 
     embedding: Any
     dense: torch.optim.Optimizer
-    arch: torch.optim.Optimizer | None
+    gate: torch.optim.Optimizer | None
     fused: bool = False
 
     def stepped(self) -> list[torch.optim.Optimizer]:
-        return [o for o in (None if self.fused else self.embedding, self.dense, self.arch) if o is not None]
+        return [o for o in (None if self.fused else self.embedding, self.dense, self.gate) if o is not None]
 
     def all(self) -> list[Any]:
-        return [o for o in (self.embedding, self.dense, self.arch) if o is not None]
-
-
-# ----------------------------------------------------------------------------- results
-@dataclass
-class SearchResult:
-    """What a search returns (and what the benchmarks record)."""
-
-    method: str
-    dims: dict[str, int]
-    wall_s: float
-    steps: int
-    embedding_param_bytes: int
-    embedding_state_bytes: int
-    optimizer_state_bytes: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def write_dims(path: str | Path, dims: dict[str, int]) -> Path:
-    """``dims.json`` in the DimGrow search's format (flat ``{field: dim}``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_dims_json(path, {f: int(d) for f, d in dims.items()})
-    return path
+        return [o for o in (self.embedding, self.dense, self.gate) if o is not None]
 
 
 # ----------------------------------------------------------------------------- the search
@@ -124,30 +75,30 @@ class BaselineConfig:
     """Knobs every baseline has. Method configs subclass this.
 
     ``d_max``: largest dim any field may get. ``init_std``: table init N(0, std) as in the
-    reference. ``arch_lr``/``arch_every``: Adam learning rate of the architecture parameters
-    and how many training steps pass between two validation-batch updates of them (methods
-    without architecture parameters ignore both). ``storage_block``: stored table widths are
-    rounded up to a multiple of this and the extra columns are never read; 4 because
-    FBGEMM's fused kernel (the sharded path) rejects other widths, the same rule as the
-    DimGrow collection's ``capacity_block``, so both pay the same padding.
+    reference. ``gate_lr``/``gate_every``: Adam learning rate of the gate (architecture)
+    parameters and how many training steps pass between two validation-batch updates of them
+    (methods without gate parameters ignore both), as in ``DimGrowConfig``.
+    ``capacity_block``: stored table widths are rounded up to a multiple of this and the extra
+    columns are never read; 4 because FBGEMM's fused kernel (the sharded path) rejects other
+    widths, the same knob as ``DimGrowConfig.capacity_block``, so both pay the same padding.
     """
 
     def stored(self, width: int) -> int:
-        return round_up(width, self.storage_block)
+        return round_up(width, self.capacity_block)
 
     d_max: int = 16
     init_std: float = 0.01
-    arch_lr: float = 1e-3
-    arch_every: int = 1
-    storage_block: int = 4
+    gate_lr: float = 1e-3
+    gate_every: int = 1
+    capacity_block: int = 4
 
     def __post_init__(self) -> None:
         if self.d_max < 1:
             raise ValueError(f"{type(self).__name__}: d_max must be >= 1, got {self.d_max}")
-        if self.storage_block < 1:
-            raise ValueError(f"{type(self).__name__}: storage_block must be >= 1, got {self.storage_block}")
-        if self.arch_every < 1:
-            raise ValueError(f"{type(self).__name__}: arch_every must be >= 1, got {self.arch_every}")
+        if self.capacity_block < 1:
+            raise ValueError(f"{type(self).__name__}: capacity_block must be >= 1, got {self.capacity_block}")
+        if self.gate_every < 1:
+            raise ValueError(f"{type(self).__name__}: gate_every must be >= 1, got {self.gate_every}")
 
 
 @dataclass
@@ -192,9 +143,10 @@ class BaselineSearch(abc.ABC):
     """Template of a SuperNet dimension search.
 
     Subclasses implement :meth:`build_post` and :meth:`export_dims`; the optional hooks say
-    which tables to train, how the backbone takes the fields, which parameters are
-    architecture parameters and what extra loss each step carries. :meth:`search` runs the
-    shared build, train and export.
+    which tables to train, how the backbone takes the fields, which parameters are gate
+    parameters and what extra loss each step carries. The recipe
+    :func:`~torchrec_dimgrow.recipes.baseline.run_baseline` runs the shared build, training
+    and export.
     """
 
     name: ClassVar[str]
@@ -202,7 +154,6 @@ class BaselineSearch(abc.ABC):
 
     def __init__(self, config: BaselineConfig | None = None) -> None:
         self.config = config or self.config_cls()
-        self.last_trained: Trained | None = None
 
     # -------------------------------------------------------------- per-method hooks
     @abc.abstractmethod
@@ -215,7 +166,7 @@ class BaselineSearch(abc.ABC):
 
     def tables(self, fields: Sequence[str], vocab: dict[str, int]) -> list[EmbeddingBagConfig]:
         """The SuperNet's tables: by default one ``d_max``-wide table per field (stored widths
-        rounded up to ``storage_block``), what OptEmbed, SSEDS and DimReg all train."""
+        rounded up to ``capacity_block``), what OptEmbed, SSEDS and DimReg all train."""
         return field_tables(fields, vocab, self.config.stored(self.config.d_max), self.config.init_std)
 
     def head_input(
@@ -224,7 +175,7 @@ class BaselineSearch(abc.ABC):
         """How the backbone takes the fields: concatenated ``d_max``-wide fields by default."""
         return "concat", self.config.d_max * len(fields)
 
-    def arch_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
+    def gate_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         """Parameters updated on validation batches (none by default)."""
         return []
 
@@ -236,12 +187,16 @@ class BaselineSearch(abc.ABC):
         """Extra loss of the training step."""
         return None
 
-    def arch_regularizer(self, sparse: SparseSuperNet) -> torch.Tensor | None:
-        """Extra loss of the architecture (validation) step."""
+    def gate_regularizer(self, sparse: SparseSuperNet) -> torch.Tensor | None:
+        """Extra loss of the gate (validation) step."""
         return None
 
     def on_step(self, sparse: SparseSuperNet, step: int) -> None:  # noqa: B027 (optional hook)
         """Called after every training step (schedules such as temperature annealing)."""
+
+    def trains(self) -> bool:
+        """Whether the run trains the SuperNet before :meth:`export_dims` (every search does)."""
+        return True
 
     def extra_info(self, trained: Trained) -> dict[str, Any]:
         """Method-specific facts worth keeping with the result (architecture weights...)."""
@@ -278,18 +233,19 @@ class BaselineSearch(abc.ABC):
         if placement.sharded:
             return self._shard(model, train_cfg, placement)
         emb = list(sparse.ebc.parameters())
-        opts = Optimizers(embedding_optimizer(emb, train_cfg), *self._dense_and_arch(model, emb, train_cfg))
+        table_opt = EmbeddingOptimizer(train_cfg.embedding_optimizer, train_cfg.embedding_lr)
+        opts = Optimizers(table_opt.unfused(emb), *self._dense_and_gate(model, emb, train_cfg))
         return Trained(model, model, opts, placement)
 
-    def _dense_and_arch(
+    def _dense_and_gate(
         self, model: CTRModel, skip_params: list[nn.Parameter], train_cfg: TrainConfig
     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
         sparse: SparseSuperNet = model.sparse  # type: ignore[assignment]
-        arch = self.arch_parameters(sparse)
-        skip = {id(p) for p in skip_params + arch + self.frozen_parameters(sparse)}
+        gates = self.gate_parameters(sparse)
+        skip = {id(p) for p in skip_params + gates + self.frozen_parameters(sparse)}
         dense = [p for p in model.parameters() if id(p) not in skip]
-        arch_opt = torch.optim.Adam(arch, lr=self.config.arch_lr) if arch else None
-        return torch.optim.Adam(dense, lr=train_cfg.lr), arch_opt
+        gate_opt = torch.optim.Adam(gates, lr=self.config.gate_lr) if gates else None
+        return torch.optim.Adam(dense, lr=train_cfg.lr), gate_opt
 
     def _shard(self, model: CTRModel, train_cfg: TrainConfig, placement: Placement) -> Trained:
         """DMP with the fused table optimizer, planned and sharded as the DimGrow search is."""
@@ -306,77 +262,21 @@ class BaselineSearch(abc.ABC):
         named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
         kept = {id(p) for p in named.values()}
         fused_params = [p for p in model.parameters() if id(p) not in kept]
-        dense, arch = self._dense_and_arch(model, fused_params, train_cfg)
-        return Trained(model, dmp, Optimizers(dmp.fused_optimizer, dense, arch, fused=True), placement)
+        dense, gate = self._dense_and_gate(model, fused_params, train_cfg)
+        return Trained(model, dmp, Optimizers(dmp.fused_optimizer, dense, gate, fused=True), placement)
 
-    # -------------------------------------------------------------- training
+    # -------------------------------------------------------------- steps
     def evaluate(self, trained: Trained, split: Any, batch_size: int) -> dict[str, float]:
         p = trained.placement
         return evaluate(trained.runner, split, batch_size, p.device, p.rank, p.world_size)
 
-    def train(
-        self,
-        trained: Trained,
-        data: PreparedData,
-        train_cfg: TrainConfig,
-        step_hook: Callable[[int], None] | None = None,
-    ) -> tuple[list[dict[str, float]], int]:
-        """Train the SuperNet: weights on train batches, architecture on validation batches.
-
-        Early stopping on validation AUC (patience ``train_cfg.early_stop_patience``); with
-        more than one epoch the best epoch's weights are restored (unsharded path) or the
-        best epoch's architecture is kept (sharded path: only the small dense state is copied).
-        ``train_cfg.max_steps`` caps the total step count.
-        """
-        p, opts = trained.placement, trained.opts
-        val_stream = None
-        if opts.arch is not None:
-            val_stream = ValStream(data.val, train_cfg.batch_size, train_cfg.seed, p.rank, p.world_size)
-        best_state: dict[str, torch.Tensor] | None = None
-
-        def batches(epoch: int) -> Iterable[Batch]:
-            return data.train.batches(
-                train_cfg.batch_size,
-                shuffle=True,
-                seed=train_cfg.seed,
-                epoch=epoch,
-                rank=p.rank,
-                world_size=p.world_size,
-                drop_last=True,
-            )
-
-        def step(batch: Batch, index: int) -> None:
-            self._weight_step(trained, batch.to(p.device))
-            if val_stream is not None and index % self.config.arch_every == 0:
-                self._arch_step(trained, next(val_stream).to(p.device))
-            self.on_step(trained.sparse, index)
-            if step_hook is not None:
-                step_hook(index)
-
-        def snapshot() -> None:
-            nonlocal best_state
-            best_state = self._snapshot(trained)
-
-        history, steps = fit(
-            trained.runner,
-            train_cfg.epochs,
-            batches,
-            step,
-            lambda: self.evaluate(trained, data.val, train_cfg.batch_size),
-            EarlyStopping(train_cfg.early_stop_patience),
-            on_best=snapshot if train_cfg.epochs > 1 else None,
-            max_steps=train_cfg.max_steps,
-        )
-        if best_state is not None:
-            self._restore(trained, best_state)
-        return history, steps
-
-    def _snapshot(self, trained: Trained) -> dict[str, torch.Tensor]:
+    def snapshot(self, trained: Trained) -> dict[str, torch.Tensor]:
+        """What the best epoch keeps: the whole model (unsharded) or the small dense ``post``."""
         if trained.placement.sharded:
             return copy.deepcopy(trained.sparse.post.state_dict())
         return copy.deepcopy(trained.model.state_dict())
 
-    def _restore(self, trained: Trained, state: dict[str, torch.Tensor]) -> None:
+    def restore(self, trained: Trained, state: dict[str, torch.Tensor]) -> None:
         target = trained.sparse.post if trained.placement.sharded else trained.model
         target.load_state_dict(state)
 
@@ -384,7 +284,8 @@ class BaselineSearch(abc.ABC):
     def _loss(module: nn.Module, batch: Batch) -> torch.Tensor:
         return bce(module(batch.sparse_features), batch.labels)
 
-    def _weight_step(self, trained: Trained, batch: Batch) -> None:
+    def weight_step(self, trained: Trained, batch: Batch) -> None:
+        """One training step of tables and dense weights (plus :meth:`train_regularizer`)."""
         opts = trained.opts
         for opt in opts.stepped():
             opt.zero_grad(set_to_none=True)
@@ -397,55 +298,22 @@ class BaselineSearch(abc.ABC):
             opts.embedding.step()
         opts.dense.step()
 
-    def _arch_step(self, trained: Trained, batch: Batch) -> None:
-        """First-order DARTS step: the loss on a validation batch moves only the architecture.
+    def gate_step(self, trained: Trained, batch: Batch) -> None:
+        """First-order DARTS step: the loss on a validation batch moves only the gate parameters.
 
-        ``autograd.grad`` with the architecture as the only inputs never runs the table
-        backward, so the fused table optimizer does not step on validation data. The forward
-        bypasses DDP (it would wait for a full backward), so the gradient is averaged over
-        ranks by hand.
+        ``autograd.grad`` with the gates as the only inputs never runs the table backward, so
+        the fused table optimizer does not step on validation data. The forward bypasses DDP
+        (it would wait for a full backward), so the gradient is averaged over ranks by hand.
         """
         opts = trained.opts
-        assert opts.arch is not None
+        assert opts.gate is not None
         loss = self._loss(trained.model, batch)
-        reg = self.arch_regularizer(trained.sparse)
+        reg = self.gate_regularizer(trained.sparse)
         if reg is not None:
             loss = loss + reg
-        arch = self.arch_parameters(trained.sparse)
-        grads = torch.autograd.grad(loss, arch)
-        for param, grad in zip(arch, grads):
+        gates = self.gate_parameters(trained.sparse)
+        grads = torch.autograd.grad(loss, gates)
+        for param, grad in zip(gates, grads):
             param.grad = all_reduce_mean(grad, trained.placement.world_size)
-        opts.arch.step()
-        opts.arch.zero_grad(set_to_none=True)
-
-    # -------------------------------------------------------------- the search
-    def search(
-        self,
-        data: PreparedData,
-        train_cfg: TrainConfig,
-        out_dir: str | Path | None = None,
-        placement: Placement | None = None,
-        step_hook: Callable[[int], None] | None = None,
-    ) -> SearchResult:
-        """Build, train, export; writes ``out_dir/dims.json`` and ``search.json`` (rank 0)."""
-        start = time.perf_counter()
-        trained = self.build(data, train_cfg, placement)
-        history, steps = self.train(trained, data, train_cfg, step_hook)
-        dims = self.export_dims(trained, data, train_cfg)
-        result = SearchResult(
-            method=self.name,
-            dims=dims,
-            wall_s=time.perf_counter() - start,
-            steps=steps,
-            embedding_param_bytes=trained.sparse.table_bytes,
-            embedding_state_bytes=state_bytes([trained.opts.embedding]),
-            optimizer_state_bytes=state_bytes(trained.opts.all()),
-            history=history,
-            extra={"config": asdict(self.config), **self.extra_info(trained)},
-        )
-        if out_dir is not None and trained.placement.rank == 0:
-            out = Path(out_dir)
-            write_dims(out / "dims.json", dims)
-            write_json_atomic(out / "search.json", json.loads(json.dumps(result.to_dict(), default=str)))
-        self.last_trained = trained
-        return result
+        opts.gate.step()
+        opts.gate.zero_grad(set_to_none=True)

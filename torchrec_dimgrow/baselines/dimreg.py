@@ -72,7 +72,7 @@ class DimRegSearch(BaselineSearch):
         cfg = self.config
         return GatePost(fields, cfg.d_max, cfg.tau, cfg.stored(cfg.d_max))
 
-    def arch_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
+    def gate_parameters(self, sparse: SparseSuperNet) -> list[nn.Parameter]:
         return [sparse.post.theta] if self.config.gates_on_val else []
 
     def _reg(self, sparse: SparseSuperNet) -> torch.Tensor:
@@ -81,7 +81,7 @@ class DimRegSearch(BaselineSearch):
     def train_regularizer(self, sparse: SparseSuperNet) -> torch.Tensor | None:
         return None if self.config.gates_on_val else self._reg(sparse)
 
-    def arch_regularizer(self, sparse: SparseSuperNet) -> torch.Tensor | None:
+    def gate_regularizer(self, sparse: SparseSuperNet) -> torch.Tensor | None:
         return self._reg(sparse) if self.config.gates_on_val else None
 
     def export_dims(self, trained: Trained, data: PreparedData, train_cfg: TrainConfig) -> dict[str, int]:

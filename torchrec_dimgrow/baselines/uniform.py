@@ -7,7 +7,7 @@ of training the final-dims model directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ from torchrec_dimgrow.modules.backbone import Combine
 @dataclass
 class UniformConfig(BaselineConfig):
     """``dims``: per-field widths (fields at 0 are dropped); ``None`` means ``d_max`` everywhere.
-    ``train``: train the model during :meth:`search` (the memory benchmark needs the cost of
+    ``train``: train the model during the run (the memory benchmark needs the cost of
     training it; the quality benchmark does not, the shared retrain trains it)."""
 
     dims: dict[str, int] | None = None
@@ -91,17 +91,9 @@ class UniformSearch(BaselineSearch):
         """Widths may differ per field: the backbone takes their concatenation."""
         return "concat", sum(sparse.post.dims)
 
-    def train(
-        self,
-        trained: Trained,
-        data: PreparedData,
-        train_cfg: TrainConfig,
-        step_hook: Callable[[int], None] | None = None,
-    ) -> tuple[list[dict[str, float]], int]:
-        """Trains only with ``config.train`` (no search happens either way)."""
-        if self.config.train:
-            return super().train(trained, data, train_cfg, step_hook)
-        return [], 0
+    def trains(self) -> bool:
+        """Only with ``config.train`` (no search happens either way)."""
+        return self.config.train
 
     def export_dims(self, trained: Trained, data: PreparedData, train_cfg: TrainConfig) -> dict[str, int]:
         return self.dims_for(list(data.fields))

@@ -102,13 +102,13 @@ def _check_arguments(fmt: str, min_count: int, split_fractions: Sequence[float])
 def _check_columns_apply(fmt: str, label_col: str, drop_cols: Sequence[str]) -> None:
     """``label_col`` / ``drop_cols`` name columns of csv and parquet files only.
 
-    The other formats fix their label and fields, and ignoring the flags would run a search
+    The other formats fix their label and fields, and ignoring the settings would run a search
     on other columns than the user asked for, without a word.
     """
     if fmt in _TABULAR:
         return
-    given = [f"--label-col {label_col}"] if label_col != "label" else []
-    given += [f"--drop-cols {','.join(drop_cols)}"] if drop_cols else []
+    given = [f"data.label_col {label_col}"] if label_col != "label" else []
+    given += [f"data.drop_cols {','.join(drop_cols)}"] if drop_cols else []
     if given:
         raise DataError(
             f"{' and '.join(given)}: only --format csv or parquet take column names; "

@@ -81,7 +81,7 @@ class FieldVocab:
         if self.rows and self.kept_rows * 2 < self.rows:
             share = 100.0 * (self.rows - self.kept_rows) / self.rows
             return (
-                f"column {name!r}: --min-count {min_count} maps {share:.0f}% of train rows into the "
+                f"column {name!r}: data.min_count {min_count} maps {share:.0f}% of train rows into the "
                 "shared bucket 0 (nearly unique values: an id or timestamp column?)"
             )
         return None

@@ -42,21 +42,21 @@ def default_backend() -> str:
 def check_backend(backend: str, local_rank: int = 0) -> None:
     """Refuse a backend this process cannot run, naming the flag instead of a torch trace.
 
-    Without it ``--backend nccl`` on a CPU machine (or a rank beyond the visible GPUs)
+    Without it ``run.backend=nccl`` on a CPU machine (or a rank beyond the visible GPUs)
     fails inside ``init_process_group`` / ``cuda.set_device`` with a RuntimeError.
     """
     if backend not in ("gloo", "nccl"):
-        raise UsageError(f"--backend / DIMGROW_BACKEND: unknown backend {backend!r} (gloo or nccl)")
+        raise UsageError(f"run.backend / DIMGROW_BACKEND: unknown backend {backend!r} (gloo or nccl)")
     if backend != "nccl":
         return
     if not (dist.is_nccl_available() and torch.cuda.is_available()):
         raise UsageError(
-            "--backend nccl needs CUDA GPUs and a torch build with NCCL; this process has "
-            f"{'no NCCL' if not dist.is_nccl_available() else 'no visible GPU'}: use --backend gloo"
+            "run.backend nccl needs CUDA GPUs and a torch build with NCCL; this process has "
+            f"{'no NCCL' if not dist.is_nccl_available() else 'no visible GPU'}: use run.backend=gloo"
         )
     if local_rank >= torch.cuda.device_count():
         raise UsageError(
-            f"--backend nccl: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+            f"run.backend nccl: local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
             "launch at most one rank per GPU"
         )
 

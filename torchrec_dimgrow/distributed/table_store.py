@@ -16,29 +16,38 @@ EBC, done in place inside the existing DMP:
 4. the new sharded module replaces the old one and the DMP's fused optimizer and plan are
    rebuilt. Dense parts (gates, projections, the user's model) and DDP are untouched.
 
-All fields that changed at one check are handled by one re-plan.
+All fields that changed at one check are handled by one re-plan. The TorchRec / FBGEMM
+internals the rebuild leans on (one TBE per table, buffer handover, freeing the old module)
+are :mod:`torchrec_dimgrow.distributed.rebuild`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbeddingBag
-from torchrec.distributed.embedding_sharding import USE_ONE_TBE_PER_TABLE
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
+from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_unwrapped_module
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingEnv
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer
 
 from torchrec_dimgrow.distributed.planning import PlanningConfig, pin_width, plan_collection, validate_configs
+from torchrec_dimgrow.distributed.rebuild import (
+    Buffers,
+    Handover,
+    discard,
+    find_fqn,
+    forget_handover,
+    keep_values,
+    sharder,
+    without_tbe_init,
+)
 from torchrec_dimgrow.distributed.shard_io import (
     Spill,
     SpilledTable,
@@ -54,112 +63,6 @@ from torchrec_dimgrow.distributed.shard_io import (
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.table_store import ResizeResult
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-
-
-def sharder() -> EmbeddingBagCollectionSharder:
-    """TorchRec's stock EBC sharder, one TBE per table.
-
-    FBGEMM packs the tables of a TBE into one buffer, so a table that shares a TBE can only
-    be re-planned by rebuilding its neighbours too. With one TBE per table a re-plan hands
-    the buffers of every unchanged table to the new module untouched.
-    """
-    return EmbeddingBagCollectionSharder(fused_params={USE_ONE_TBE_PER_TABLE: True})
-
-
-class _Buffers(dict[str, torch.Tensor]):
-    """A TBE's host buffers by FBGEMM name; hashed by identity because TorchRec puts the
-    per-table fused params (where these travel) into a grouping key."""
-
-    __hash__ = object.__hash__  # type: ignore[assignment]
-
-
-@dataclass
-class _Handover:
-    """This rank's buffers of the tables handed over, and the handed-over tables (global).
-
-    ``in_place``: the changed tables (global) that are rewidthed in memory where they are
-    (:meth:`ShardedTableStore._rewidth`) instead of going through the spill file.
-    """
-
-    local: dict[str, _Buffers]
-    global_tables: list[str]
-    in_place: list[str] = field(default_factory=list)
-
-    def __contains__(self, table: object) -> bool:
-        return table in self.local
-
-    def __getitem__(self, table: str) -> _Buffers:
-        return self.local[table]
-
-
-def _keep_values(t: torch.Tensor) -> torch.Tensor:
-    """The ``init_fn`` of re-planned tables: the store initialises every column itself."""
-    return t
-
-
-@contextlib.contextmanager
-def _without_tbe_init() -> Iterator[None]:
-    """Skip the uniform init TorchRec draws into every fused TBE at construction.
-
-    A re-plan writes every column itself (kept ones from the old tables, new ones from
-    N(0, std)); the draw would only cost a pass over all tables and would overwrite the
-    buffers handed over from the old tables.
-    """
-    original = BaseBatchedEmbeddingBag.init_parameters
-    BaseBatchedEmbeddingBag.init_parameters = lambda self: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        BaseBatchedEmbeddingBag.init_parameters = original  # type: ignore[method-assign]
-
-
-def _forget_handover(ebc: nn.Module) -> None:
-    """Take the handed-over buffers out of the meta EBC's optimizer kwargs once sharded.
-
-    ``apply_optimizer_in_backward`` keeps every parameter it saw alive for the life of the
-    process (a weak-key map whose value, the grad accumulator, refers back to the key), so
-    the kwargs of the meta parameters would pin the buffers of every table handed over,
-    and a later re-plan that replaces such a table could not free its old storage.
-    """
-    for param in ebc.parameters():
-        kwargs = getattr(param, "_optimizer_kwargs", None)
-        if kwargs:
-            param._optimizer_kwargs = [  # type: ignore[attr-defined]
-                {k: v for k, v in kw.items() if k != "preallocated_host_buffers"} for kw in kwargs
-            ]
-
-
-def _discard(module: nn.Module) -> None:
-    """Free a sharded EBC that is no longer used (a re-plan's old one) without the cycle collector.
-
-    TorchRec and FBGEMM modules refer back to themselves: the sharded EBC registers its own
-    bound methods and a closure over itself as state-dict hooks, and every FBGEMM TBE keeps
-    closures over itself as attributes (its input-stats and parameter reporters). So an old
-    module with its lookups, TBEs and fused optimizers is cyclic garbage that only a full
-    collection frees, and full collections are rare once the heap is large: each re-plan
-    would leave its old module (a few MiB of per-TBE buffers and index tensors, more with
-    more tables) until the end of the run. Emptying the attributes of every module of the
-    old tree (the lookups are not registered children of a sharded EBC) breaks those
-    cycles, so reference counting frees it at once. Storage handed over to the new module
-    is shared, not freed. The module must not be used afterwards.
-    """
-    mods = list(module.modules())
-    for lookup in getattr(module, "_lookups", []):
-        if isinstance(lookup, nn.Module):
-            mods += list(lookup.modules())
-    for m in mods:  # a weight may outlive its module; its in-backward optimizers must not
-        for param in m.__dict__.get("_parameters", {}).values():
-            if param is not None:
-                param.__dict__.pop("_in_backward_optimizers", None)
-    for m in mods:
-        m.__dict__.clear()
-
-
-def find_fqn(root: nn.Module, target: nn.Module) -> str:
-    for name, mod in root.named_modules():
-        if mod is target:
-            return name
-    raise ValueError("module not found under the DMP")
 
 
 class ShardedTableStore:
@@ -277,7 +180,7 @@ class ShardedTableStore:
         start = time.perf_counter()
         old_widths = {c.name: c.embedding_dim for c in self.collection.physical_configs()}
         configs = [
-            replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim), init_fn=_keep_values)
+            replace(c, embedding_dim=capacities.get(c.name, c.embedding_dim), init_fn=keep_values)
             for c in self.collection.physical_configs()
         ]
         new_ebc = EmbeddingBagCollection(
@@ -307,9 +210,9 @@ class ShardedTableStore:
                     param._optimizer_kwargs = [kwargs]  # type: ignore[attr-defined]
             self._release_old(collect=bool(spilled))
             env = ShardingEnv.from_process_group(self.group)
-            with _without_tbe_init():
+            with without_tbe_init():
                 new = sharder().shard(new_ebc, module_plan, env, self.device, self.fqn)  # type: ignore[arg-type]
-            _forget_handover(new_ebc)
+            forget_handover(new_ebc)
             handover_in_place = handover.in_place
             del handover
             phases["shard"] = time.perf_counter() - start - sum(phases.values())
@@ -371,7 +274,7 @@ class ShardedTableStore:
         )
         return EmbeddingModuleShardingPlan({n: plan.get(n, fresh[n]) for n in widths}), pinned
 
-    def _handover(self, changed: set[str], in_place: set[str]) -> _Handover:
+    def _handover(self, changed: set[str], in_place: set[str]) -> Handover:
         """Storage of the tables that each sit in a TBE of their own, on every rank.
 
         A table qualifies only when no rank holds it in a TBE shared with another table or
@@ -379,7 +282,7 @@ class ShardedTableStore:
         handed to the new TBE as it is; a changed one in ``in_place`` (its placement is
         kept) is rewidthed in memory (:meth:`_rewidth`); other changed ones are spilled.
         """
-        local: dict[str, _Buffers] = {}
+        local: dict[str, Buffers] = {}
         shared: set[str] = set()
         for lookup in self.sharded._lookups:
             for emb in getattr(lookup, "_emb_modules", []):
@@ -388,7 +291,7 @@ class ShardedTableStore:
                     shared |= names
                     continue
                 tbe = emb.emb_module
-                buffers = _Buffers()
+                buffers = Buffers()
                 for key in ("weights", *self.optimizer.state_kinds()):  # what FBGEMM consumes
                     t = getattr(tbe, f"{key}_host", None)
                     if isinstance(t, torch.Tensor) and t.numel() > 0:
@@ -405,14 +308,14 @@ class ShardedTableStore:
         if dist.get_world_size(self.group) > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=self.group)
         keep = [t for t, flag in zip(tables, ok.tolist()) if flag]
-        return _Handover(
+        return Handover(
             {t: local[t] for t in keep if t in local},
             [t for t in keep if t not in changed],
             [t for t in keep if t in changed],
         )
 
     def _rewidth(
-        self, handover: _Handover, old: dict[str, int], new: dict[str, int], std: float | None, fill: bool
+        self, handover: Handover, old: dict[str, int], new: dict[str, int], std: float | None, fill: bool
     ) -> None:
         """Swap the old buffers of the ``in_place`` tables held here for rewidthed ones.
 
@@ -464,7 +367,7 @@ class ShardedTableStore:
 
         The old module sits in reference cycles (TorchRec's and FBGEMM's own); left to the
         cycle collector it would outlive the re-plan, often to the end of the run.
-        :func:`_discard` breaks the cycles, so it is freed here, before the new tables are
+        :func:`discard` breaks the cycles, so it is freed here, before the new tables are
         allocated. ``collect``: also run the cycle collector, so that the storage of
         spilled tables is free before the new ones are built even if something else still
         refers to it (a full collection costs 0.2-1 s on a large heap).
@@ -472,7 +375,7 @@ class ShardedTableStore:
         old = self.collection.ebc
         self.collection.ebc = nn.Module()  # placeholder until the new module is in
         self.dmp._optim = CombinedOptimizer([])
-        _discard(old)
+        discard(old)
         del old
         if collect:
             gc.collect()
@@ -523,3 +426,6 @@ class ShardedTableStore:
             fill_columns(w, list(range(w.cols)), std)
             for v in states[table].values():
                 fill_columns(v, list(range(v.cols)), None)
+
+
+__all__ = ["ShardedTableStore", "find_fqn", "sharder"]

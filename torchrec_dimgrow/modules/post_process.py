@@ -125,7 +125,7 @@ class DimGrowPostProcess(nn.Module):
         # "auto" starts at 0 and follows the observed task gradient: starting it at alpha
         # would hit fresh gates with an arbitrary first step that Adam's second moment then
         # remembers for hundreds of steps (every gate drifts down together in epoch 0).
-        initial_scale = float(config.alpha) if config.penalty_mode == "fixed" else 0.0
+        initial_scale = float(config.penalty_alpha) if config.penalty_mode == "fixed" else 0.0
         self.register_buffer("penalty_scale", torch.tensor(initial_scale))
         self.register_buffer("task_grad_ema", torch.zeros(n, max(d_max)))
         rows = table_rows if table_rows is not None else [1] * n
@@ -357,7 +357,7 @@ class DimGrowPostProcess(nn.Module):
             # In float64 then stored: the same value as ``alpha * n * float(mean)``, without
             # the host read (a device sync on an accelerator) that ``float()`` would be.
             mean = ema[tab_t, tab_s].abs().mean().double()
-            self.penalty_scale.copy_(mean * (cfg.alpha * n))
+            self.penalty_scale.copy_(mean * (cfg.penalty_alpha * n))
 
     # ----------------------------------------------------------------- slot moves
     @torch.no_grad()

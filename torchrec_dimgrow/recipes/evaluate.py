@@ -9,6 +9,7 @@ from typing import Any
 from torchrec_dimgrow.data import PreparedData
 from torchrec_dimgrow.errors import ModelError
 from torchrec_dimgrow.manifest import Verified, vocab_difference, vocab_fingerprint
+from torchrec_dimgrow.runconfig import EvaluateRunConfig
 from torchrec_dimgrow.saved_model import ModelSpec, load_model, saved_vocab, verify_model
 from torchrec_dimgrow.training import evaluate
 
@@ -22,7 +23,7 @@ def check_data_matches(spec: ModelSpec, data: PreparedData, where: str) -> None:
     if [int(v) for v in data.vocab_sizes] != list(spec.vocab_sizes):
         diff = [f for f, a, b in zip(spec.fields, spec.vocab_sizes, data.vocab_sizes) if a != b]
         raise ModelError(
-            f"{where}: vocab sizes differ from the data's for fields {diff} (different data or --min-count?)"
+            f"{where}: vocab sizes differ from the data's for fields {diff} (different data or data.min_count?)"
         )
 
 
@@ -44,7 +45,7 @@ def check_vocab_matches(saved: dict[str, str] | None, data: PreparedData, where:
     if field is not None:
         raise ModelError(
             f"{where}: field {field!r}: the data's vocab differs from the one the model was trained on "
-            "(its ids would mean other values; different data or --min-count?)"
+            "(its ids would mean other values; different data or data.min_count?)"
         )
 
 
@@ -68,3 +69,24 @@ def evaluate_saved(
         "val_auc": val["auc"],
         "dims": dict(spec.dims),
     }
+
+
+def evaluate_main(cfg: EvaluateRunConfig) -> int:
+    """Run the ``evaluate`` command: the saved model verified, then the data prepared."""
+    import tempfile
+
+    from torchrec_dimgrow.recipes.setup import local_env, prepare_on_rank0
+    from torchrec_dimgrow.saved_model import read_spec
+
+    cfg.data.require()
+    verified = verify_model(cfg.run.model)  # every file checked before the data is prepared (one line)
+    read_spec(verified.path)
+    with tempfile.TemporaryDirectory(prefix="dimgrow-eval-") as tmp:
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(tmp) / "data"
+        data = prepare_on_rank0(cfg.data, cache, local_env())
+        metrics = evaluate_saved(cfg.run.model, data, cfg.run.batch_size, verified=verified)
+    print(
+        f"test_auc {metrics['test_auc']:.6f}  test_logloss {metrics['test_logloss']:.6f}  "
+        f"val_auc {metrics['val_auc']:.6f}"
+    )
+    return 0

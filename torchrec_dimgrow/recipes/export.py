@@ -94,3 +94,20 @@ def export_saved(
         field_rows=dict(zip(spec.fields, spec.vocab_sizes)),
         vocab=ids,
     )
+
+
+def export_main(model: Path, serving: str, out: Path, row_alignment: int, vocab: Path | None) -> int:
+    """Run the ``export`` command: one writer per output directory, a full disk reported as one line."""
+    from torchrec_dimgrow.diskwrite import disk_errors
+    from torchrec_dimgrow.runlock import run_lock, sibling_lock
+
+    with (
+        run_lock(out, lock_file=sibling_lock(out)),
+        disk_errors(out, partial=[out.with_name(out.name + ".tmp")]),
+    ):
+        meta = export_saved(model, serving, out, row_alignment, vocab)
+    print(
+        f"serving {meta['serving']}  serving_bytes {meta['serving_bytes']}  padding_bytes {meta['padding_bytes']}  "
+        f"dropped {meta['dropped_fields']}  -> {out / 'serving.pt'}"
+    )
+    return 0

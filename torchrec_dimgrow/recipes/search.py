@@ -1,518 +1,72 @@
-"""The DimGrow search recipe: train, gate-step, check, grow/shrink/re-plan, early-stop.
+"""The DimGrow search recipe: settings, output directory, resume and data, then the search.
 
-One code path for 1 or N ranks: the model always goes through TorchRec's
-``DistributedModelParallel`` (a plain ``python -m torchrec_dimgrow search`` is a 1-rank
-world), so the single-process search is exactly the sharded one with world size 1.
-
-Per training step (the reference schedule, DARTS-style):
-1. a training batch updates the tables (fused in-backward optimizer), the projections and
-   the backbone;
-2. a validation batch updates only the gates (BCE + gate penalty), with the lookups
-   detached so the tables never see validation data;
-3. every ``check_interval`` steps the gate table is all-gathered, the pure policy decides
-   grow/shrink, every rank applies the same changes, and tables whose capacity changed
-   are re-planned together.
+:func:`search_main` runs a ``search`` command from its :class:`~torchrec_dimgrow.runconfig.SearchRunConfig`:
+it adopts a checkpoint's settings (``--resume``), applies the output-directory rules, locks
+the directory, prepares the data on rank 0, checks a resumed run's data, and runs
+:func:`run_search` (one search, :mod:`~torchrec_dimgrow.recipes.search_loop`, or a vote of
+several seeds), or with ``stream.enabled`` (``--stream``) online DimGrow
+(:func:`~torchrec_dimgrow.recipes.stream.run_stream`). One code path for 1 or N ranks
+(``torchrun``).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import json
 import logging
-import math
-import os
-import shutil
-import sys
-import time
-import uuid
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Collection
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
-from torchrec.datasets.utils import Batch
-from torchrec.distributed.types import ShardingPlan
-from torchrec.optim.optimizers import in_backward_optimizer_filter
-from tqdm import tqdm
-
-from torchrec_dimgrow.artifacts import gate_table, write_dims_json, write_json_atomic
-from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_plan
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
-from torchrec_dimgrow.controller import CheckReport, DimGrowController
-from torchrec_dimgrow.data import PreparedData, Split
-from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors, was_interrupted
-from torchrec_dimgrow.distributed.env import DistEnv
+from torchrec_dimgrow.data import PreparedData
+from torchrec_dimgrow.distributed.env import DistEnv, destroy_distributed, init_distributed
 from torchrec_dimgrow.distributed.planning import PlanningConfig
-from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
-from torchrec_dimgrow.errors import Interrupted, NonFiniteError
-from torchrec_dimgrow.gate_mean import SlotGateMean
-from torchrec_dimgrow.modules.backbone import CTRModel
-from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
-from torchrec_dimgrow.modules.tables import field_bytes
+from torchrec_dimgrow.errors import (
+    DimGrowError,
+    DirectoryInUse,
+    DiskError,
+    Interrupted,
+    NonFiniteError,
+    UsageError,
+)
+from torchrec_dimgrow.manifest import Verified, data_fingerprint
 from torchrec_dimgrow.optim import EmbeddingOptimizer
-from torchrec_dimgrow.policy import final_dims
+from torchrec_dimgrow.recipes.resume import check_same_data, preflight, saved_settings, verified_resume
+from torchrec_dimgrow.recipes.search_loop import (
+    TRAJECTORY_COLUMNS,
+    DimGrowSearch,
+    SearchOptions,
+    SearchState,
+    build_search_model,
+)
+from torchrec_dimgrow.recipes.setup import (
+    SEARCH_OUTPUTS,
+    STREAM_OUTPUTS,
+    OutputGuard,
+    check_out_dir,
+    clear_previous,
+    lock_out,
+    prepare_on_rank0,
+)
 from torchrec_dimgrow.recipes.vote import publish_vote
-from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, learned_floor
+from torchrec_dimgrow.runconfig import SearchRunConfig, to_nested
+
+__all__ = [
+    "TRAJECTORY_COLUMNS",
+    "DimGrowSearch",
+    "SearchOptions",
+    "SearchState",
+    "build_search_model",
+    "resolve",
+    "run_search",
+    "search_main",
+]
 
 log = logging.getLogger(__name__)
 
-TRAJECTORY_COLUMNS = ["step", "field", "logical_dim", "capacity", "min_gate", "max_gate"]
-
-
-@dataclass
-class SearchOptions:
-    out_dir: Path
-    log_every: int = 50
-    checkpoint_every: int = 0
-    resume: Path | None = None
-    quiet: bool = False
-    run_config: dict[str, Any] = field(default_factory=dict)  # recorded in each checkpoint's manifest
-    data_fingerprint: dict[str, Any] = field(default_factory=dict)
-    discard_latest: bool = False  # resume fell back past a damaged latest checkpoint
-    tensorboard: Path | None = None  # rank 0 also logs loss, val AUC, dims and gates here
-    resave: bool = False  # resumed on another world size: rewrite the checkpoint at this one first
-
-
-@dataclass
-class SearchState:
-    """Everything besides tensors that a resumed search needs to continue exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    val_epoch: int = 0
-    val_batch: int = 0
-    early: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=2))
-    best_gates: list[list[float]] = field(default_factory=list)
-    best_dims: list[int] = field(default_factory=list)
-    history: list[dict[str, float]] = field(default_factory=list)
-    peak_embedding_bytes: int = 0
-    peak_rank_bytes: int = 0
-    wall_seconds: float = 0.0  # up to the last checkpoint, so a resumed run reports the whole run
-    done: bool = False
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> SearchState:
-        return cls(**{**raw, "early": EarlyStopping(**raw["early"])})
-
-
-def build_search_model(
-    data: PreparedData, dg: DimGrowConfig, tc: TrainConfig
-) -> tuple[CTRModel, DimGrowEmbeddingBagCollection]:
-    """Reference search network: DimGrow tables -> per-field adapter (sum) -> WideDeep."""
-    tables = data.table_configs(tc.adapter_dim)
-    coll = DimGrowEmbeddingBagCollection(tables, dg, align="project", device="meta")
-    model = CTRModel(coll, "sum", tc.adapter_dim, hidden=tc.hidden, dropout=tc.dropout)
-    return model, coll
-
-
-def _max_over_ranks(value: int) -> int:
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-class DimGrowSearch:
-    """Owns the sharded model, optimizers and state of one search run."""
-
-    def __init__(
-        self,
-        data: PreparedData,
-        dg: DimGrowConfig,
-        tc: TrainConfig,
-        planning: PlanningConfig,
-        env: DistEnv,
-        opts: SearchOptions,
-    ) -> None:
-        self.data, self.dg, self.tc, self.planning, self.env, self.opts = data, dg, tc, planning, env, opts
-        self.state = SearchState(early=EarlyStopping(tc.early_stop_patience))
-        torch.manual_seed(tc.seed)
-        self.model, self.coll = build_search_model(data, dg, tc)
-        saved_plan = self._restore_capacities(opts.resume) if opts.resume is not None else None
-        self.sharded: ShardedModel = shard_model(
-            self.model,
-            env.device,
-            planning,
-            EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr),
-            saved_plan=saved_plan,
-        )
-        self.dmp = self.sharded.dmp
-        self.store = self.sharded.store_for(self.coll)
-        gates = {id(p) for p in self.coll.gate_parameters()}
-        dense = [
-            p for _, p in in_backward_optimizer_filter(self.dmp.named_parameters()) if id(p) not in gates
-        ]
-        self.dense_opt = torch.optim.Adam(dense, lr=tc.lr)
-        # The same controller a user drives in their own pipeline: gate optimizer (Adam at
-        # gate_lr), importance window, policy counters, all-gather + decide + apply + agreement.
-        self.controller = DimGrowController(
-            {"": self.coll}, stores={"": self.store}, dense_optimizers=[self.dense_opt]
-        )
-        # Each slot's mean gate over the current epoch (config.final_gates="epoch").
-        self.epoch_gates = SlotGateMean(tuple(self.coll.gate_values().shape))  # type: ignore[arg-type]
-        self.trajectory: list[dict[str, Any]] = []
-        self.checkpoints = CheckpointClient(
-            self.dmp,
-            {
-                "dense_opt": self.dense_opt,
-                "controller": self.controller,
-                "epoch_gates": self.epoch_gates,
-                **self._extra_stateful(),
-            },
-            env.rank,
-            env.world_size,
-        )
-        restored = self.checkpoints.load(opts.resume) if opts.resume is not None else None
-        if restored is not None:
-            raw = restored.run_state["state"]
-            saved_world = restored.saved_world_size
-            if saved_world != env.world_size:  # continue each split where the rows consumed so far end
-                raw = {
-                    **raw,
-                    **{k: raw[k] * saved_world // env.world_size for k in ("batch_in_epoch", "val_batch")},
-                }
-            self.state = SearchState.from_dict(raw)
-            self.trajectory = list(restored.run_state["trajectory"])
-        if restored is None or not restored.rng_restored:  # with other ranks the RNG streams differ anyway
-            torch.manual_seed(tc.seed * 1000 + env.rank)
-        self.val_stream = ValStream(
-            data.val,
-            tc.batch_size,
-            tc.seed,
-            env.rank,
-            env.world_size,
-            self.state.val_epoch,
-            self.state.val_batch,
-        )
-        self._note_memory()
-        self.board = _summary_writer(opts.tensorboard) if env.is_main else None
-
-    # ------------------------------------------------------------------ pieces
-    def _extra_stateful(self) -> dict[str, Any]:
-        """More objects whose ``state_dict`` a checkpoint keeps (a subclass's; model built)."""
-        return {}
-
-    def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
-        """Rebuild the tables at the checkpoint's widths; return the plan they were sharded with."""
-        meta = read_run_state(ckpt)
-        self.coll.restore_widths(meta["dims"], meta["capacity"])
-        if int(meta["world_size"]) != self.env.world_size:
-            return None  # another world size: the planner places the restored tables afresh
-        return saved_plan(ckpt, self.env.rank)
-
-    def _note_memory(self) -> None:
-        st = self.state
-        st.peak_embedding_bytes = max(st.peak_embedding_bytes, self.coll.embedding_bytes(physical=True))
-        st.peak_rank_bytes = max(st.peak_rank_bytes, _max_over_ranks(self.store.local_bytes()))
-
-    def _loss(self, batch: Batch) -> torch.Tensor:
-        return bce(self.dmp(batch.sparse_features), batch.labels)
-
-    def next_val_batch(self) -> Batch:
-        """The next gate-step batch; its position goes into the state a checkpoint saves."""
-        vbatch = next(self.val_stream)
-        self.state.val_epoch, self.state.val_batch = self.val_stream.epoch, self.val_stream.batch
-        return vbatch
-
-    def train_step(self, batch: Batch, vbatch: Batch) -> tuple[float, CheckReport | None]:
-        """One training step on ``batch``, then the controller's DimGrow step on ``vbatch``."""
-        dev = self.env.device
-        batch, vbatch = batch.to(dev), vbatch.to(dev)
-        self.dmp.train()
-        self.dense_opt.zero_grad(set_to_none=True)
-        loss = self._loss(batch)
-        loss.backward()
-        self.dense_opt.step()
-        return float(loss.detach()), self.controller.step(self._loss, vbatch)
-
-    def after_check(self, check: CheckReport | None) -> None:
-        """Book-keep what the controller's check did: re-plan stats, memory, trajectory."""
-        if check is None or not check.changed:
-            return
-        report = check.reports[""]
-        changes = check.changes[""]
-        self.epoch_gates.apply(changes)
-        if report.replanned:
-            self._note_memory()
-        self._log_trajectory(sorted({c.table for c in changes}))
-
-    def _log_trajectory(self, tables: list[int] | None = None) -> None:
-        gates = self.coll.gate_values()
-        dims = self.coll.dims_list()
-        caps = self.coll.capacity_list()
-        for t in tables if tables is not None else range(len(dims)):
-            active = gates[t, : dims[t]]
-            self.trajectory.append(
-                {
-                    "step": self.state.step,
-                    "field": self.coll.table_names[t],
-                    "logical_dim": dims[t],
-                    "capacity": caps[t],
-                    "min_gate": round(float(active.min()), 6),
-                    "max_gate": round(float(active.max()), 6),
-                }
-            )
-
-    def evaluate(self, split: Split) -> dict[str, float]:
-        return evaluate(
-            self.dmp, split, self.tc.batch_size, self.env.device, self.env.rank, self.env.world_size
-        )
-
-    # ------------------------------------------------------------------ main loop
-    def elapsed(self) -> float:
-        """Wall seconds of the whole run, including the parts before any resume."""
-        return self._wall_before + time.perf_counter() - self._wall_start
-
-    def _check_finite(self, loss: float) -> None:
-        """Stop on a NaN/inf loss or gate, on every rank at the same step (one tiny all-reduce)."""
-        bad = torch.tensor([0 if math.isfinite(loss) else 1], dtype=torch.int64)
-        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.coll.gate_parameters()):
-            bad[0] = 2
-        if self.env.world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        code = int(bad.item())
-        if code:
-            what = "training loss" if code == 1 else "gate logits"
-            raise NonFiniteError(f"step {self.state.step}: non-finite {what}; {self._kept()}")
-
-    def _kept(self) -> str:
-        """Where the last good checkpoint is, for the NaN guard's message."""
-        ckpt = self.opts.out_dir / "checkpoint"
-        if not ckpt.is_dir():
-            return "no checkpoint was written yet (try a smaller --lr / --gate-lr)"
-        return f"the last good checkpoint stays in {ckpt} (try a smaller --lr / --gate-lr)"
-
-    def _interrupted_at(self) -> str:
-        """The one line a Ctrl-C prints: where the run stopped and how to continue it."""
-        where = f"interrupted at step {self.state.step}"
-        if not (self.opts.out_dir / "checkpoint").is_dir():
-            return f"{where}, before the first checkpoint: nothing to resume (run it again)"
-        return f"{where}; resume with --resume {self.opts.out_dir}"
-
-    def run(self) -> dict[str, Any]:
-        st, tc = self.state, self.tc
-        self._wall_before, self._wall_start = st.wall_seconds, time.perf_counter()
-        if self.opts.resave:  # a later resume then needs no resharding (and the old one is kept)
-            self.save_checkpoint()
-        if st.step == 0:
-            self._log_trajectory()
-            # Where the search starts: early stopping waits until validation AUC is clearly
-            # above it (training.learned_floor), whatever the dims do meanwhile.
-            st.early.floor = learned_floor(self.evaluate(self.data.val))
-        per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
-        total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
-        bar = tqdm(
-            total=total,
-            initial=st.step,
-            disable=self.opts.quiet or not self.env.is_main or not sys.stderr.isatty(),
-            desc="search",
-        )
-        try:
-            while not st.done and st.epoch < tc.epochs and (tc.max_steps is None or st.step < tc.max_steps):
-                batches = self.data.train.batches(
-                    tc.batch_size,
-                    shuffle=True,
-                    seed=tc.seed,
-                    epoch=st.epoch,
-                    rank=self.env.rank,
-                    world_size=self.env.world_size,
-                    drop_last=True,
-                    start_batch=st.batch_in_epoch,
-                )
-                for batch in batches:
-                    loss, check = self.train_step(batch, self.next_val_batch())
-                    st.step += 1
-                    st.batch_in_epoch += 1
-                    self._check_finite(loss)
-                    bar.update(1)
-                    self.after_check(check)
-                    if self.dg.final_gates == "epoch":  # the default export never reads the means
-                        self.epoch_gates.add(self.coll.gate_values(), self.coll.dims_list())
-                    if self.opts.log_every and st.step % self.opts.log_every == 0:
-                        self._log_trajectory()
-                        if self.board is not None:
-                            self.board.add_scalar("train/loss", loss, st.step)
-                        bar.set_postfix(loss=f"{loss:.4f}", dims=sum(self.coll.dims_list()))
-                    if tc.max_steps is not None and st.step >= tc.max_steps:
-                        break
-                    if self.opts.checkpoint_every and st.step % self.opts.checkpoint_every == 0:
-                        self.save_checkpoint()
-                self._end_epoch()
-                if tc.max_steps is not None and st.step >= tc.max_steps:
-                    st.done = True
-        except KeyboardInterrupt:
-            raise Interrupted(self._interrupted_at(), step=self.state.step) from None
-        except CheckpointException as exc:
-            if not was_interrupted(exc):
-                raise
-            raise Interrupted(self._interrupted_at(), step=self.state.step) from None
-        bar.close()
-        if self.board is not None:
-            self.board.close()
-        if not st.done:
-            st.done = True
-        return self._finish(self.elapsed())
-
-    def _end_epoch(self) -> None:
-        st = self.state
-        metrics = self.evaluate(self.data.val)
-        st.history.append(
-            {
-                "epoch": st.epoch,
-                "step": st.step,
-                "val_auc": metrics["auc"],
-                "val_logloss": metrics["logloss"],
-                "total_dim": sum(self.coll.dims_list()),
-            }
-        )
-        if st.early.update(metrics["auc"], st.epoch):
-            st.best_gates = self._selection_gates().tolist()
-            st.best_dims = self.coll.dims_list()
-        if self.env.is_main:
-            log.info(
-                "epoch %d  step %d  val_auc %.4f  logloss %.4f  total_dim %d  bytes %d  replans %d",
-                st.epoch,
-                st.step,
-                metrics["auc"],
-                metrics["logloss"],
-                sum(self.coll.dims_list()),
-                self.coll.embedding_bytes(physical=False),
-                self.controller.replans,
-            )
-        if self.board is not None:
-            self._board_epoch(metrics)
-        st.epoch += 1
-        st.batch_in_epoch = 0
-        self.epoch_gates.reset()
-        if st.early.stop:
-            st.done = True
-        self.save_checkpoint()
-
-    def _board_epoch(self, metrics: dict[str, float]) -> None:
-        assert self.board is not None
-        step, dims, gates = self.state.step, self.coll.dims_list(), self.coll.gate_values()
-        self.board.add_scalar("val/auc", metrics["auc"], step)
-        self.board.add_scalar("val/logloss", metrics["logloss"], step)
-        self.board.add_scalar("dims/total", sum(dims), step)
-        for t, name in enumerate(self.coll.table_names):
-            self.board.add_scalar(f"dims/{name}", dims[t], step)
-            if dims[t]:
-                self.board.add_scalar(f"gates/{name}/min_active", float(gates[t, : dims[t]].min()), step)
-        self.board.flush()
-
-    def _selection_gates(self) -> torch.Tensor:
-        """The gate table the exported dims are read from (see ``DimGrowConfig.final_gates``)."""
-        current = self.coll.gate_values()
-        if self.dg.final_gates == "epoch":
-            return self.epoch_gates.mean(current)
-        return current
-
-    def save_checkpoint(self) -> None:
-        if not all(bool(torch.isfinite(p.detach()).all()) for p in self.dense_opt.param_groups[0]["params"]):
-            raise NonFiniteError(f"step {self.state.step}: non-finite dense weights; {self._kept()}")
-        self.state.wall_seconds = self.elapsed()
-        run_state = {
-            "state": asdict(self.state),
-            "dims": self.coll.dims_list(),
-            "capacity": self.coll.capacity_list(),
-            "trajectory": self.trajectory,
-        }
-        opts = self.opts
-        manifest = {"config": opts.run_config, "data": opts.data_fingerprint, "step": self.state.step}
-        self.checkpoints.save(opts.out_dir / "checkpoint", run_state, manifest, opts.discard_latest)
-        opts.discard_latest = False
-
-    def found_dims(self) -> dict[str, int]:
-        """Dims of the best-validation checkpoint: active slots with gate > final_threshold."""
-        st = self.state
-        gates = st.best_gates or self.coll.gate_values().tolist()
-        dims = st.best_dims or self.coll.dims_list()
-        rows = [g[:d] for g, d in zip(gates, dims)]
-        return dict(zip(self.coll.table_names, final_dims(rows, self.dg)))
-
-    def _finish(self, wall: float) -> dict[str, Any]:
-        st = self.state
-        found = self.found_dims()
-        test = self.evaluate(self.data.test)
-        vocab = self.data.vocab()
-        metrics = {
-            "val_auc": st.early.best,
-            "best_epoch": st.early.best_epoch,
-            "learned": st.early.learned,
-            "val_auc_floor": None if math.isnan(st.early.floor) else st.early.floor,
-            "search_test_auc": test["auc"],
-            "search_test_logloss": test["logloss"],
-            "steps": st.step,
-            "epochs": st.epoch,
-            "wall_seconds": round(wall, 3),
-            "world_size": self.env.world_size,
-            "replans": self.controller.replans,
-            "replan_seconds_total": round(self.controller.replan_seconds, 4),
-            "replan_bytes_moved": self.controller.replan_bytes_moved,
-            "peak_embedding_bytes": st.peak_embedding_bytes,
-            "peak_rank_embedding_bytes": st.peak_rank_bytes,
-            "found_total_dim": sum(found.values()),
-            "found_embedding_bytes": field_bytes(vocab, found),
-            "budget_bytes": self.coll.budget_bytes(),
-            "dropped_fields": sorted(f for f, d in found.items() if d == 0),
-            "history": st.history,
-        }
-        if self.env.is_main:
-            if not st.early.learned:
-                log.warning(
-                    "validation AUC never rose clearly above its start (best %.4f, needed > %.4f) "
-                    "in %d epochs: these dims are not a search result; train longer (--epochs) "
-                    "or check that the label depends on the fields",
-                    st.early.best,
-                    st.early.floor,
-                    st.epoch,
-                )
-            self._publish(found, metrics)
-        return {"dims": found, "metrics": metrics}
-
-    def _publish(self, found: dict[str, int], metrics: dict[str, Any]) -> None:
-        """Write the result files into a staging dir, then move each into ``out_dir``.
-
-        A failure while writing leaves the staging dir (removed) and never a mix of this
-        run's and an earlier run's files.
-        """
-        final = self.opts.out_dir
-        out = final / f".results-{uuid.uuid4().hex}"
-        with disk_errors(final, partial=[out]):
-            out.mkdir(parents=True)
-            try:
-                write_dims_json(out / "dims.json", found)
-                write_json_atomic(out / "metrics.json", metrics)
-                write_json_atomic(out / "gates.json", gate_table(self.coll))
-                write_json_atomic(
-                    out / "config.json",
-                    {
-                        "dimgrow": self.dg.to_dict(),
-                        "train": asdict(self.tc),
-                        "planning": asdict(self.planning),
-                        "data": self.data.source,
-                    },
-                )
-                with (out / "trajectory.csv").open("w", newline="") as fh:
-                    writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
-                    writer.writeheader()
-                    writer.writerows(self.trajectory)
-                with deferred_sigint():
-                    for item in sorted(out.iterdir()):
-                        os.replace(item, final / item.name)
-            finally:
-                shutil.rmtree(out, ignore_errors=True)
-
-
-def _summary_writer(directory: Path | None) -> Any:
-    """A TensorBoard writer, or None; the CLI has checked that the package is installed."""
-    if directory is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=str(directory))
+EXIT_STRICT = 3
 
 
 def run_search(
@@ -540,13 +94,159 @@ def run_search(
         return DimGrowSearch(data, dg, tc, planning, env, opts).run()
     results = []
     for seed in range(tc.seed, tc.seed + votes):
-        sub = replace(opts, out_dir=opts.out_dir / "votes" / f"seed-{seed}", tensorboard=None)
+        record = opts.config_file and {**opts.config_file}
+        if record:  # each vote's config.json reruns that one search
+            record.update(train={**record["train"], "seed": seed}, run={**record["run"], "votes": 1})
+        sub = replace(
+            opts, out_dir=opts.out_dir / "votes" / f"seed-{seed}", tensorboard=None, config_file=record
+        )
         try:
             results.append(DimGrowSearch(data, dg, replace(tc, seed=seed), planning, env, sub).run())
         except Interrupted as exc:  # a vote's searches cannot be resumed one by one
             raise Interrupted(
-                f"interrupted at step {exc.step} of the search with seed {seed}; a --votes run cannot "
-                f"be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
+                f"interrupted at step {exc.step} of the search with seed {seed}; a voting run (run.votes) "
+                f"cannot be resumed (its finished searches stay in {opts.out_dir / 'votes'})",
                 step=exc.step,
             ) from None
     return publish_vote(data, tc.seed, results, env, opts.out_dir)
+
+
+def resolve(cfg: SearchRunConfig, explicit: Collection[str]) -> tuple[SearchRunConfig, Verified | None]:
+    """``cfg`` with a resumed checkpoint's settings adopted (``run.resume``); nothing is written."""
+    if cfg.run.resume is None:
+        return cfg, None
+    cfg, found = preflight(cfg, explicit)
+    if cfg.run.votes > 1:  # given now, or saved with the checkpoint
+        raise UsageError(
+            "--resume continues one search; a voting run (run.votes > 1) cannot be resumed (its "
+            "finished searches stay in OUT/votes; start it again with --overwrite)"
+        )
+    return cfg, found
+
+
+def check_stream(cfg: SearchRunConfig) -> None:
+    """Refuse settings an online run cannot honour."""
+    if cfg.stream.enabled and cfg.run.votes > 1:
+        raise UsageError("--stream publishes one run's versions; it does not take run.votes > 1")
+
+
+def check_tensorboard(directory: str | None) -> None:
+    if directory is None:
+        return
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(
+            "run.tensorboard needs the tensorboard package: pip install 'torchrec-dimgrow[tensorboard]'"
+        ) from exc
+
+
+def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
+    """Run the ``search`` command; ``explicit``: the keys the user gave (a resume refuses a
+    contradicting one). Returns the exit code (0, or 3 when ``run.strict`` and no field is kept)."""
+    cfg.data.require()
+    if cfg.run.out is None:
+        raise UsageError("no output directory: pass --out (or run.out)")
+    out = Path(cfg.run.out)
+    cfg, resumed = resolve(cfg, explicit)
+    check_stream(cfg)
+    # resuming writes into the run it continues; any other --out must not hold a previous run
+    continuing = resumed is not None and out.resolve() == resumed.path.parent.resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    check_tensorboard(cfg.run.tensorboard)
+    dg, tc = cfg.dimgrow, cfg.train
+    outputs = (*SEARCH_OUTPUTS, *STREAM_OUTPUTS) if cfg.stream.enabled else SEARCH_OUTPUTS
+    guard = OutputGuard(out)
+    env = init_distributed(cfg.run.backend)
+    finished = False
+    lock = contextlib.ExitStack()
+    try:
+        lock_out(lock, out, env)  # a live run's directory is refused first, whatever it holds yet
+        check_out_dir(out, outputs, cfg.run.overwrite, resuming=continuing)
+        EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr).check_device(env.device)
+        if resumed is not None:  # before any data work: a damaged checkpoint stops the run here
+            assert cfg.run.resume is not None
+            resumed = verified_resume(Path(cfg.run.resume), env)
+        cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out / "data"
+        data = prepare_on_rank0(cfg.data, cache, env, tc.batch_size)
+        fingerprint = data_fingerprint(data.source, cache)
+        if resumed is not None:
+            check_same_data(resumed, fingerprint, env)
+        if cfg.run.overwrite and not continuing and env.is_main:
+            clear_previous(out, outputs)
+        record = _record(cfg)
+        opts = SearchOptions(
+            out,
+            log_every=cfg.run.log_every,
+            checkpoint_every=cfg.run.checkpoint_every,
+            resume=resumed.path if resumed is not None else None,
+            quiet=cfg.run.quiet,
+            run_config=saved_settings(cfg),
+            data_fingerprint=fingerprint,
+            discard_latest=resumed is not None and resumed.fell_back,
+            tensorboard=Path(cfg.run.tensorboard) if cfg.run.tensorboard else None,
+            resave=resumed is not None and resumed.world_size != env.world_size,
+            config_file=record,
+        )
+        if cfg.stream.enabled:
+            from torchrec_dimgrow.recipes.stream import StreamOptions, run_stream
+
+            base = {f.name: getattr(opts, f.name) for f in fields(opts)}
+            result = run_stream(data, dg, tc, cfg.planning, env, StreamOptions(**base, stream=cfg.stream))
+        else:
+            result = run_search(data, dg, tc, cfg.planning, env, opts, votes=cfg.run.votes)
+        finished = True
+    except (NonFiniteError, DiskError, Interrupted):
+        raise  # keeps the last good checkpoint for inspection or --resume
+    except DimGrowError as exc:
+        if env.is_main and not isinstance(exc, DirectoryInUse):  # another run's files stay
+            guard.discard_new()
+        raise
+    finally:
+        lock.close()
+        destroy_distributed(synchronize=finished)
+    if cfg.stream.enabled:
+        return _report_stream(result, out, env)
+    return _report(result, out, env, cfg.run.strict)
+
+
+def _record(cfg: SearchRunConfig) -> dict[str, Any]:
+    """config.json: a config file that reruns this search from any directory (``--config``)."""
+    record = to_nested(cfg)
+    for section, name in (("data", "path"), ("data", "cache_dir"), ("run", "out"), ("run", "tensorboard")):
+        if record[section][name]:
+            record[section][name] = str(Path(record[section][name]).resolve())
+    record["run"].update(resume=None, overwrite=False)
+    return record
+
+
+def _report(result: dict[str, Any], out: Path, env: DistEnv, strict: bool) -> int:
+    if env.is_main:
+        m = result["metrics"]
+        print(
+            f"dims: {json.dumps(result['dims'])}\n"
+            f"val_auc {m['val_auc']:.4f}  total_dim {m['found_total_dim']}  replans {m['replans']}  "
+            f"world_size {m['world_size']}  -> {out / 'dims.json'}"
+        )
+    if result["metrics"]["found_total_dim"] == 0:
+        if env.is_main:
+            log.warning(
+                "the search kept no field (every dim is 0): the penalty won; lower dimgrow.alpha or "
+                "train longer%s",
+                "" if strict else " (run.strict makes this exit 3)",
+            )
+        if strict:
+            return EXIT_STRICT
+    return 0
+
+
+def _report_stream(result: dict[str, Any], out: Path, env: DistEnv) -> int:
+    if env.is_main:
+        m = result["metrics"]
+        print(
+            f"dims: {json.dumps(result['dims'])}\n"
+            f"steps {m['steps']}  rows {m['rows_consumed']}  versions {m['versions']}  "
+            f"window_auc {m['window']['auc']:.4f}  replans {m['replans']}  -> {out / 'versions'}"
+        )
+    return 0

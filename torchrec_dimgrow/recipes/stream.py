@@ -28,8 +28,13 @@ drawn per table from their own generator, and the torch RNG is reseeded identica
 rank at each step: with a head free of per-rank batch statistics (no BatchNorm) and of
 dropout, 2 ranks take exactly the decisions of 1 rank fed the same global batches.
 
+Settings: :class:`~torchrec_dimgrow.runconfig.StreamConfig` (the ``stream`` section of a
+search, ``search --stream``); the stream's length is ``train.max_steps`` (default: the whole
+split) and its window metrics are logged every ``log_every`` steps (``run.log_every``).
+
 Checkpoints (:mod:`torchrec_dimgrow.checkpoint`) are written every ``checkpoint_every`` steps
-(default ``publish_every``) after that step's publish; they record the rows consumed, the
+(``run.checkpoint_every``; 0, the default, means every ``publish_every`` steps) after that
+step's publish; they record the rows consumed, the
 versions published, the window and the column means, so a killed run resumes at the next
 unconsumed row. A version published after the last checkpoint is recognised by its step
 when the resumed run reaches that step again, and kept rather than written twice.
@@ -37,7 +42,6 @@ when the resumed run reaches that step again, and kept rather than written twice
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -75,7 +79,8 @@ from torchrec_dimgrow.online import (
     request_of,
 )
 from torchrec_dimgrow.recipes.retrain import retrain_spec
-from torchrec_dimgrow.recipes.search import TRAJECTORY_COLUMNS, DimGrowSearch, SearchOptions
+from torchrec_dimgrow.recipes.search_loop import DimGrowSearch, SearchOptions
+from torchrec_dimgrow.runconfig import StreamConfig
 from torchrec_dimgrow.saved_model import build_model
 from torchrec_dimgrow.serving import export_serving, serving_vocab
 from torchrec_dimgrow.training import auc_logloss, gather_1d
@@ -91,28 +96,6 @@ SEMANTICS = (
     "tables; adapter = gate-scaled projection rows; bias = (1 - gate) * column mean * projection "
     "over active columns (dropped columns: gate 0); head = searched WideDeep (rank-0 BatchNorm stats)"
 )
-
-
-@dataclass
-class StreamConfig:
-    """Settings of online DimGrow (see the module docstring for the publish rule)."""
-
-    publish_every: int = 200
-    keep_versions: int = 3
-    window_rows: int = 10_000
-    settle_steps: int | None = None  # default: the collection's check_interval
-    checkpoint_every: int | None = None  # default: publish_every
-    serving: str = "fp32"
-    log_every: int = 50
-    max_steps: int | None = None  # stop after this many steps (default: the whole stream)
-
-    def __post_init__(self) -> None:
-        if self.publish_every < 1:
-            raise ValueError(f"StreamConfig: publish_every must be >= 1, got {self.publish_every}")
-        if self.keep_versions < 1:
-            raise ValueError(f"StreamConfig: keep_versions must be >= 1, got {self.keep_versions}")
-        if self.window_rows < 1:
-            raise ValueError(f"StreamConfig: window_rows must be >= 1, got {self.window_rows}")
 
 
 @dataclass
@@ -305,8 +288,8 @@ class DimGrowStream(DimGrowSearch):
             )
         start = ss.rows_consumed // global_batch
         total = self.data.train.num_batches(tc.batch_size, world, drop_last=True)
-        if sc.max_steps is not None:
-            total = min(total, sc.max_steps)
+        if tc.max_steps is not None:
+            total = min(total, tc.max_steps)
         if st.step == 0:
             self._log_trajectory()
         batches = self.data.train.batches(
@@ -335,9 +318,9 @@ class DimGrowStream(DimGrowSearch):
                     ss.pending = True
                 if ss.pending and self.settled():
                     self.publish()
-                if sc.log_every and st.step % sc.log_every == 0:
+                if self.opts.log_every and st.step % self.opts.log_every == 0:
                     self._log_window()
-                every = sc.checkpoint_every if sc.checkpoint_every is not None else sc.publish_every
+                every = self.opts.checkpoint_every or sc.publish_every
                 if every and st.step % every == 0:
                     self.save_checkpoint()
                 if self.opts.crash_at_step is not None and st.step == self.opts.crash_at_step:
@@ -473,19 +456,11 @@ class DimGrowStream(DimGrowSearch):
         }
 
     # ------------------------------------------------------------------ checkpoints and results
-    def save_checkpoint(self) -> None:
-        self.state.wall_seconds = self.elapsed()
-        run_state = {
-            "state": asdict(self.state),
-            "stream": asdict(self.sstate),
-            "dims": self.coll.dims_list(),
-            "capacity": self.coll.capacity_list(),
-            "trajectory": self.trajectory,
-        }
-        opts = self.opts
-        manifest = {"config": opts.run_config, "data": opts.data_fingerprint, "step": self.state.step}
-        self.checkpoints.save(opts.out_dir / "checkpoint", run_state, manifest, opts.discard_latest)
-        opts.discard_latest = False
+    def _run_state(self) -> dict[str, Any]:
+        return {**super()._run_state(), "stream": asdict(self.sstate)}
+
+    def _config(self) -> dict[str, Any]:  # config.json of a stream run from Python
+        return {**super()._config(), "stream": {**asdict(self.sc), "enabled": True}}
 
     def _finish_stream(self) -> dict[str, Any]:
         st, ss = self.state, self.sstate
@@ -505,24 +480,7 @@ class DimGrowStream(DimGrowSearch):
             "found_total_dim": sum(found.values()),
         }
         if self.env.is_main:
-            out = self.opts.out_dir
-            write_dims_json(out / "dims.json", found)
-            write_json_atomic(out / "metrics.json", metrics)
-            write_json_atomic(out / "gates.json", gate_table(self.coll))
-            write_json_atomic(
-                out / "config.json",
-                {
-                    "dimgrow": self.dg.to_dict(),
-                    "train": asdict(self.tc),
-                    "planning": asdict(self.planning),
-                    "stream": asdict(self.sc),
-                    "data": self.data.source,
-                },
-            )
-            with (out / "trajectory.csv").open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=TRAJECTORY_COLUMNS)
-                writer.writeheader()
-                writer.writerows(self.trajectory)
+            self._publish(found, metrics)  # dims, metrics, gates, config and trajectory files
         return {"dims": found, "metrics": metrics, "trajectory": list(self.trajectory)}
 
 

@@ -1,4 +1,4 @@
-"""The exported vote of several seeds' searches (``search --votes N``).
+"""The exported vote of several seeds' searches (``search --set run.votes=N``).
 
 Each search is a complete run of :mod:`torchrec_dimgrow.recipes.search`; the vote takes each
 field's median dim within the budget (:func:`~torchrec_dimgrow.policy.vote_dims`) and writes
