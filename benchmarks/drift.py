@@ -23,8 +23,8 @@ Two learners see the stream once, in order, each batch scored before it is train
   continually over the whole stream with the search's optimizers (Adagrad on the tables,
   Adam on the dense layers): the dims stay, the weights keep learning.
 
-Reports, per window: the phase, both progressive AUCs, and the online run's logical dims per
-field; writes ``<out>/drift.{csv,json}``.
+Reports, per window: the phase, both progressive AUCs, the online run's logical dims per
+field and the faded field's active gates; writes ``<out>/drift.{csv,json}``.
 """
 
 from __future__ import annotations
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                 "frozen_auc": fz["auc"],
                 "online_total_dim": sum(line["dims"]),
                 **{f"dim_{f}": d for f, d in zip(FIELDS, line["dims"])},
+                # the faded field's active gates (slot order) at the window's end
+                "fading_gates": "/".join(f"{g:.3f}" for g in line["gates"][FIELDS.index("fading")]),
+                "fading_min_gate": min(line["gates"][FIELDS.index("fading")], default=float("nan")),
             }
         )
     phases: dict[int, dict[str, float]] = {}
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         "phase_means": phases,
     }
     write_rows(rows, args.out, "drift", meta)
-    cols = ["end_row", "phase", "online_auc", "frozen_auc", *[f"dim_{f}" for f in FIELDS]]
+    cols = ["end_row", "phase", "online_auc", "frozen_auc", *[f"dim_{f}" for f in FIELDS], "fading_gates"]
     print(markdown_table(rows, cols))
     print(
         json.dumps({"frozen_dims": frozen_dims, "online_final_found_dims": online["dims"], "phases": phases})

@@ -106,6 +106,11 @@ def test_versions_are_published_at_the_rule_s_steps_and_old_ones_pruned(
         window = json.loads((out / "versions" / f"v{n}" / "window.json").read_text())
         assert window["window"]["rows"] > 0 and 0.0 <= window["window"]["auc"] <= 1.0
     assert not list((out / "versions").glob(".tmp-*"))
+    lines = [json.loads(x) for x in (out / "stream_metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(10, m["steps"] + 1, 10))  # run.log_every
+    for x in lines:  # every field's active gates beside its dim
+        assert [len(g) for g in x["gates"]] == x["dims"]
+        assert all(0.0 <= v <= 1.0 for g in x["gates"] for v in g)
 
 
 def test_every_version_loads_alone_and_reproduces_the_trainer_s_scores(

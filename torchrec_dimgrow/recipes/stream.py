@@ -347,7 +347,15 @@ class DimGrowStream(DimGrowSearch):
                 sum(dims),
                 self.sstate.versions,
             )
-            line = {"step": self.state.step, "rows": self.sstate.rows_consumed, "window": m, "dims": dims}
+            gates = self.coll.gate_values()
+            active = [[round(float(g), 4) for g in gates[t, :d]] for t, d in enumerate(dims)]
+            line = {
+                "step": self.state.step,
+                "rows": self.sstate.rows_consumed,
+                "window": m,
+                "dims": dims,
+                "gates": active,
+            }
             with (self.opts.out_dir / STREAM_LOG).open("a") as fh:
                 fh.write(json.dumps(line) + "\n")
 
