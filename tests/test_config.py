@@ -14,7 +14,7 @@ import pytest
 from torchrec_dimgrow.cli import FLAGS, build_parser, main
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.data import prepare
-from torchrec_dimgrow.runconfig import SearchRunConfig, build, keys
+from torchrec_dimgrow.runconfig import SearchRunConfig, StreamConfig, build, keys
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRITEO = str(DATA / "criteo" / "criteo_head8k")
@@ -39,8 +39,13 @@ def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_search_has_at_most_15_flags_and_every_flag_default_is_the_dataclass_default() -> None:
-    flags = [s for a in subparser("search")._actions for s in a.option_strings if s.startswith("--")]
-    assert len(flags) <= 15, flags  # --help included
+    flags = [
+        s
+        for a in subparser("search")._actions
+        for s in a.option_strings
+        if s.startswith("--") and s != "--help"
+    ]
+    assert len(flags) <= 15 and "--stream" in flags, flags  # first-class flags, -h/--help excluded
     for command, (cls, valued, switches) in FLAGS.items():
         fresh = cls()  # the defaults as the dataclasses have them
         built = build(cls, {})
@@ -71,6 +76,10 @@ def test_search_has_at_most_15_flags_and_every_flag_default_is_the_dataclass_def
         ("planning.keep_placement=false", "planning", "keep_placement", False),
         ("run.log_every=7", "run", "log_every", 7),
         ("run.tensorboard=tb", "run", "tensorboard", "tb"),
+        ("stream.publish_every=7", "stream", "publish_every", 7),
+        ("stream.keep_versions=2", "stream", "keep_versions", 2),
+        ("stream.settle_steps=none", "stream", "settle_steps", None),
+        ("stream.serving=int8", "stream", "serving", "int8"),
     ],
 )
 def test_set_maps_onto_the_dataclass_field(
@@ -94,15 +103,19 @@ def test_set_reaches_retrain_and_baseline_sections(capsys: pytest.CaptureFixture
     ("args", "expect"),
     [
         (["--set", "dimgrow.gate_lrr=0.1"], "error: unknown setting 'dimgrow.gate_lrr' (did you mean dimgrow.gate_lr?)"),
-        (["--set", "nosuch.key=1"], "error: unknown setting 'nosuch.key' (sections: data, train, dimgrow, planning, run, blocks)"),
+        (["--set", "nosuch.key=1"], "error: unknown setting 'nosuch.key' (sections: data, train, dimgrow, planning, run, blocks, stream)"),
         (["--set", "dimgrow.gate_lr=fast"], "error: --set dimgrow.gate_lr: expected a float, got 'fast'"),
         (["--set", "train.epochs=1.5"], "error: --set train.epochs: expected an int, got '1.5'"),
         (["--set", "run.quiet=maybe"], "error: --set run.quiet: expected a bool (true/false), got 'maybe'"),
         (["--set", "dimgrow.shrink_slot=middle"], "error: --set dimgrow.shrink_slot: expected one of ['lowest', 'last'], got 'middle'"),
-        (["--set", "gate_lr=0.1"], "error: unknown setting 'gate_lr' (sections: data, train, dimgrow, planning, run, blocks)"),
+        (["--set", "gate_lr=0.1"], "error: unknown setting 'gate_lr' (sections: data, train, dimgrow, planning, run, blocks, stream)"),
         (["--set", "planning.batch_size=8"], "error: --set planning.batch_size: planning.batch_size follows train.batch_size; set that instead"),
         (["--epochs", "ten"], "error: --epochs: expected an int, got 'ten'"),
         (["--set", "dimgrow.tau=0"], "error: dimgrow.tau must be > 0, got 0"),
+        (["--stream", "--set", "stream.publish_every=0"], "error: stream.publish_every must be >= 1, got 0"),
+        (["--set", "stream.keep_versions=0"], "error: stream.keep_versions must be >= 1, got 0"),
+        (["--set", "stream.serving=int2"], "error: --set stream.serving: expected one of ['fp32', 'fp16', 'int8', 'int4'], got 'int2'"),
+        (["--stream", "--set", "run.votes=3"], "error: --stream publishes one run's versions; it does not take run.votes > 1"),
     ],
 )  # fmt: skip
 def test_bad_setting_is_one_error_line_naming_the_key(
@@ -156,15 +169,27 @@ def test_alpha_default_is_resolved_in_one_place(capsys: pytest.CaptureFixture[st
     assert DimGrowConfig(penalty_mode=mode, alpha=0.5).alpha == 0.5  # type: ignore[arg-type]
 
 
+def test_stream_is_one_flag_and_a_section(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert printed(capsys, *BASE)["stream"]["enabled"] is False
+    got = printed(capsys, *BASE, "--stream", "--set", "stream.publish_every=5")["stream"]
+    assert (got["enabled"], got["publish_every"], got["keep_versions"]) == (True, 5, 3)
+    toml = tmp_path / "run.toml"
+    toml.write_text("[stream]\nenabled = true\nkeep_versions = 4\nwindow_rows = 512\n")
+    got = printed(capsys, *BASE, "--config", str(toml))["stream"]
+    assert (got["enabled"], got["keep_versions"], got["window_rows"]) == (True, 4, 512)
+
+
 def test_range_checks_live_with_the_dataclasses() -> None:
     from torchrec_dimgrow.errors import UsageError
 
-    for cls in (DimGrowConfig, TrainConfig):
+    for cls in (DimGrowConfig, TrainConfig, StreamConfig):
         assert set(cls.BOUNDS) <= {f.name for f in fields(cls)}, cls
     with pytest.raises(UsageError, match=r"dimgrow\.d_max must be in \[1, 256\], got 300"):
         DimGrowConfig(d_max=300).check()
     with pytest.raises(UsageError, match=r"train\.lr must be > 0"):
         TrainConfig(lr=0.0).check()
+    with pytest.raises(UsageError, match=r"stream\.window_rows must be >= 1, got 0"):
+        StreamConfig(window_rows=0)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
 ``search`` runs on 1 rank as a plain command and on N ranks under
 ``torchrun --nproc_per_node=N -m torchrec_dimgrow search ...`` (gloo on CPU, nccl on GPU,
-``--set run.backend=...`` overrides).
+``--set run.backend=...`` overrides). ``search --stream`` runs online DimGrow instead
+(:mod:`torchrec_dimgrow.recipes.stream`; its settings are the ``stream`` section).
 
 Settings: a few first-class flags; every other setting through a config file
 (``--config run.toml`` or ``.json``, sections as in :mod:`torchrec_dimgrow.runconfig`) and
@@ -72,7 +73,8 @@ FLAGS: dict[str, tuple[type, list[tuple[str, str, str]], list[tuple[str, str, st
             *TRAIN,
             ("--resume", "run.resume", "run dir (or its checkpoint/) to continue with its saved settings"),
         ],
-        [OVERWRITE, QUIET],
+        [OVERWRITE, QUIET, ("--stream", "stream.enabled", "online DimGrow: one in-order pass over the "
+                            "train split, publishing serving versions to OUT/versions (stream.* settings)")],
     ),
     "retrain": (
         RetrainRunConfig,

@@ -353,3 +353,42 @@ class TrainConfig:
     def check(self, section: str = "train") -> None:
         """The ranges of :attr:`BOUNDS` (one line naming the setting)."""
         check_bounds(asdict(self), self.BOUNDS, section)
+
+
+ServingPrecision = Literal["fp32", "fp16", "int8", "int4"]
+
+
+@dataclass
+class StreamConfig:
+    """``stream`` section of a search: online DimGrow (:mod:`torchrec_dimgrow.recipes.stream`).
+
+    ``enabled`` (the ``--stream`` flag): one in-order pass over the train split that
+    publishes serving versions to ``OUT/versions`` instead of an epoch search;
+    ``publish_every``: steps between versions (each waits until the dims are settled);
+    ``keep_versions``: versions kept on disk; ``window_rows``: rows of the sliding
+    progressive-validation window; ``settle_steps``: steps without a grow, shrink or
+    re-plan before a version is written (default: ``dimgrow.check_interval``); ``serving``:
+    the published tables' precision. A stream reads ``train.max_steps`` (its length, default
+    the whole split), ``run.log_every`` (window metrics every N steps) and
+    ``run.checkpoint_every`` (default: ``publish_every``); it has no epochs or early stopping.
+    """
+
+    enabled: bool = False
+    publish_every: int = 200
+    keep_versions: int = 3
+    window_rows: int = 10_000
+    settle_steps: int | None = None
+    serving: ServingPrecision = "fp32"
+
+    BOUNDS: ClassVar[dict[str, Bound]] = {
+        "publish_every": AT_LEAST_1,
+        "keep_versions": AT_LEAST_1,
+        "window_rows": AT_LEAST_1,
+        "settle_steps": NON_NEGATIVE,
+    }
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self, section: str = "stream") -> None:
+        check_bounds(vars(self), self.BOUNDS, section)

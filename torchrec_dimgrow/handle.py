@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torchrec_dimgrow.distributed.runtime import attach_stores
 from torchrec_dimgrow.distributed.table_store import ShardedTableStore
 from torchrec_dimgrow.distributed.train_pipeline import PipelineReplanGuard, unpipelined
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.online import FoldedCollection, fold, gather_active_tables
 from torchrec_dimgrow.optim import (
     EmbeddingOptimizer,
     embedding_optimizer_of,
@@ -284,6 +285,25 @@ class DimGrowHandle:
     def found_dims(self) -> dict[str, int]:
         """Dims to retrain with: active slots whose gate exceeds ``final_threshold``."""
         return _flatten({p: c.export_dims() for p, c in self.collections.items()})
+
+    def serving_weights(self, means: Mapping[str, torch.Tensor] | None = None) -> dict[str, FoldedCollection]:
+        """The searched weights *now*, at the found dims, for a serving version (collective).
+
+        Per collection path: :func:`~torchrec_dimgrow.online.fold` of its active columns
+        (gathered from every rank's shards) with the gates folded into the projection rows
+        and the columns at or below ``final_threshold`` dropped. ``means`` (path -> tables x
+        slots column means, e.g. a :class:`~torchrec_dimgrow.online.ColumnMeans`) fixes
+        the noise of the gate mixing; without, it is zero and the fold has no bias, which
+        :func:`~torchrec_dimgrow.online.load_into_mixed` loads into ``export``'s
+        mixed-dim collection. Every rank must call it (the tables are gathered).
+        """
+        out: dict[str, FoldedCollection] = {}
+        for path, coll in sorted(self.collections.items()):
+            active = gather_active_tables(coll, self.stores.get(path))
+            shape = tuple(coll.gate_values().shape)
+            mu = means[path] if means is not None else torch.zeros(shape)
+            out[path] = fold(coll, active, mu)
+        return out
 
     def export(
         self, model: nn.Module | None = None, align: AlignMode | None = None, serving: str | None = None

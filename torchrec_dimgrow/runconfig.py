@@ -3,8 +3,9 @@
 A run's settings are one top-level dataclass (:class:`SearchRunConfig`, ...) whose fields
 are sections: ``data`` (:class:`DataConfig`), ``train`` (:class:`~torchrec_dimgrow.config.TrainConfig`),
 ``dimgrow`` (:class:`~torchrec_dimgrow.config.DimGrowConfig`), ``planning``
-(:class:`~torchrec_dimgrow.distributed.planning.PlanningConfig`) and ``run`` (how the run
-executes: output directory, logging, checkpoints). Every setting is a key ``section.field``
+(:class:`~torchrec_dimgrow.distributed.planning.PlanningConfig`), ``run`` (how the run
+executes: output directory, logging, checkpoints) and, for a search, ``stream`` (online
+DimGrow, :class:`StreamConfig`). Every setting is a key ``section.field``
 (``dimgrow.gate_lr``); a config file (TOML or JSON) holds the same keys as nested tables,
 ``--set section.field=value`` overrides one, and the few first-class flags of the CLI map
 onto keys too. Defaults come only from the dataclasses; :func:`dump` writes a config file
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from torchrec_dimgrow.bounds import AT_LEAST_1, MAX_DIM, NON_NEGATIVE, Bound, check_bounds
-from torchrec_dimgrow.config import DimGrowConfig, TrainConfig, parse_budget
+from torchrec_dimgrow.config import DimGrowConfig, StreamConfig, TrainConfig, parse_budget
 from torchrec_dimgrow.data import FORMATS
 from torchrec_dimgrow.data.blocks import BlockConfig
 from torchrec_dimgrow.distributed.planning import PlanningConfig
@@ -161,6 +162,7 @@ class SearchRunConfig:
     planning: PlanningConfig = field(default_factory=PlanningConfig)
     run: SearchRun = field(default_factory=SearchRun)
     blocks: BlockConfig = field(default_factory=BlockConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     DERIVED: ClassVar[dict[str, str]] = {"planning.batch_size": "train.batch_size"}
 

@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
 from torchrec_dimgrow.modules.shuffle_gate import (
+    NoiseFn,
     ShuffleGate,
     shuffle_mix,
     shuffle_noise,
@@ -143,6 +144,9 @@ class DimGrowPostProcess(nn.Module):
         # Set by DimGrowEmbeddingBagCollection.gate_step(): the lookup output is detached so
         # the gate (validation) step never reaches the tables or their fused optimizer.
         self.freeze_lookup = False
+        # Optional maker of the training noise on the summed path (``shuffle_project``'s
+        # ``noise_fn``): the online recipe shuffles the global batch across ranks with it.
+        self.noise_fn: NoiseFn | None = None
         self._cache_key: tuple[int, ...] = ()
         self._cols: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # Host copy of ``dims`` and the buffer's version counter when it was taken: the
@@ -299,7 +303,7 @@ class DimGrowPostProcess(nn.Module):
         if mode == "off":
             return x @ rows
         if mode == "shuffle":
-            return shuffle_project(x, g, rows, weight_grad=not self.freeze_lookup)
+            return shuffle_project(x, g, rows, weight_grad=not self.freeze_lookup, noise_fn=self.noise_fn)
         noise = shuffle_noise(x, mode)
         return x @ (g.unsqueeze(1) * rows) + noise @ ((1.0 - g).unsqueeze(1) * rows)
 

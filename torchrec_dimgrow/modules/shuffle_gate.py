@@ -9,10 +9,13 @@ own permutation (DimGrow), unlike ShuffleGate v1 which shares one per field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+NoiseFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _shuffle_order(
@@ -119,6 +122,7 @@ def shuffle_project(
     weight: torch.Tensor,
     generator: torch.Generator | None = None,
     weight_grad: bool = True,
+    noise_fn: NoiseFn | None = None,
 ) -> torch.Tensor:
     """``(g * x + (1 - g) * stopgrad(column_shuffle(x))) @ weight``: mixing and projection fused.
 
@@ -133,8 +137,13 @@ def shuffle_project(
     matmul saved), for a backward whose weight gradient the caller discards anyway (the
     DimGrow gate step). A zero rather than none: DDP with a static graph expects every
     parameter to receive a gradient in every backward.
+
+    ``noise_fn`` (default :func:`column_shuffle` with ``generator``) makes the shuffled copy
+    instead: it takes ``x`` (no gradient is taken through it) and returns a fresh B x C
+    tensor, e.g. a shuffle of the global batch across ranks (the online recipe's
+    world-size-invariant noise).
     """
-    return _ShuffleProject.apply(x, g, weight, generator, weight_grad)
+    return _ShuffleProject.apply(x, g, weight, generator, weight_grad, noise_fn)
 
 
 class _ShuffleProject(torch.autograd.Function):
@@ -152,9 +161,13 @@ class _ShuffleProject(torch.autograd.Function):
         weight: torch.Tensor,
         generator: torch.Generator | None,
         weight_grad: bool,
+        noise_fn: NoiseFn | None = None,
     ) -> torch.Tensor:
         x = x.contiguous()
-        mixed = column_shuffle(x, generator, out=torch.empty_like(x))  # the noise, for now
+        if noise_fn is not None:
+            mixed = noise_fn(x).contiguous()  # the noise, for now
+        else:
+            mixed = column_shuffle(x, generator, out=torch.empty_like(x))
         # ``x - noise`` is only read by the gate gradient (not needed under no_grad).
         diff = x - mixed if ctx.needs_input_grad[1] else None
         mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
@@ -165,7 +178,7 @@ class _ShuffleProject(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
         diff, g, weight, mixed = ctx.saved_tensors
         need_x, need_g, need_w = ctx.needs_input_grad[:3]
         grad_x = grad_g = grad_w = None
@@ -180,7 +193,7 @@ class _ShuffleProject(torch.autograd.Function):
             # Lookups detached (the gate step): sum_b (grad W^T) * diff = rowsum(W * (diff^T grad)),
             # the same matmul work without writing or reading any batch-sized tensor.
             grad_g = ((diff.t() @ grad) * weight).sum(1)
-        return grad_x, grad_g, grad_w, None, None
+        return grad_x, grad_g, grad_w, None, None, None
 
 
 class ShuffleGate(nn.Module):

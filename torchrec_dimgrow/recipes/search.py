@@ -4,7 +4,9 @@
 it adopts a checkpoint's settings (``--resume``), applies the output-directory rules, locks
 the directory, prepares the data on rank 0, checks a resumed run's data, and runs
 :func:`run_search` (one search, :mod:`~torchrec_dimgrow.recipes.search_loop`, or a vote of
-several seeds). One code path for 1 or N ranks (``torchrun``).
+several seeds), or with ``stream.enabled`` (``--stream``) online DimGrow
+(:func:`~torchrec_dimgrow.recipes.stream.run_stream`). One code path for 1 or N ranks
+(``torchrun``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Collection
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from torchrec_dimgrow.recipes.search_loop import (
 )
 from torchrec_dimgrow.recipes.setup import (
     SEARCH_OUTPUTS,
+    STREAM_OUTPUTS,
     OutputGuard,
     check_out_dir,
     clear_previous,
@@ -123,6 +126,12 @@ def resolve(cfg: SearchRunConfig, explicit: Collection[str]) -> tuple[SearchRunC
     return cfg, found
 
 
+def check_stream(cfg: SearchRunConfig) -> None:
+    """Refuse settings an online run cannot honour."""
+    if cfg.stream.enabled and cfg.run.votes > 1:
+        raise UsageError("--stream publishes one run's versions; it does not take run.votes > 1")
+
+
 def check_tensorboard(directory: str | None) -> None:
     if directory is None:
         return
@@ -142,19 +151,21 @@ def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
         raise UsageError("no output directory: pass --out (or run.out)")
     out = Path(cfg.run.out)
     cfg, resumed = resolve(cfg, explicit)
+    check_stream(cfg)
     # resuming writes into the run it continues; any other --out must not hold a previous run
     continuing = resumed is not None and out.resolve() == resumed.path.parent.resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     check_tensorboard(cfg.run.tensorboard)
     dg, tc = cfg.dimgrow, cfg.train
+    outputs = (*SEARCH_OUTPUTS, *STREAM_OUTPUTS) if cfg.stream.enabled else SEARCH_OUTPUTS
     guard = OutputGuard(out)
     env = init_distributed(cfg.run.backend)
     finished = False
     lock = contextlib.ExitStack()
     try:
         lock_out(lock, out, env)  # a live run's directory is refused first, whatever it holds yet
-        check_out_dir(out, SEARCH_OUTPUTS, cfg.run.overwrite, resuming=continuing)
+        check_out_dir(out, outputs, cfg.run.overwrite, resuming=continuing)
         EmbeddingOptimizer(tc.embedding_optimizer, tc.embedding_lr).check_device(env.device)
         if resumed is not None:  # before any data work: a damaged checkpoint stops the run here
             assert cfg.run.resume is not None
@@ -165,7 +176,7 @@ def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
         if resumed is not None:
             check_same_data(resumed, fingerprint, env)
         if cfg.run.overwrite and not continuing and env.is_main:
-            clear_previous(out, SEARCH_OUTPUTS)
+            clear_previous(out, outputs)
         record = _record(cfg)
         opts = SearchOptions(
             out,
@@ -181,11 +192,18 @@ def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
             config_file=record,
             blocks=cfg.blocks,
         )
-        if cfg.blocks.enabled and cfg.run.votes > 1:
+        if cfg.blocks.enabled and (cfg.run.votes > 1 or cfg.stream.enabled):
             raise UsageError(
-                "run.votes > 1 votes per field; it does not take frequency blocks (blocks.enabled)"
+                "frequency blocks (blocks.enabled) take one batch search: run.votes > 1 votes per "
+                "field, and the online mode (--stream) publishes per-field tables"
             )
-        result = run_search(data, dg, tc, cfg.planning, env, opts, votes=cfg.run.votes)
+        if cfg.stream.enabled:
+            from torchrec_dimgrow.recipes.stream import StreamOptions, run_stream
+
+            base = {f.name: getattr(opts, f.name) for f in fields(opts)}
+            result = run_stream(data, dg, tc, cfg.planning, env, StreamOptions(**base, stream=cfg.stream))
+        else:
+            result = run_search(data, dg, tc, cfg.planning, env, opts, votes=cfg.run.votes)
         finished = True
     except (NonFiniteError, DiskError, Interrupted):
         raise  # keeps the last good checkpoint for inspection or --resume
@@ -196,6 +214,8 @@ def search_main(cfg: SearchRunConfig, explicit: Collection[str] = ()) -> int:
     finally:
         lock.close()
         destroy_distributed(synchronize=finished)
+    if cfg.stream.enabled:
+        return _report_stream(result, out, env)
     return _report(result, out, env, cfg.run.strict)
 
 
@@ -226,4 +246,15 @@ def _report(result: dict[str, Any], out: Path, env: DistEnv, strict: bool) -> in
             )
         if strict:
             return EXIT_STRICT
+    return 0
+
+
+def _report_stream(result: dict[str, Any], out: Path, env: DistEnv) -> int:
+    if env.is_main:
+        m = result["metrics"]
+        print(
+            f"dims: {json.dumps(result['dims'])}\n"
+            f"steps {m['steps']}  rows {m['rows_consumed']}  versions {m['versions']}  "
+            f"window_auc {m['window']['auc']:.4f}  replans {m['replans']}  -> {out / 'versions'}"
+        )
     return 0

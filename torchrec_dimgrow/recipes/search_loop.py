@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
 from torchrec_dimgrow.data import PreparedData, Split
-from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
+from torchrec_dimgrow.data.blocks import field_blocks
 from torchrec_dimgrow.diskwrite import deferred_sigint, disk_errors, was_interrupted
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig
@@ -51,51 +51,12 @@ from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import final_dims
 from torchrec_dimgrow.recipes.search_model import build_search_model
+from torchrec_dimgrow.recipes.search_state import SearchOptions, SearchState
 from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, learned_floor
 
 log = logging.getLogger(__name__)
 
 TRAJECTORY_COLUMNS = ["step", "field", "logical_dim", "capacity", "min_gate", "max_gate"]
-
-
-@dataclass
-class SearchOptions:
-    out_dir: Path
-    log_every: int = 50
-    checkpoint_every: int = 0
-    resume: Path | None = None
-    quiet: bool = False
-    run_config: dict[str, Any] = field(default_factory=dict)  # recorded in each checkpoint's manifest
-    data_fingerprint: dict[str, Any] = field(default_factory=dict)
-    discard_latest: bool = False  # resume fell back past a damaged latest checkpoint
-    tensorboard: Path | None = None  # rank 0 also logs loss, val AUC, dims and gates here
-    resave: bool = False  # resumed on another world size: rewrite the checkpoint at this one first
-    config_file: dict[str, Any] | None = None  # config.json: the run's config (else the dataclasses')
-    # Frequency blocks (data/blocks.py): with ``enabled``, one table (gates, dims) per block.
-    blocks: BlockConfig | None = None
-
-
-@dataclass
-class SearchState:
-    """Everything besides tensors that a resumed search needs to continue exactly."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    val_epoch: int = 0
-    val_batch: int = 0
-    early: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=2))
-    best_gates: list[list[float]] = field(default_factory=list)
-    best_dims: list[int] = field(default_factory=list)
-    history: list[dict[str, float]] = field(default_factory=list)
-    peak_embedding_bytes: int = 0
-    peak_rank_bytes: int = 0
-    wall_seconds: float = 0.0  # up to the last checkpoint, so a resumed run reports the whole run
-    done: bool = False
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> SearchState:
-        return cls(**{**raw, "early": EarlyStopping(**raw["early"])})
 
 
 def _max_over_ranks(value: int) -> int:
@@ -148,7 +109,12 @@ class DimGrowSearch:
         self.trajectory: list[dict[str, Any]] = []
         self.checkpoints = CheckpointClient(
             self.dmp,
-            {"dense_opt": self.dense_opt, "controller": self.controller, "epoch_gates": self.epoch_gates},
+            {
+                "dense_opt": self.dense_opt,
+                "controller": self.controller,
+                "epoch_gates": self.epoch_gates,
+                **self._extra_stateful(),
+            },
             env.rank,
             env.world_size,
         )
@@ -178,6 +144,10 @@ class DimGrowSearch:
         self.board = _summary_writer(opts.tensorboard) if env.is_main else None
 
     # ------------------------------------------------------------------ pieces
+    def _extra_stateful(self) -> dict[str, Any]:
+        """More objects whose ``state_dict`` a checkpoint keeps (a subclass's; model built)."""
+        return {}
+
     def _restore_capacities(self, ckpt: Path) -> ShardingPlan | None:
         """Rebuild the tables at the checkpoint's widths; return the plan they were sharded with."""
         meta = read_run_state(ckpt)
@@ -396,16 +366,20 @@ class DimGrowSearch:
         if not all(bool(torch.isfinite(p.detach()).all()) for p in self.dense_opt.param_groups[0]["params"]):
             raise NonFiniteError(f"step {self.state.step}: non-finite dense weights; {self._kept()}")
         self.state.wall_seconds = self.elapsed()
-        run_state = {
+        run_state = self._run_state()
+        opts = self.opts
+        manifest = {"config": opts.run_config, "data": opts.data_fingerprint, "step": self.state.step}
+        self.checkpoints.save(opts.out_dir / "checkpoint", run_state, manifest, opts.discard_latest)
+        opts.discard_latest = False
+
+    def _run_state(self) -> dict[str, Any]:
+        """What a checkpoint records besides tensors (a subclass adds its own)."""
+        return {
             "state": asdict(self.state),
             "dims": self.coll.dims_list(),
             "capacity": self.coll.capacity_list(),
             "trajectory": self.trajectory,
         }
-        opts = self.opts
-        manifest = {"config": opts.run_config, "data": opts.data_fingerprint, "step": self.state.step}
-        self.checkpoints.save(opts.out_dir / "checkpoint", run_state, manifest, opts.discard_latest)
-        opts.discard_latest = False
 
     def found_dims(self) -> dict[str, int]:
         """Dims of the best-validation checkpoint: active slots with gate > final_threshold."""

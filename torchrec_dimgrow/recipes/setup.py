@@ -32,6 +32,8 @@ SEARCH_OUTPUTS = (
     "checkpoint.prev",
     "votes",
 )
+STREAM_OUTPUTS = ("versions", "stream_metrics.jsonl")
+"""What ``search --stream`` writes besides :data:`SEARCH_OUTPUTS`."""
 RETRAIN_OUTPUTS = ("metrics.json", "model")
 
 
