@@ -13,6 +13,11 @@ Three numbers per dims setting:
   validation batch plus one grow/shrink decision (no dim changes happen: thresholds are
   set out of reach so the dims stay the ones being compared).
 
+Three paths, each a row per dim with its own interleaved plain baseline: ``summed`` (above),
+``per-feature`` (the KeyedTensor a DLRM reads through ``swap_in``: every feature projected
+to the common width ``dim``, into the plain model's concat adapter) and ``per-feature
+blocks`` (the same over frequency blocks, each field the sum of its blocks' outputs).
+
 Single process, plain torch optimizers (Adagrad on tables, Adam on the rest); the sharded
 cost of re-planning is measured by the replan benchmark, not here.
 
@@ -52,13 +57,24 @@ class OverheadConfig:
     profile: Path | None = None
 
 
-def _models(data: Any, dim: int, adapter: int = 64) -> tuple[Any, Any, Any]:
-    """(dimgrow model, its collection, plain model) with every field at ``dim``."""
+PATHS = ("summed", "per-feature", "per-feature blocks")
+
+
+def _models(data: Any, dim: int, path: str = "summed", adapter: int = 64) -> tuple[Any, Any, Any]:
+    """(dimgrow model, its DimGrow collection, plain model) with every field at ``dim``.
+
+    ``path``: ``"summed"`` (the search's model: features projected to the adapter width and
+    summed inside the collection), ``"per-feature"`` (the KeyedTensor a DLRM reads: every
+    feature projected to the common width ``dim``, concatenated into the same adapter as the
+    plain model) or ``"per-feature blocks"`` (the same over frequency blocks, summed per field).
+    """
     import torch
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     from torchrec_dimgrow.config import DimGrowConfig
+    from torchrec_dimgrow.data.blocks import field_blocks
     from torchrec_dimgrow.modules.backbone import CTRModel
+    from torchrec_dimgrow.modules.blocks import BlockDimGrowCollection
     from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
     torch.manual_seed(0)
@@ -71,10 +87,21 @@ def _models(data: Any, dim: int, adapter: int = 64) -> tuple[Any, Any, Any]:
         shrink_threshold=0.0,
         cap_dims_at_rows=False,
     )
-    coll = DimGrowEmbeddingBagCollection(data.table_configs(adapter), cfg, align="project")
-    dg = CTRModel(coll, "sum", adapter, hidden=(32, 16))
+    in_dim = dim * len(data.fields)
+    if path == "summed":
+        coll = DimGrowEmbeddingBagCollection(data.table_configs(adapter), cfg, align="project")
+        dg = CTRModel(coll, "sum", adapter, hidden=(32, 16))
+    elif path == "per-feature":
+        coll = DimGrowEmbeddingBagCollection(data.table_configs(dim), cfg, align="project")
+        dg = CTRModel(coll, "concat", adapter, in_dim=in_dim, hidden=(32, 16))
+    elif path == "per-feature blocks":
+        blocked = BlockDimGrowCollection(field_blocks(data), dim, cfg, align="project")
+        coll = blocked.coll
+        dg = CTRModel(blocked, "concat", adapter, in_dim=in_dim, hidden=(32, 16))
+    else:
+        raise ValueError(f"unknown path {path!r}; one of {PATHS}")
     plain_ebc = EmbeddingBagCollection(tables=data.table_configs(dim))
-    plain = CTRModel(plain_ebc, "concat", adapter, in_dim=dim * len(data.fields), hidden=(32, 16))
+    plain = CTRModel(plain_ebc, "concat", adapter, in_dim=in_dim, hidden=(32, 16))
     return dg, coll, plain
 
 
@@ -142,11 +169,11 @@ def _time(fn: Callable[[], None]) -> tuple[float, float, int]:
     return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
+def measure(dim: int, data: Any, cfg: OverheadConfig, path: str = "summed") -> dict[str, Any]:
     import torch
 
     dev = torch.device(cfg.device)
-    dg, coll, plain = _models(data, dim)
+    dg, coll, plain = _models(data, dim, path)
     dg, plain = dg.to(dev), plain.to(dev)
     theta = coll.post.gate.theta
     dg_opts = _optimizers(dg, coll.ebc, exclude=[theta])
@@ -187,11 +214,13 @@ def measure(dim: int, data: Any, cfg: OverheadConfig) -> dict[str, Any]:
     if set(coll.post.dims_list()) != {dim}:
         raise RuntimeError("dims changed during the overhead run; the comparison would be unequal")
     if cfg.profile:
-        _profile(names, fns, run, cfg.profile / f"dim{dim}")
+        _profile(names, fns, run, cfg.profile / f"dim{dim}_{path.replace(' ', '_')}")
     med = {k: statistics.median(v) * 1000 for k, v in wall.items()}
     cmed = {k: statistics.median(v) * 1000 for k, v in cpu.items()}
     return {
         "dim": dim,
+        "path": path,
+        "tables": len(coll.table_names),
         "fields": len(data.fields),
         "batch": cfg.batch_size,
         "gate_every": cfg.gate_every,
@@ -226,6 +255,7 @@ def _profile(names: list[str], fns: list[tuple[Callable[..., None], bool]], run:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmarks/overhead.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--dims", default="1,4,8,16")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {PATHS}")
     p.add_argument("--scale", type=float, default=200.0, help="Criteo cardinalities divided by this")
     p.add_argument("--rows", type=int, default=40_000)
     p.add_argument("--batch-size", type=int, default=2048)
@@ -271,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     torch.set_num_threads(cfg.threads)
     data = criteo_like(CriteoLikeConfig(scale=cfg.scale, rows=cfg.rows, seed=cfg.seed))
-    rows = [measure(d, data, cfg) for d in cfg.dims]
+    rows = [measure(d, data, cfg, path) for path in args.paths.split(",") for d in cfg.dims]
     command = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_rows(rows, args.out, "overhead", {"command": command.strip(), "config": asdict(cfg)})
     print(markdown_table(rows, list(rows[0].keys()), digits=2))

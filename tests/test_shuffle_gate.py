@@ -4,6 +4,7 @@ import torch
 from torchrec_dimgrow.modules.shuffle_gate import (
     ShuffleGate,
     column_shuffle,
+    feature_project,
     shuffle_mix,
     shuffle_project,
 )
@@ -142,3 +143,45 @@ def test_shuffle_project_gradients_in_closed_form() -> None:
     torch.manual_seed(3)
     with torch.no_grad():
         assert torch.equal(shuffle_project(x, g, w), out)
+
+
+@pytest.mark.parametrize("dims", [(4, 4, 4), (4, 2, 3)])
+@pytest.mark.parametrize("detached", [False, True])
+def test_feature_project_matches_mix_pad_and_batched_matmul(dims: tuple[int, ...], detached: bool) -> None:
+    d, w, batch = 4, 3, 32
+    n_feat = len(dims)
+    rows = [f * d + k for f, n in enumerate(dims) for k in range(n)]
+    slot_rows = None if len(rows) == n_feat * d else torch.tensor(rows)
+    torch.manual_seed(0)
+    x0 = torch.randn(batch, len(rows))
+    theta0 = torch.randn(len(rows))
+    w0 = torch.randn(n_feat, d, w)
+    grad = torch.randn(batch, n_feat * w)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        x = x0.clone().requires_grad_(not detached)
+        theta = theta0.clone().requires_grad_(True)
+        weight = w0.clone().requires_grad_(True)
+        g = torch.sigmoid(theta)
+        torch.manual_seed(1)
+        if fused:
+            out = feature_project(x, g, weight, slot_rows)
+        else:
+            mixed = shuffle_mix(x, g)
+            padded = mixed.new_zeros(batch, n_feat * d).index_copy(1, torch.tensor(rows), mixed)
+            out = torch.bmm(padded.view(batch, n_feat, d).transpose(0, 1), weight)
+            out = out.transpose(0, 1).reshape(batch, n_feat * w)
+        out.backward(grad)
+        grads = [theta.grad, weight.grad] + ([] if detached else [x.grad])
+        return [out.detach()] + [t for t in grads if t is not None]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # weight_grad=False: the weight's gradient reads zero, the others are unchanged.
+    theta = theta0.clone().requires_grad_(True)
+    weight = w0.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    feature_project(x0, torch.sigmoid(theta), weight, slot_rows, weight_grad=False).backward(grad)
+    assert torch.equal(weight.grad, torch.zeros_like(w0))
+    if detached:
+        torch.testing.assert_close(theta.grad, run(True)[1], rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ from torchrec_dimgrow.config import AlignMode, DimGrowConfig
 from torchrec_dimgrow.modules.shuffle_gate import (
     NoiseFn,
     ShuffleGate,
+    feature_project,
     shuffle_mix,
     shuffle_noise,
     shuffle_project,
@@ -34,14 +35,16 @@ class _Layout:
     ``select``: columns of the lookup's values to keep, in feature order (``None`` when that
     is all of them in order: every table at capacity). ``col_t``/``col_s``: table and slot of
     each kept column. ``slot_rows``: row of each kept column in the ``F x d x w`` projection
-    seen as ``(F * d) x w`` (feature * d + slot). ``pad_cols``: its column in the zero-padded
-    output. ``stacked``: every feature has the same output width (one batched matmul).
+    seen as ``(F * d) x w`` (feature * d + slot); ``pad_rows`` the same, ``None`` when that
+    is every row (all features at ``d`` slots: the active columns need no padding).
+    ``pad_cols``: its column in the zero-padded output. ``stacked``: every feature has the same output width (one batched matmul).
     """
 
     select: torch.Tensor | None
     col_t: torch.Tensor
     col_s: torch.Tensor
     slot_rows: torch.Tensor
+    pad_rows: torch.Tensor | None
     pad_cols: torch.Tensor
     feature_dims: list[int]
     stacked: bool
@@ -63,6 +66,7 @@ class _Layout:
         stacked = post.projection is not None and len(set(post.out_dims)) == 1
         d_stack = post.projection.shape[1] if post.projection is not None else 0
         pad_starts = [sum(post.out_dims[:i]) for i in range(len(post.out_dims))]
+        slot_rows = [i * d_stack + k for i, d in enumerate(feature_dims) for k in range(d)]
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=device)
@@ -71,7 +75,8 @@ class _Layout:
             select=None if select == list(range(start)) else tensor(select),
             col_t=tensor([t for t, d in zip(post.feature_tables, feature_dims) for _ in range(d)]),
             col_s=tensor([k for d in feature_dims for k in range(d)]),
-            slot_rows=tensor([i * d_stack + k for i, d in enumerate(feature_dims) for k in range(d)]),
+            slot_rows=tensor(slot_rows),
+            pad_rows=None if slot_rows == list(range(len(feature_dims) * d_stack)) else tensor(slot_rows),
             pad_cols=tensor([s0 + k for s0, d in zip(pad_starts, feature_dims) for k in range(d)]),
             feature_dims=feature_dims,
             stacked=stacked,
@@ -247,7 +252,14 @@ class DimGrowPostProcess(nn.Module):
         return self.projection.flatten(0, 1).index_select(0, lay.slot_rows)
 
     def forward(self, pooled: KeyedTensor) -> KeyedTensor:
-        y, lay, dims = self._mixed(pooled)
+        x, g, lay, dims = self._active(pooled)
+        mode = self.mixing_mode()
+        if self.align == "project" and lay.stacked and mode == "shuffle":
+            # Training at one common width: mixing, padding and the batched matmul in one node.
+            assert self.projection is not None
+            y = feature_project(x, g, self.projection, lay.pad_rows, weight_grad=not self.freeze_lookup)
+            return KeyedTensor(keys=self.feature_names, length_per_key=self.output_dims(dims), values=y)
+        y = shuffle_mix(x, g, mode)
         width = sum(self.out_dims)
         if self.align == "pad":
             y = y.new_zeros(y.shape[0], width).index_copy(1, lay.pad_cols, y)
@@ -268,7 +280,9 @@ class DimGrowPostProcess(nn.Module):
             blocks = [p @ weights[i, : p.shape[1], :w] for i, (p, w) in enumerate(zip(parts, self.out_dims))]
             return torch.cat(blocks, dim=1)
         n_feat, d, w = weights.shape
-        padded = y.new_zeros(y.shape[0], n_feat * d).index_copy(1, lay.slot_rows, y)
+        padded = (
+            y if lay.pad_rows is None else y.new_zeros(y.shape[0], n_feat * d).index_copy(1, lay.pad_rows, y)
+        )
         out = torch.bmm(padded.view(-1, n_feat, d).transpose(0, 1), weights)  # F x B x w
         return out.transpose(0, 1).reshape(y.shape[0], n_feat * w)
 

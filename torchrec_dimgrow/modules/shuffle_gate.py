@@ -196,6 +196,92 @@ class _ShuffleProject(torch.autograd.Function):
         return grad_x, grad_g, grad_w, None, None, None
 
 
+def feature_project(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    slot_rows: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    weight_grad: bool = True,
+) -> torch.Tensor:
+    """Per-feature :func:`shuffle_project`: the mixed columns of feature ``f`` times ``weight[f]``.
+
+    ``x`` is B x C (the active columns, feature by feature), ``g`` has C gates, ``weight`` is
+    F x d x w; ``slot_rows`` places column ``c`` at row ``f * d + slot`` of the padded B x F*d
+    input (``None``: every feature has all ``d`` slots, so ``x`` is that input already). The
+    result is B x F*w, feature ``f`` at columns ``f*w:(f+1)*w``: the same values as
+    ``shuffle_mix(x, g)`` zero-padded and multiplied by one batched matmul (the same random
+    draws). One autograd node instead of four (mix, pad, matmul, layout copy); the backward
+    is the two batched matmuls of a plain one plus the two elementwise passes of the mixing,
+    and with ``weight_grad=False`` (a gate step: the caller discards it) the weight's
+    gradient reads zero without its matmul and, with ``x`` detached, the gate gradient is
+    ``sum_k (diff_f^T grad_f) * W_f`` (no batch-sized gradient of the mixed columns).
+    """
+    return _FeatureProject.apply(x, g, weight, slot_rows, generator, weight_grad)
+
+
+def _feature_major(t: torch.Tensor, n_feat: int) -> torch.Tensor:
+    """B x (F * k) -> the F x B x k view (no copy) that a batched matmul over features reads."""
+    return t.view(t.shape[0], n_feat, -1).transpose(0, 1)
+
+
+class _FeatureProject(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        g: torch.Tensor,
+        weight: torch.Tensor,
+        slot_rows: torch.Tensor | None,
+        generator: torch.Generator | None,
+        weight_grad: bool,
+    ) -> torch.Tensor:
+        x = x.contiguous()
+        n_feat, d, w = weight.shape
+        batch = x.shape[0]
+        mixed = column_shuffle(x, generator, out=torch.empty_like(x))  # the noise, for now
+        diff = x - mixed if ctx.needs_input_grad[1] else None
+        mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
+        if slot_rows is not None:
+            mixed = mixed.new_zeros(batch, n_feat * d).index_copy_(1, slot_rows, mixed)
+        ctx.save_for_backward(diff, g, weight, mixed, slot_rows)
+        ctx.weight_grad = weight_grad
+        # W_f^T @ x_f^T (F x w x B): a long inner row beats x_f @ W_f (F x B x w) on a CPU.
+        out = torch.bmm(weight.transpose(1, 2), _feature_major(mixed, n_feat).transpose(1, 2))
+        return out.permute(2, 0, 1).reshape(batch, n_feat * w)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        diff, g, weight, mixed, slot_rows = ctx.saved_tensors
+        need_x, need_g, need_w = ctx.needs_input_grad[:3]
+        n_feat = weight.shape[0]
+        batch = grad.shape[0]
+        grad_f = _feature_major(grad, n_feat)  # F x B x w
+        grad_x = grad_g = grad_w = None
+        if need_w:
+            if ctx.weight_grad:
+                grad_w = torch.bmm(_feature_major(mixed, n_feat).transpose(1, 2), grad_f)
+            else:
+                grad_w = torch.zeros_like(weight)
+        if need_x:
+            grad_mixed = torch.bmm(weight, grad_f.transpose(1, 2)).permute(2, 0, 1).reshape(batch, -1)
+            if slot_rows is not None:
+                grad_mixed = grad_mixed.index_select(1, slot_rows)
+            if need_g:
+                grad_g = (diff * grad_mixed).sum(0)
+            grad_x = grad_mixed.mul_(g)
+        elif need_g:
+            if slot_rows is not None:
+                diff = diff.new_zeros(batch, mixed.shape[1]).index_copy_(1, slot_rows, diff)
+            per_slot = (torch.bmm(_feature_major(diff, n_feat).transpose(1, 2), grad_f) * weight).sum(2)
+            grad_g = per_slot.reshape(-1)
+            if slot_rows is not None:
+                grad_g = grad_g.index_select(0, slot_rows)
+        return grad_x, grad_g, grad_w, None, None, None
+
+
 class ShuffleGate(nn.Module):
     """Gate logits ``theta`` for ``num_tables`` x ``d_max`` slots.
 
