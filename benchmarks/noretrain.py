@@ -15,7 +15,8 @@ For each seed ``s``: one batch DimGrow search (package defaults, one rank, in pr
     column fixed at its mean over the training split (one pass of lookups, timed with the
     fold); no training;
 (c) **fold + fine-tune**: (b) trained ``--finetune-epochs`` more epochs with the retrain's
-    optimiser and early stopping (``training.fit``, best validation epoch kept);
+    optimiser (Adam, ``train.lr``) and early stopping (``training.fit``); the best validation
+    epoch is kept, or (b)'s weights when no epoch beats them on validation;
 (d) **uniform d_max**: the ``retrain`` recipe with ``d_max`` dims for every field.
 
 The fold keeps the columns whose gate is above ``final_threshold`` *now* (the last step);
@@ -108,14 +109,18 @@ def fold_search(search: Any, data: Any, tc: Any) -> tuple[Any, dict[str, int], f
 
 
 def finetune(model: Any, data: Any, tc: Any) -> dict[str, float]:
-    """``tc.epochs`` of the retrain's loop from ``model``'s weights; test AUC of the best epoch."""
+    """``tc.epochs`` of the retrain's loop from ``model``'s weights; test AUC of the best epoch by
+    validation AUC, or of the starting weights when no epoch beats them (``kept_start``)."""
     import torch
 
     from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, fit
 
     torch.manual_seed(tc.seed)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-    best = copy.deepcopy(model.state_dict())
+    start = copy.deepcopy(model.state_dict())
+    start_val = evaluate(model, data.val, tc.batch_size)["auc"]
+    best = start
+    early = EarlyStopping(tc.early_stop_patience)
 
     def step(batch: Any, _: int) -> None:
         opt.zero_grad(set_to_none=True)
@@ -132,11 +137,12 @@ def finetune(model: Any, data: Any, tc: Any) -> dict[str, float]:
         lambda e: data.train.batches(tc.batch_size, shuffle=True, seed=tc.seed, epoch=e, drop_last=True),
         step,
         lambda: evaluate(model, data.val, tc.batch_size),
-        EarlyStopping(tc.early_stop_patience),
+        early,
         on_best=snapshot,
     )
-    model.load_state_dict(best)
-    return evaluate(model, data.test, tc.batch_size)
+    kept_start = not early.best > start_val  # no epoch beat the folded weights on validation
+    model.load_state_dict(start if kept_start else best)
+    return {**evaluate(model, data.test, tc.batch_size), "kept_start": float(kept_start)}
 
 
 def one_seed(seed: int, data: Any, args: argparse.Namespace, env: Any) -> dict[str, Any]:
@@ -172,7 +178,8 @@ def one_seed(seed: int, data: Any, args: argparse.Namespace, env: Any) -> dict[s
         del search
     t0 = time.perf_counter()
     ft_tc = TrainConfig(seed=seed, batch_size=bs, epochs=args.finetune_epochs)
-    out["finetune_auc"] = float(finetune(plain, data, ft_tc)["auc"])
+    tuned = finetune(plain, data, ft_tc)
+    out["finetune_auc"], out["finetune_kept_start"] = float(tuned["auc"]), bool(tuned["kept_start"])
     out["finetune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     out["retrain_auc"] = float(retrain(out["found_dims"], data, retrain_tc)["test_auc"])
@@ -271,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fields": list(vocab),
         "rows": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         "dims_match": sum(r["found_dims"] == r["fold_dims"] for r in runs),
+        "finetune_kept_start": sum(bool(r.get("finetune_kept_start")) for r in runs),
         "fold_err_max": max(r["fold_err"] for r in runs),
         "search_test_auc": [r["search_test_auc"] for r in runs],
         "wall_s": round(time.perf_counter() - start, 1),
