@@ -113,35 +113,16 @@ def finetune(model: Any, data: Any, tc: Any) -> dict[str, float]:
     validation AUC, or of the starting weights when no epoch beats them (``kept_start``)."""
     import torch
 
-    from torchrec_dimgrow.training import EarlyStopping, bce, evaluate, fit
+    from torchrec_dimgrow.recipes.retrain import train_to_best
+    from torchrec_dimgrow.training import evaluate
 
     torch.manual_seed(tc.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     start = copy.deepcopy(model.state_dict())
     start_val = evaluate(model, data.val, tc.batch_size)["auc"]
-    best = start
-    early = EarlyStopping(tc.early_stop_patience)
-
-    def step(batch: Any, _: int) -> None:
-        opt.zero_grad(set_to_none=True)
-        bce(model(batch.sparse_features), batch.labels).backward()
-        opt.step()
-
-    def snapshot() -> None:
-        nonlocal best
-        best = copy.deepcopy(model.state_dict())
-
-    fit(
-        model,
-        tc.epochs,
-        lambda e: data.train.batches(tc.batch_size, shuffle=True, seed=tc.seed, epoch=e, drop_last=True),
-        step,
-        lambda: evaluate(model, data.val, tc.batch_size),
-        early,
-        on_best=snapshot,
-    )
+    _, _, early = train_to_best(model, data, tc)
     kept_start = not early.best > start_val  # no epoch beat the folded weights on validation
-    model.load_state_dict(start if kept_start else best)
+    if kept_start:
+        model.load_state_dict(start)
     return {**evaluate(model, data.test, tc.batch_size), "kept_start": float(kept_start)}
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torchrec.datasets.utils import Batch
 from tqdm import tqdm
 
@@ -89,26 +90,16 @@ def build_retrain_model(
     return build_model(retrain_spec(data, dims, tc, dims_blocks(data, dims, blocks)), init_std=init_std)
 
 
-def retrain(
-    dims: Mapping[str, int],
-    data: PreparedData,
-    tc: TrainConfig,
-    out_dir: str | Path | None = None,
-    quiet: bool = True,
-    blocks: FieldBlocks | None = None,
-) -> dict[str, Any]:
-    """Train from scratch at ``dims``; return (and write) test AUC / log loss and sizes.
+def train_to_best(
+    model: nn.Module, data: PreparedData, tc: TrainConfig, quiet: bool = True
+) -> tuple[list[dict[str, float]], int, EarlyStopping]:
+    """The retrain's loop from ``model``'s current weights: Adam on every parameter, ``tc``'s
+    epochs and early stopping, then the best-validation epoch's weights loaded back.
 
-    ``dims`` per field, or per frequency block (a block search's ``dims.json``: the tables
-    are then the blocks, behind the same id remap; ``blocks`` defaults to the data's).
-
-    With ``out_dir`` the best-validation model is saved to ``out_dir/model`` (see
-    :mod:`torchrec_dimgrow.saved_model`), so ``evaluate`` and ``export`` can reload it.
+    Returns the history, the steps taken and the early-stopping record (best validation AUC,
+    learned). Shared by :func:`retrain` (from fresh weights) and anything that fine-tunes
+    weights it already has.
     """
-    start = time.perf_counter()
-    fb = dims_blocks(data, dims, blocks)
-    torch.manual_seed(tc.seed)
-    model = build_retrain_model(data, dims, tc, blocks=fb)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     early = EarlyStopping(tc.early_stop_patience)
     best_state = copy.deepcopy(model.state_dict())
@@ -137,6 +128,30 @@ def retrain(
         max_steps=tc.max_steps,
     )
     model.load_state_dict(best_state)
+    return history, steps, early
+
+
+def retrain(
+    dims: Mapping[str, int],
+    data: PreparedData,
+    tc: TrainConfig,
+    out_dir: str | Path | None = None,
+    quiet: bool = True,
+    blocks: FieldBlocks | None = None,
+) -> dict[str, Any]:
+    """Train from scratch at ``dims``; return (and write) test AUC / log loss and sizes.
+
+    ``dims`` per field, or per frequency block (a block search's ``dims.json``: the tables
+    are then the blocks, behind the same id remap; ``blocks`` defaults to the data's).
+
+    With ``out_dir`` the best-validation model is saved to ``out_dir/model`` (see
+    :mod:`torchrec_dimgrow.saved_model`), so ``evaluate`` and ``export`` can reload it.
+    """
+    start = time.perf_counter()
+    fb = dims_blocks(data, dims, blocks)
+    torch.manual_seed(tc.seed)
+    model = build_retrain_model(data, dims, tc, blocks=fb)
+    history, steps, early = train_to_best(model, data, tc, quiet)
     test = evaluate(model, data.test, tc.batch_size)
     vocab = fb.vocab() if fb is not None else data.vocab()
     found = {f: int(dims[f]) for f in vocab}
@@ -170,8 +185,7 @@ def retrain_main(cfg: RetrainRunConfig) -> int:
     if dims_file is None and cfg.run.uniform_dim is None:
         raise UsageError("give --dims DIMS.json (a search's) or --uniform-dim D")
     out = _retrain_out(dims_file, cfg.run.out)
-    if dims_file is not None:
-        read_dims(dims_file, None)  # malformed/negative dims fail before any data is prepared
+    raw = read_dims(dims_file, None) if dims_file is not None else None  # fails before any data work
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
     if cache is None and dims_file is not None and (dims_file.parent / "data" / "meta.json").is_file():
         cache = dims_file.parent / "data"  # reuse the search's vocab
@@ -182,9 +196,8 @@ def retrain_main(cfg: RetrainRunConfig) -> int:
             clear_previous(out, RETRAIN_OUTPUTS)  # never a new metrics.json beside an old model/
         try:
             data = prepare_on_rank0(cfg.data, cache or out / "data", local_env(), cfg.train.batch_size)
-            if dims_file is not None:  # per field, or per block (a block search's dims.json)
-                dims = read_dims(dims_file, None)
-                names = data.fields if set(dims) <= set(data.fields) else field_blocks(data).names()
+            if dims_file is not None and raw is not None:  # per field, or per block (a block search's)
+                names = data.fields if set(raw) <= set(data.fields) else field_blocks(data).names()
                 dims = read_dims(dims_file, names)
             else:
                 dims = {f: int(cfg.run.uniform_dim or 0) for f in data.fields}
