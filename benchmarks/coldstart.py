@@ -34,10 +34,12 @@ COLUMNS = [
     "stalled",
     "learned",
     "epochs",
+    "learn_epochs",
     "best_epoch",
     "val_auc",
     "max_logical",
     "dims",
+    "val_aucs",
 ]
 
 
@@ -98,10 +100,12 @@ def main(argv: list[str] | None = None) -> None:
                 "stalled": all(d <= 1 for d in dims.values()) and peak <= len(dims),
                 "learned": m["learned"],
                 "epochs": m["epochs"],
+                "learn_epochs": m.get("learn_epochs", 0),
                 "best_epoch": m["best_epoch"],
                 "val_auc": round(m["val_auc"], 4),
                 "max_logical": peak,
                 "dims": " ".join(str(dims[f]) for f in need),
+                "val_aucs": " ".join(f"{h['val_auc']:.3f}" for h in m["history"]),
             }
         )
         print(markdown_table(rows[-1:], COLUMNS), flush=True)

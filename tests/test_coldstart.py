@@ -1,4 +1,5 @@
-"""No stall by construction: early stopping never ends a run that has not learned anything.
+"""No stall by construction: early stopping never ends a run that has not learned anything,
+and a search whose first epoch learned nothing trains without its gates until it has.
 
 A run counts as having learned once its best validation AUC is more than
 ``training.LEARNED_Z`` standard errors (Hanley & McNeil) above where it started; until then
@@ -90,6 +91,8 @@ def search_run(rank: int, world: int, out: str, grow_threshold: float, signal: b
         "dims": [h["total_dim"] for h in m["history"]],
         "learned": m["learned"],
         "floor": m["val_auc_floor"],
+        "phases": [h["phase"] for h in m["history"]],
+        "learn_epochs": m["learn_epochs"],
     }
 
 
@@ -103,14 +106,76 @@ def test_a_search_that_learned_nothing_runs_to_the_epoch_cap(tmp_path: Path, gro
     if grows:
         assert r["dims"][0] > 3, r  # the dims moved: that alone no longer starts the patience
     else:
-        assert r["dims"] == [3] * 6, r
-    assert r["epochs"] == 6, "patience must not end a run that is still at its start"
+        assert r["dims"][0] == 3, r
+    if r["learn_epochs"]:
+        # No sign of learning after the first epoch: the rest is learn-first training at the
+        # storage block's width (d_max 4 here), gates out of the forward, until the epoch
+        # cap. They do not count against train.epochs, but at most that many run.
+        assert r["phases"] == ["search"] + ["learn"] * 6 and r["learn_epochs"] == 6, r
+        assert r["dims"][1:] == [12] * 6, r
+    else:  # noise lifted the first epoch 1 SE above its start: the search judged throughout
+        assert r["phases"] == ["search"] * 6, r
+    assert r["epochs"] == len(r["phases"]) == (7 if r["learn_epochs"] else 6), (
+        "patience must not end a run that is still at its start"
+    )
 
 
 def test_a_search_that_learned_stops_on_its_patience(tmp_path: Path) -> None:
     (r,) = run_ranks(search_run, 1, str(tmp_path), 0.6, True, timeout=600)
-    aucs = r["aucs"]
+    aucs, phases = r["aucs"], r["phases"]
     assert r["learned"] and max(aucs) > r["floor"] + 0.1, r
-    stale = [i for i in range(1, len(aucs)) if aucs[i] <= max(aucs[:i])]
+    # Patience counts the judged epochs after any learn-first ones (the best is chosen there).
+    start = len(phases) - phases[::-1].index("learn") if "learn" in phases else 0
+    judged = aucs[start:]
+    stale = [i for i in range(1, len(judged)) if judged[i] <= max(judged[:i])]
     assert stale, f"the run must see a non-improving epoch once learned: {aucs}"
-    assert r["epochs"] == stale[0] + 1 < 6, r  # patience 1: the first one ends the run
+    assert r["epochs"] == start + stale[0] + 1 < 6 + r["learn_epochs"], r  # patience 1: the first ends it
+
+
+def zipf_search_run(rank: int, world: int, out: str, seeds: list[int]) -> list[dict[str, Any]]:
+    """The package defaults on Zipf-id, interaction-only data with cheap noise fields."""
+    from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+    from torchrec_dimgrow.data.synthetic import FMConfig, fm_interactions
+    from torchrec_dimgrow.distributed.env import init_distributed
+    from torchrec_dimgrow.distributed.planning import PlanningConfig
+    from torchrec_dimgrow.recipes.search import SearchOptions, run_search
+
+    env = init_distributed("gloo")
+    data = fm_interactions(
+        FMConfig(
+            rows=20_000,
+            vocab=(50, 2000, 120, 800, 60, 300),
+            ranks=(0, 4, 2, 8, 0, 6),
+            exponent=1.0,
+            signal=6.0,
+        )
+    )
+    runs = []
+    for seed in seeds:
+        result = run_search(
+            data,
+            DimGrowConfig(),
+            TrainConfig(epochs=5, seed=seed),
+            PlanningConfig(),
+            env,
+            SearchOptions(Path(out) / str(seed), quiet=True, log_every=0),
+        )
+        m = result["metrics"]
+        runs.append({k: m[k] for k in ("learned", "val_auc", "val_auc_floor", "learn_epochs", "history")})
+        runs[-1]["dims"] = result["dims"]
+    return runs
+
+
+def test_no_search_seed_ends_at_chance_on_zipf_interaction_only_data(tmp_path: Path) -> None:
+    """The stall case: the first epoch ends within noise of chance on every seed (the gates'
+    shuffle noise hides the interactions); learn-first training then gets every seed clear of
+    it, and the search judges only afterwards."""
+    (runs,) = run_ranks(zipf_search_run, 1, str(tmp_path), [0, 1, 2], timeout=900)
+    for seed, r in enumerate(runs):
+        first = r["history"][0]
+        assert first["phase"] == "search" and first["val_auc"] <= r["val_auc_floor"], (seed, first)
+        assert r["learn_epochs"] >= 1, (seed, r)
+        assert r["learned"] and r["val_auc"] > r["val_auc_floor"], (seed, r)
+        judged = [h for h in r["history"] if h["phase"] == "search"]
+        assert len(judged) == 5, "the learn-first epochs do not count against train.epochs"
+        assert sum(r["dims"].values()) > 0, (seed, r["dims"])

@@ -288,11 +288,11 @@ class DimGrowController:
         return changes
 
     @staticmethod
-    def _will_replan(t: TrackedCollection) -> bool:
-        """Whether applying the policy's new dims changes any capacity (a rebuild)."""
+    def _will_replan(t: TrackedCollection, dims: Sequence[int]) -> bool:
+        """Whether setting the collection to ``dims`` changes any capacity (a rebuild)."""
         cfg = t.collection.config
         caps = t.collection.capacity_list()
-        return any(capacity_for(d, c, cfg) != c for d, c in zip(t.policy.dims, caps))
+        return any(capacity_for(d, c, cfg) != c for d, c in zip(dims, caps))
 
     def check(self) -> CheckReport:
         """All-gather importance, decide, apply identically on every rank, verify agreement.
@@ -305,12 +305,18 @@ class DimGrowController:
         due = [t for t in self.tracked if self._check_due(t)]
         for t in due:
             report.changes[t.path] = self._decide(t)
-        replan = any(report.changes[t.path] and self._will_replan(t) for t in due)
+        replan = any(report.changes[t.path] and self._will_replan(t, t.policy.dims) for t in due)
+        self._apply_report(report, due, replan)
+        self.last_report = report
+        return report
+
+    def _apply_report(self, report: CheckReport, tracked: list[TrackedCollection], replan: bool) -> None:
+        """Apply ``report.changes`` of ``tracked`` with the re-plan hooks around them once."""
         if replan:
             for hook in self.before_replan:
                 hook()
         try:
-            for t in due:
+            for t in tracked:
                 if report.changes[t.path]:
                     report.reports[t.path] = self._apply(t, report.changes[t.path])
         finally:
@@ -321,8 +327,6 @@ class DimGrowController:
             self.replans += 1
             self.replan_seconds += sum(r.replan_seconds for r in report.reports.values())
             self.replan_bytes_moved += sum(r.bytes_moved for r in report.reports.values())
-        self.last_report = report
-        return report
 
     def _apply(self, t: TrackedCollection, changes: list[DimChange]) -> ChangeReport:
         coll = t.collection
@@ -330,6 +334,28 @@ class DimGrowController:
         check_agreement(coll.dims_list(), what=f"{t.path or 'collection'} dims")
         check_agreement(coll.capacity_list(), what=f"{t.path or 'collection'} capacities")
         return result
+
+    def restart(self, dims: Mapping[str, Sequence[int]]) -> CheckReport:
+        """Set every collection to ``dims`` (path -> per-table dims) and forget all evidence.
+
+        The start of a search's judging after its learn-first epochs: the tables keep
+        their trained columns (a dim above its target drops its last slots, below it
+        reactivates the stored ones, re-planning where capacity changes), and gates,
+        gate optimizer, importance windows, policy counters and the auto penalty start
+        afresh, as at step 0. Every rank passes the same ``dims``.
+        """
+        report = CheckReport(self.steps)
+        for t in self.tracked:
+            report.changes[t.path] = _changes_to(t.collection.dims_list(), dims[t.path])
+        replan = any(report.changes[t.path] and self._will_replan(t, dims[t.path]) for t in self.tracked)
+        self._apply_report(report, self.tracked, replan)
+        for t in self.tracked:
+            t.policy = PolicyState(t.collection.dims_list())
+            t.importance.reset()
+            t.collection.post.reset_gate_state()
+        self.gate_optimizer.state.clear()
+        self.last_report = report
+        return report
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -372,3 +398,16 @@ class DimGrowController:
     def found_dims(self) -> dict[str, dict[str, int]]:
         """Exported dims (active slots whose gate exceeds ``final_threshold``) per collection."""
         return {t.path: t.collection.export_dims() for t in self.tracked}
+
+
+def _changes_to(current: Sequence[int], target: Sequence[int]) -> list[DimChange]:
+    """The grow/shrink changes that take ``current`` dims to ``target`` (a shrink drops the last slot)."""
+    if len(current) != len(target):
+        raise ValueError(f"restart: {len(target)} dims given for {len(current)} tables")
+    changes: list[DimChange] = []
+    for t, (now, want) in enumerate(zip(current, target)):
+        if want > now:
+            changes.append(DimChange(t, "grow", want - 1, now, want))
+        for d in range(now, want, -1):
+            changes.append(DimChange(t, "shrink", d - 1, d, d - 1))
+    return changes

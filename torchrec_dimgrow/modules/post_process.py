@@ -149,6 +149,9 @@ class DimGrowPostProcess(nn.Module):
         # Set by DimGrowEmbeddingBagCollection.gate_step(): the lookup output is detached so
         # the gate (validation) step never reaches the tables or their fused optimizer.
         self.freeze_lookup = False
+        # Gates out of the forward (the raw columns, in training and eval): the search's
+        # learn-first epochs (``recipes/search_loop.py``), where there is nothing to judge yet.
+        self.gates_bypassed = False
         # Optional maker of the training noise on the summed path (``shuffle_project``'s
         # ``noise_fn``): the online recipe shuffles the global batch across ranks with it.
         self.noise_fn: NoiseFn | None = None
@@ -215,6 +218,8 @@ class DimGrowPostProcess(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def mixing_mode(self) -> str:
+        if self.gates_bypassed:
+            return "off"
         return "shuffle" if self.training else self.config.eval_mixing
 
     def _layout_for(self, pooled: KeyedTensor, dims: list[int]) -> _Layout:
@@ -239,7 +244,12 @@ class DimGrowPostProcess(nn.Module):
             x = x.index_select(1, lay.select)
         if self.freeze_lookup:
             x = x.detach()
-        return x, self.gate.column_gates(lay.col_t, lay.col_s), lay, dims
+        g = self.gate.column_gates(lay.col_t, lay.col_s)
+        if self.gates_bypassed and torch.is_grad_enabled():
+            # The gates stay in the graph with a zero gradient: DDP (static graph) expects
+            # every parameter it wraps to take part in each backward.
+            x = x + 0.0 * g.sum()
+        return x, g, lay, dims
 
     def _mixed(self, pooled: KeyedTensor) -> tuple[torch.Tensor, _Layout, list[int]]:
         """The active columns gate-mixed with their noise: one shuffle gather, one ``lerp``."""
@@ -382,6 +392,18 @@ class DimGrowPostProcess(nn.Module):
             for i, t in enumerate(self.feature_tables):
                 if t == table:
                     self.projection[i, dst] = self.projection[i, src]
+
+    @torch.no_grad()
+    def reset_gate_state(self) -> None:
+        """Every gate logit back to ``theta_init``, the auto penalty back to its start.
+
+        What a search that starts judging only now needs: the gates and the penalty's
+        task-gradient average then hold no evidence from before.
+        """
+        self.gate.theta.fill_(self.gate.theta_init)
+        self.task_grad_ema.zero_()
+        if self.config.penalty_mode != "fixed":
+            self.penalty_scale.zero_()
 
     @torch.no_grad()
     def reset_slot(self, table: int, slot: int) -> None:

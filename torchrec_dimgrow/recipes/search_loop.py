@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from torchrec_dimgrow.artifacts import gate_table, write_dims_json, write_json_atomic
+from torchrec_dimgrow.budget import start_dims
 from torchrec_dimgrow.checkpoint import CheckpointClient, read_run_state, saved_plan
 from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
 from torchrec_dimgrow.controller import CheckReport, DimGrowController
@@ -131,6 +132,7 @@ class DimGrowSearch:
             self.trajectory = list(restored.run_state["trajectory"])
         if restored is None or not restored.rng_restored:  # with other ranks the RNG streams differ anyway
             torch.manual_seed(tc.seed * 1000 + env.rank)
+        self.coll.post.gates_bypassed = self.state.learning
         self.val_stream = ValStream(
             data.val,
             tc.batch_size,
@@ -170,16 +172,20 @@ class DimGrowSearch:
         self.state.val_epoch, self.state.val_batch = self.val_stream.epoch, self.val_stream.batch
         return vbatch
 
-    def train_step(self, batch: Batch, vbatch: Batch) -> tuple[float, CheckReport | None]:
-        """One training step on ``batch``, then the controller's DimGrow step on ``vbatch``."""
+    def train_step(self, batch: Batch, vbatch: Batch | None) -> tuple[float, CheckReport | None]:
+        """One training step on ``batch``, then the controller's DimGrow step on ``vbatch``
+        (none in a learn-first epoch: ``vbatch`` is ``None`` there)."""
         dev = self.env.device
-        batch, vbatch = batch.to(dev), vbatch.to(dev)
+        batch = batch.to(dev)
         self.dmp.train()
         self.dense_opt.zero_grad(set_to_none=True)
         loss = self._loss(batch)
         loss.backward()
         self.dense_opt.step()
-        return float(loss.detach()), self.controller.step(self._loss, vbatch)
+        if vbatch is None:
+            self.controller.clear_gate_grads()
+            return float(loss.detach()), None
+        return float(loss.detach()), self.controller.step(self._loss, vbatch.to(dev))
 
     def after_check(self, check: CheckReport | None) -> None:
         """Book-keep what the controller's check did: re-plan stats, memory, trajectory."""
@@ -254,7 +260,9 @@ class DimGrowSearch:
             self._log_trajectory()
             # Where the search starts: early stopping waits until validation AUC is clearly
             # above it (training.learned_floor), whatever the dims do meanwhile.
-            st.early.floor = learned_floor(self.evaluate(self.data.val))
+            start = self.evaluate(self.data.val)
+            st.early.floor = learned_floor(start)
+            st.first_epoch_bar = learned_floor(start, z=1.0)
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
         total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
         bar = tqdm(
@@ -264,7 +272,11 @@ class DimGrowSearch:
             desc="search",
         )
         try:
-            while not st.done and st.epoch < tc.epochs and (tc.max_steps is None or st.step < tc.max_steps):
+            while (
+                not st.done
+                and self._judged_epochs() < tc.epochs
+                and (tc.max_steps is None or st.step < tc.max_steps)
+            ):
                 batches = self.data.train.batches(
                     tc.batch_size,
                     shuffle=True,
@@ -276,7 +288,8 @@ class DimGrowSearch:
                     start_batch=st.batch_in_epoch,
                 )
                 for batch in batches:
-                    loss, check = self.train_step(batch, self.next_val_batch())
+                    vbatch = None if st.learning else self.next_val_batch()
+                    loss, check = self.train_step(batch, vbatch)
                     st.step += 1
                     st.batch_in_epoch += 1
                     self._check_finite(loss)
@@ -318,9 +331,12 @@ class DimGrowSearch:
                 "val_auc": metrics["auc"],
                 "val_logloss": metrics["logloss"],
                 "total_dim": sum(self.coll.dims_list()),
+                "phase": "learn" if st.learning else "search",
             }
         )
-        if st.early.update(metrics["auc"], st.epoch):
+        if st.learning:
+            self._end_learning_epoch(metrics)
+        elif st.early.update(metrics["auc"], st.epoch):
             st.best_gates = self._selection_gates().tolist()
             st.best_dims = self.coll.dims_list()
         if self.env.is_main:
@@ -339,9 +355,72 @@ class DimGrowSearch:
         st.epoch += 1
         st.batch_in_epoch = 0
         self.epoch_gates.reset()
+        if self._learns_first(metrics["auc"]):
+            self._start_learning()
         if st.early.stop:
             st.done = True
         self.save_checkpoint()
+
+    # ------------------------------------------------------------------ learn first
+    # Why: the gates judge a column by how much the loss rises when its values are
+    # replaced by another row's. On data whose label lives only in interactions, a model
+    # that has learned nothing yet gives every column the same (zero) answer, and the
+    # gates' own noise (at g = 0.5 half of every column is another row's value) keeps it
+    # from learning: a search stayed at chance AUC for all its epochs on Zipf-id,
+    # interaction-only data, whatever the table learning rate or init scale. So a search
+    # whose first epoch shows no sign of learning (validation AUC not even one standard
+    # error above its start, ``training.learned_floor``) stops judging: every table goes
+    # to the columns its storage block holds anyway, the gates leave the forward, and
+    # plain training runs until validation clears early stopping's floor (two standard
+    # errors). Then the search judges from the trained tables, every gate and counter
+    # fresh. These epochs do not count against ``train.epochs`` (at most that many run).
+    # A search that learns in its first epoch never takes this path.
+    def _learns_first(self, first_auc: float) -> bool:
+        """Whether the epoch that just ended was the first and showed no sign of learning."""
+        bar = self.state.first_epoch_bar
+        ended_first = self.state.epoch == 1 and self._judged_epochs() < self.tc.epochs
+        return ended_first and not math.isnan(bar) and not first_auc > bar
+
+    def _start_learning(self) -> None:
+        st = self.state
+        target = start_dims(
+            self.coll.max_dims,
+            self.coll.dim_costs(),
+            self.coll.budget_bytes(),
+            replace(self.dg, initial_dim=None),
+        )
+        report = self.controller.restart({"": target})
+        self.after_check(report)
+        self.coll.post.gates_bypassed = True
+        st.learning = True
+        if self.env.is_main:
+            log.warning(
+                "validation AUC %.4f shows no sign of learning yet (needs > %.4f): training without "
+                "gates at dims %s until it is above %.4f, then the search starts judging",
+                st.early.best,
+                st.first_epoch_bar,
+                target,
+            )
+
+    def _judged_epochs(self) -> int:
+        """Epochs run with the gates judging: what ``train.epochs`` counts."""
+        return self.state.epoch - self.state.learn_epochs
+
+    def _end_learning_epoch(self, metrics: dict[str, float]) -> None:
+        st = self.state
+        st.learn_epochs += 1
+        if not metrics["auc"] > st.early.floor:
+            # At most ``train.epochs`` of them: data it cannot learn from ends the run.
+            st.done = st.learn_epochs >= self.tc.epochs
+            return
+        st.learning = False
+        self.coll.post.gates_bypassed = False
+        self.controller.restart({"": self.coll.dims_list()})
+        # The search's best epoch is chosen among the epochs that judged, from here on.
+        st.early = EarlyStopping(st.early.patience, floor=st.early.floor)
+        st.best_gates, st.best_dims = [], []
+        if self.env.is_main:
+            log.info("learned (val_auc %.4f): the search starts judging", metrics["auc"])
 
     def _board_epoch(self, metrics: dict[str, float]) -> None:
         assert self.board is not None
@@ -403,6 +482,7 @@ class DimGrowSearch:
             "search_test_logloss": test["logloss"],
             "steps": st.step,
             "epochs": st.epoch,
+            "learn_epochs": st.learn_epochs,
             "wall_seconds": round(wall, 3),
             "world_size": self.env.world_size,
             "replans": self.controller.replans,

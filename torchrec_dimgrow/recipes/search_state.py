@@ -40,11 +40,18 @@ class SearchState:
     early: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=2))
     best_gates: list[list[float]] = field(default_factory=list)
     best_dims: list[int] = field(default_factory=list)
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     peak_embedding_bytes: int = 0
     peak_rank_bytes: int = 0
     wall_seconds: float = 0.0  # up to the last checkpoint, so a resumed run reports the whole run
     done: bool = False
+    # Learn-first epochs (``DimGrowSearch._learn_first``): ``learning`` while they run,
+    # ``learn_epochs`` how many ran (at most one such phase per search).
+    learning: bool = False
+    learn_epochs: int = 0
+    # The validation AUC a first epoch must beat to show any sign of learning (1 SE above
+    # its start); below it, learn-first epochs follow.
+    first_epoch_bar: float = float("nan")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchState:
