@@ -61,7 +61,7 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
 LEARNED_Z = 2.0
 
 
-def learned_floor(start: Mapping[str, float], z: float = LEARNED_Z) -> float:
+def learned_floor(start: Mapping[str, float]) -> float:
     """The validation AUC a run must beat before early stopping may end it.
 
     ``start`` is the metric of the model before its first step (:func:`evaluate`'s dict).
@@ -69,14 +69,14 @@ def learned_floor(start: Mapping[str, float], z: float = LEARNED_Z) -> float:
     embeddings sits on a plateau at chance AUC for several epochs before it learns; a
     patience counted from the first epoch ends such a run there, and its "best" epoch is an
     untrained model. Chance (0.5) is the floor's lowest start: an unlucky start below it
-    must still climb past chance. ``z``: how many standard errors above it.
+    must still climb past chance.
     """
     auc = float(start["auc"])
     if math.isnan(auc):
         return float("nan")  # one class only: no AUC to wait for, the plain patience rule
     base = max(auc, 0.5)
     se = auc_standard_error(base, int(start["positives"]), int(start["negatives"]))
-    return base + z * se
+    return base + LEARNED_Z * se
 
 
 def gather_1d(local: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,9 @@ from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, l
 
 log = logging.getLogger(__name__)
 
+# Epochs a search may take to clear its learned floor before learn-first epochs begin.
+LEARN_FIRST_AFTER = 2
+
 TRAJECTORY_COLUMNS = ["step", "field", "logical_dim", "capacity", "min_gate", "max_gate"]
 
 
@@ -260,9 +263,7 @@ class DimGrowSearch:
             self._log_trajectory()
             # Where the search starts: early stopping waits until validation AUC is clearly
             # above it (training.learned_floor), whatever the dims do meanwhile.
-            start = self.evaluate(self.data.val)
-            st.early.floor = learned_floor(start)
-            st.first_epoch_bar = learned_floor(start, z=1.0)
+            st.early.floor = learned_floor(self.evaluate(self.data.val))
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
         total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
         bar = tqdm(
@@ -355,7 +356,7 @@ class DimGrowSearch:
         st.epoch += 1
         st.batch_in_epoch = 0
         self.epoch_gates.reset()
-        if self._learns_first(metrics["auc"]):
+        if self._learns_first():
             self._start_learning()
         if st.early.stop:
             st.done = True
@@ -368,18 +369,20 @@ class DimGrowSearch:
     # gates' own noise (at g = 0.5 half of every column is another row's value) keeps it
     # from learning: a search stayed at chance AUC for all its epochs on Zipf-id,
     # interaction-only data, whatever the table learning rate or init scale. So a search
-    # whose first epoch shows no sign of learning (validation AUC not even one standard
-    # error above its start, ``training.learned_floor``) stops judging: every table goes
-    # to the columns its storage block holds anyway, the gates leave the forward, and
-    # plain training runs until validation clears early stopping's floor (two standard
-    # errors). Then the search judges from the trained tables, every gate and counter
-    # fresh. These epochs do not count against ``train.epochs`` (at most that many run).
-    # A search that learns in its first epoch never takes this path.
-    def _learns_first(self, first_auc: float) -> bool:
-        """Whether the epoch that just ended was the first and showed no sign of learning."""
-        bar = self.state.first_epoch_bar
-        ended_first = self.state.epoch == 1 and self._judged_epochs() < self.tc.epochs
-        return ended_first and not math.isnan(bar) and not first_auc > bar
+    # that has not learned after its first ``LEARN_FIRST_AFTER`` epochs (validation AUC not
+    # above early stopping's floor, ``training.learned_floor``) stops judging: every table
+    # goes to the columns its storage block holds anyway, the gates leave the forward, and
+    # plain training runs until validation clears the floor. Then the search judges from
+    # the trained tables, every gate and counter fresh. These epochs do not count against
+    # ``train.epochs`` (at most that many run). Two epochs, not one: on small data an epoch
+    # is a few dozen steps, and after one of them a random model's AUC often still sits at
+    # its start on data the search learns in the next epoch.
+    def _learns_first(self) -> bool:
+        """Whether the epoch that just ended was epoch ``LEARN_FIRST_AFTER`` of a search that
+        has not learned yet (and judging epochs remain)."""
+        st = self.state
+        due = st.epoch == LEARN_FIRST_AFTER and st.learn_epochs == 0
+        return due and not st.early.learned and self._judged_epochs() < self.tc.epochs
 
     def _start_learning(self) -> None:
         st = self.state
@@ -395,10 +398,12 @@ class DimGrowSearch:
         st.learning = True
         if self.env.is_main:
             log.warning(
-                "validation AUC %.4f shows no sign of learning yet (needs > %.4f): training without "
-                "gates at dims %s until it is above %.4f, then the search starts judging",
+                "validation AUC %.4f is still within noise of its start after %d epochs (needs > "
+                "%.4f): training without gates at dims %s until it is clear of it, then the search "
+                "starts judging",
                 st.early.best,
-                st.first_epoch_bar,
+                st.epoch,
+                st.early.floor,
                 target,
             )
 

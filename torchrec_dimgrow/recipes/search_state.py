@@ -49,9 +49,6 @@ class SearchState:
     # ``learn_epochs`` how many ran (at most one such phase per search).
     learning: bool = False
     learn_epochs: int = 0
-    # The validation AUC a first epoch must beat to show any sign of learning (1 SE above
-    # its start); below it, learn-first epochs follow.
-    first_epoch_bar: float = float("nan")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchState:
