@@ -76,7 +76,8 @@ def search_run(rank: int, world: int, out: str, grow_threshold: float, signal: b
     ids = rng.integers(0, 10, (2_000, 3))
     if signal:  # the label is the parity of field a's id: learned within an epoch
         labels = (rng.random(2_000) < np.where(ids[:, 0] % 2 == 0, 0.85, 0.15)).astype(np.float32)
-    else:  # pure noise: val AUC wanders around 0.5
+    else:  # nothing to learn: one id per field, so every row scores the same (AUC exactly 0.5)
+        ids = np.zeros_like(ids)
         labels = (rng.random(2_000) < 0.5).astype(np.float32)
     data = from_arrays(["a", "b", "c"], [10, 10, 10], ids, labels, (0.6, 0.2))
     dg = DimGrowConfig(d_max=4, initial_dim=1, grow_threshold=grow_threshold, gate_lr=0.05)
@@ -101,23 +102,18 @@ def test_a_search_that_learned_nothing_runs_to_the_epoch_cap(tmp_path: Path, gro
     (r,) = run_ranks(search_run, 1, str(tmp_path), 0.3 if grows else 0.99, False, timeout=600)
     aucs = r["aucs"]
     stale = [i for i in range(1, len(aucs)) if aucs[i] <= max(aucs[:i])]
-    assert stale, f"the noise data must give non-improving epochs: {aucs}"
+    assert stale, f"the data must give non-improving epochs: {aucs}"
     assert max(aucs) <= r["floor"] and not r["learned"], r
     if grows:
         assert r["dims"][0] > 3, r  # the dims moved: that alone no longer starts the patience
     else:
         assert r["dims"][0] == 3, r
-    if r["learn_epochs"]:
-        # No sign of learning after the first epoch: the rest is learn-first training at the
-        # storage block's width (d_max 4 here), gates out of the forward, until the epoch
-        # cap. They do not count against train.epochs, but at most that many run.
-        assert r["phases"] == ["search"] + ["learn"] * 6 and r["learn_epochs"] == 6, r
-        assert r["dims"][1:] == [12] * 6, r
-    else:  # noise lifted the first epoch 1 SE above its start: the search judged throughout
-        assert r["phases"] == ["search"] * 6, r
-    assert r["epochs"] == len(r["phases"]) == (7 if r["learn_epochs"] else 6), (
-        "patience must not end a run that is still at its start"
-    )
+    # Not learned after two epochs: the rest is learn-first training at the storage block's
+    # width (d_max 4 here), gates out of the forward, until the epoch cap. These epochs do
+    # not count against train.epochs, but at most that many run.
+    assert r["phases"] == ["search"] * 2 + ["learn"] * 6 and r["learn_epochs"] == 6, r
+    assert r["dims"][2:] == [12] * 6, r
+    assert r["epochs"] == 8, "patience must not end a run that is still at its start"
 
 
 def test_a_search_that_learned_stops_on_its_patience(tmp_path: Path) -> None:
@@ -143,9 +139,9 @@ def zipf_search_run(rank: int, world: int, out: str, seeds: list[int]) -> list[d
     env = init_distributed("gloo")
     data = fm_interactions(
         FMConfig(
-            rows=20_000,
-            vocab=(50, 2000, 120, 800, 60, 300),
-            ranks=(0, 4, 2, 8, 0, 6),
+            rows=30_000,
+            vocab=(50, 5000, 120, 800, 2000, 300, 60, 1500, 400, 3000, 90, 200),
+            ranks=(0, 4, 2, 8, 1, 6, 0, 3, 5, 2, 0, 8),
             exponent=1.0,
             signal=6.0,
         )
@@ -155,7 +151,7 @@ def zipf_search_run(rank: int, world: int, out: str, seeds: list[int]) -> list[d
         result = run_search(
             data,
             DimGrowConfig(),
-            TrainConfig(epochs=5, seed=seed),
+            TrainConfig(epochs=8, seed=seed),
             PlanningConfig(),
             env,
             SearchOptions(Path(out) / str(seed), quiet=True, log_every=0),
@@ -167,15 +163,17 @@ def zipf_search_run(rank: int, world: int, out: str, seeds: list[int]) -> list[d
 
 
 def test_no_search_seed_ends_at_chance_on_zipf_interaction_only_data(tmp_path: Path) -> None:
-    """The stall case: the first epoch ends within noise of chance on every seed (the gates'
-    shuffle noise hides the interactions); learn-first training then gets every seed clear of
-    it, and the search judges only afterwards."""
-    (runs,) = run_ranks(zipf_search_run, 1, str(tmp_path), [0, 1, 2], timeout=900)
+    """The stall case (12 fields of 50-5,000 Zipf ids, FM teacher, three noise fields): with
+    the gates' shuffle noise from the start, searches ended at chance AUC. Now no seed does:
+    where the first two epochs stay within noise of the start, learn-first training gets the
+    model clear of it and the search judges only afterwards."""
+    (runs,) = run_ranks(zipf_search_run, 1, str(tmp_path), [0, 1], timeout=900)
     for seed, r in enumerate(runs):
-        first = r["history"][0]
-        assert first["phase"] == "search" and first["val_auc"] <= r["val_auc_floor"], (seed, first)
-        assert r["learn_epochs"] >= 1, (seed, r)
         assert r["learned"] and r["val_auc"] > r["val_auc_floor"], (seed, r)
-        judged = [h for h in r["history"] if h["phase"] == "search"]
-        assert len(judged) == 5, "the learn-first epochs do not count against train.epochs"
         assert sum(r["dims"].values()) > 0, (seed, r["dims"])
+        if r["learn_epochs"]:
+            first = r["history"][:2]
+            assert all(h["val_auc"] <= r["val_auc_floor"] for h in first), (seed, first)
+            phases = [h["phase"] for h in r["history"]]
+            assert phases[2 : 2 + r["learn_epochs"]] == ["learn"] * r["learn_epochs"], phases
+            assert phases.count("search") <= 8, "the learn-first epochs do not count against train.epochs"

@@ -307,3 +307,47 @@ def test_state_dicts_with_per_feature_projections_still_load() -> None:
         state[f"post.projections.{i}"] = proj[i] + 1.0  # the layout before one stacked parameter
     m.load_state_dict(state)
     assert torch.equal(m.post.projection.detach(), proj + 1.0)
+
+
+def test_controller_restart_sets_dims_keeps_columns_and_forgets_all_gate_evidence() -> None:
+    """What the search's learn-first epochs begin and end with (``DimGrowController.restart``)."""
+    from torchrec_dimgrow.controller import DimGrowController
+
+    torch.manual_seed(0)
+    m = DimGrowEmbeddingBagCollection(tables(), start1(), align="raw")
+    ctl = DimGrowController({"": m})
+    for _ in range(5):  # t0 to 6 dims (capacity 8), t1 to 2, t2 stays at 1
+        grow(m, 0)
+    grow(m, 1)
+    ctl.tracked[0].policy.dims = m.dims_list()
+    loss = m(kjt()).values().pow(2).sum()
+    loss.backward()
+    ctl.update_gates(add_penalty=False)
+    ctl.record()
+    w0 = m.embedding_bags["t0"].weight.detach().clone()
+    assert ctl.gate_optimizer.state and not torch.all(m.post.gate.theta == 0)
+
+    report = ctl.restart({"": [4, 4, 4]})
+    assert m.dims_list() == [4, 4, 4] and m.capacity_list() == [8, 4, 4]  # slack keeps t0's block
+    assert {(c.table, c.kind) for c in report.changes[""]} == {(0, "shrink"), (1, "grow"), (2, "grow")}
+    assert torch.equal(m.embedding_bags["t0"].weight.detach()[:, :4], w0[:, :4])  # trained columns kept
+    assert torch.all(m.post.gate.theta == m.post.gate.theta_init)
+    assert not ctl.gate_optimizer.state and float(m.post.task_grad_ema.abs().sum()) == 0.0
+    policy = ctl.tracked[0].policy
+    assert policy.dims == [4, 4, 4] and policy.up == [0, 0, 0] and policy.down == [0, 0, 0]
+    assert ctl.tracked[0].importance.count == 0
+
+
+def test_bypassed_gates_pass_the_raw_columns_in_training_and_eval() -> None:
+    torch.manual_seed(0)
+    m = DimGrowEmbeddingBagCollection(tables(), DimGrowConfig(initial_dim=4), align="raw")
+    features = kjt()
+    raw = m.ebc(features).values()
+    m.post.gates_bypassed = True
+    for training in (True, False):
+        m.train(training)
+        assert torch.equal(m(features).values(), raw)
+    m.train(True)
+    out = m(features).values().sum()
+    out.backward()  # the gates stay in the graph (DDP's static graph) with a zero gradient
+    assert m.post.gate.theta.grad is not None and float(m.post.gate.theta.grad.abs().sum()) == 0.0

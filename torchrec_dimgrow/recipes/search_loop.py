@@ -263,7 +263,9 @@ class DimGrowSearch:
             self._log_trajectory()
             # Where the search starts: early stopping waits until validation AUC is clearly
             # above it (training.learned_floor), whatever the dims do meanwhile.
-            st.early.floor = learned_floor(self.evaluate(self.data.val))
+            start = self.evaluate(self.data.val)
+            st.early.floor = learned_floor(start)
+            st.chance_floor = learned_floor({**start, "auc": 0.5})
         per_epoch = self.data.train.num_batches(tc.batch_size, self.env.world_size, drop_last=True)
         total = per_epoch * tc.epochs if tc.max_steps is None else min(tc.max_steps, per_epoch * tc.epochs)
         bar = tqdm(
@@ -369,20 +371,25 @@ class DimGrowSearch:
     # gates' own noise (at g = 0.5 half of every column is another row's value) keeps it
     # from learning: a search stayed at chance AUC for all its epochs on Zipf-id,
     # interaction-only data, whatever the table learning rate or init scale. So a search
-    # that has not learned after its first ``LEARN_FIRST_AFTER`` epochs (validation AUC not
-    # above early stopping's floor, ``training.learned_floor``) stops judging: every table
-    # goes to the columns its storage block holds anyway, the gates leave the forward, and
-    # plain training runs until validation clears the floor. Then the search judges from
-    # the trained tables, every gate and counter fresh. These epochs do not count against
-    # ``train.epochs`` (at most that many run). Two epochs, not one: on small data an epoch
-    # is a few dozen steps, and after one of them a random model's AUC often still sits at
-    # its start on data the search learns in the next epoch.
+    # still within noise of chance after its first ``LEARN_FIRST_AFTER`` epochs (best
+    # validation AUC not two standard errors above 0.5 nor above its start,
+    # ``training.learned_floor``) stops judging: every table goes to the columns its
+    # storage block holds anyway, the gates leave the forward, and plain training runs
+    # until validation clears early stopping's floor. Then the search judges from the
+    # trained tables, every gate and counter fresh. These epochs do not count against
+    # ``train.epochs`` (at most that many run).
+    # Two epochs, not one: on small data an epoch is a few dozen steps, and after one of
+    # them the model often still sits at its start on data it learns in the next. Chance,
+    # not the start: where a random model already scores above chance (0.59 on some
+    # drawn instances), the gates have a signal to judge, and a slow climb from there is
+    # learning, not the stall.
     def _learns_first(self) -> bool:
         """Whether the epoch that just ended was epoch ``LEARN_FIRST_AFTER`` of a search that
-        has not learned yet (and judging epochs remain)."""
+        is still within noise of chance (and judging epochs remain)."""
         st = self.state
-        due = st.epoch == LEARN_FIRST_AFTER and st.learn_epochs == 0
-        return due and not st.early.learned and self._judged_epochs() < self.tc.epochs
+        due = st.epoch == LEARN_FIRST_AFTER and st.learn_epochs == 0 and not st.early.learned
+        at_chance = not math.isnan(st.chance_floor) and not st.early.best > st.chance_floor
+        return due and at_chance and self._judged_epochs() < self.tc.epochs
 
     def _start_learning(self) -> None:
         st = self.state
@@ -398,7 +405,7 @@ class DimGrowSearch:
         st.learning = True
         if self.env.is_main:
             log.warning(
-                "validation AUC %.4f is still within noise of its start after %d epochs (needs > "
+                "validation AUC %.4f is still within noise of chance after %d epochs (needs > "
                 "%.4f): training without gates at dims %s until it is clear of it, then the search "
                 "starts judging",
                 st.early.best,

@@ -49,6 +49,7 @@ class SearchState:
     # ``learn_epochs`` how many ran (at most one such phase per search).
     learning: bool = False
     learn_epochs: int = 0
+    chance_floor: float = float("nan")  # learned_floor of a start at chance (0.5)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SearchState:
