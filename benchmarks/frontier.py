@@ -34,7 +34,8 @@ the bytes of every search seed's found dims and retrained the same way: the MDE 
 uniform D_max model (largest column L2 norms that fit). See ``_common.reference_dims``.
 
 ``--data`` takes a dataset name (movielens, criteo, avazu: the samples in ../shared/data;
-planted: the planted-hub data; fm: interaction-only; shaped: Criteo-shaped, ``--rows``) or a
+planted: the planted-hub data; fm: interaction-only; fmzipf: interaction-only with Zipf ids and
+cheap noise fields, where searches once stalled; shaped: Criteo-shaped, ``--rows``) or a
 path with ``--format``. Each point's result is cached under ``--work`` (rerun to resume or
 add seeds); the table goes to stdout and ``<out>/frontier_<data>.{csv,json,png}``.
 """
@@ -70,7 +71,7 @@ from _common import (
 )
 from quality import DATASETS, QualityConfig, load_dataset
 
-SYNTHETIC = {"fm": "fm", "shaped": "criteo_shaped"}
+SYNTHETIC = {"fm": "fm", "fmzipf": "fm_zipf", "shaped": "criteo_shaped"}
 COLUMNS = [
     "method",
     "budget",
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="movielens|criteo|avazu|planted|fm|shaped or a path")
+    p.add_argument("--data", required=True, help="movielens|criteo|avazu|planted|fm|fmzipf|shaped or a path")
     p.add_argument("--format", default="", help="format of a --data path")
     p.add_argument("--rows", type=int, default=None, help="rows of a synthetic dataset")
     p.add_argument("--data-seed", type=int, default=0)

@@ -131,21 +131,13 @@ def test_a_search_that_learned_stops_on_its_patience(tmp_path: Path) -> None:
 def zipf_search_run(rank: int, world: int, out: str, seeds: list[int]) -> list[dict[str, Any]]:
     """The package defaults on Zipf-id, interaction-only data with cheap noise fields."""
     from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
-    from torchrec_dimgrow.data.synthetic import FMConfig, fm_interactions
+    from torchrec_dimgrow.data.synthetic import fm_interactions, fm_zipf_config
     from torchrec_dimgrow.distributed.env import init_distributed
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     env = init_distributed("gloo")
-    data = fm_interactions(
-        FMConfig(
-            rows=30_000,
-            vocab=(50, 5000, 120, 800, 2000, 300, 60, 1500, 400, 3000, 90, 200),
-            ranks=(0, 4, 2, 8, 1, 6, 0, 3, 5, 2, 0, 8),
-            exponent=1.0,
-            signal=6.0,
-        )
-    )
+    data = fm_interactions(fm_zipf_config(rows=30_000))
     runs = []
     for seed in seeds:
         result = run_search(

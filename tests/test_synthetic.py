@@ -56,6 +56,13 @@ def test_fm_zipf_data_keeps_per_field_rows_hot_ids_and_no_main_effects() -> None
         fm_interactions(FMConfig(rows=100, vocab=(5, 5), ranks=(0, 4, 2, 4)))
 
 
+def test_fm_zipf_preset_is_the_stall_shape() -> None:
+    data = generate("fm_zipf", rows=3_000, seed=0)
+    assert data.vocab_sizes == [50, 5000, 120, 800, 2000, 300, 60, 1500, 400, 3000, 90, 200]
+    assert list(data.source["need"].values()) == [0, 4, 2, 8, 1, 6, 0, 3, 5, 2, 0, 8]
+    assert data.train.ids.shape == (2_400, 12)
+
+
 def test_generators_are_reproducible_and_seeded() -> None:
     a, b, c = (fm_interactions(FMConfig(rows=2_000, seed=s)) for s in (1, 1, 2))
     assert np.array_equal(a.train.ids, b.train.ids) and np.array_equal(a.test.labels, b.test.labels)
