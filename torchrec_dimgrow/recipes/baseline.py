@@ -205,6 +205,7 @@ def baseline_metrics(
         "search_test_logloss": test["logloss"],
         "steps": result.steps,
         "epochs": len(result.history),
+        "learn_epochs": 0,  # a SuperNet trains every column from the start: no learn-first epochs
         "wall_seconds": round(result.wall_s, 3),
         "world_size": trained.placement.world_size,
         "replans": 0,
