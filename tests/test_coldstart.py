@@ -137,13 +137,13 @@ def zipf_search_run(rank: int, world: int, out: str, seeds: list[int]) -> list[d
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     env = init_distributed("gloo")
-    data = fm_interactions(fm_zipf_config(rows=30_000))
+    data = fm_interactions(fm_zipf_config())  # 65k rows: smaller, even plain training stays at chance longer
     runs = []
     for seed in seeds:
         result = run_search(
             data,
             DimGrowConfig(),
-            TrainConfig(epochs=8, seed=seed),
+            TrainConfig(epochs=10, seed=seed),
             PlanningConfig(),
             env,
             SearchOptions(Path(out) / str(seed), quiet=True, log_every=0),
@@ -163,9 +163,9 @@ def test_no_search_seed_ends_at_chance_on_zipf_interaction_only_data(tmp_path: P
     for seed, r in enumerate(runs):
         assert r["learned"] and r["val_auc"] > r["val_auc_floor"], (seed, r)
         assert sum(r["dims"].values()) > 0, (seed, r["dims"])
-        if r["learn_epochs"]:  # after half the 8 epochs, all within noise of the start
-            first = r["history"][:4]
+        if r["learn_epochs"]:  # after half the 10 epochs, all within noise of the start
+            first = r["history"][:5]
             assert all(h["val_auc"] <= r["val_auc_floor"] for h in first), (seed, first)
             phases = [h["phase"] for h in r["history"]]
-            assert phases[4 : 4 + r["learn_epochs"]] == ["learn"] * r["learn_epochs"], phases
-            assert phases.count("search") <= 8, "the learn-first epochs do not count against train.epochs"
+            assert phases[5 : 5 + r["learn_epochs"]] == ["learn"] * r["learn_epochs"], phases
+            assert phases.count("search") <= 10, "the learn-first epochs do not count against train.epochs"
