@@ -426,9 +426,9 @@ def test_ctrl_c_is_one_line_exit_130_and_the_checkpoint_resumes(
     csv_prefix: str, cache: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    # Many epochs: on a loaded machine a one-epoch run can end between its first checkpoint
-    # and the signal.
-    proc = _long_search(csv_prefix, cache, out, "--epochs", "100")
+    # Many epochs and no early stop: on a loaded machine a short run can end between its
+    # first checkpoint and the signal.
+    proc = _long_search(csv_prefix, cache, out, "--epochs", "100", "--set", "train.early_stop_patience=100")
     _wait_for(out / "checkpoint" / "manifest.json", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
