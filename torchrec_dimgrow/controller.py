@@ -338,11 +338,11 @@ class DimGrowController:
     def restart(self, dims: Mapping[str, Sequence[int]]) -> CheckReport:
         """Set every collection to ``dims`` (path -> per-table dims) and forget all evidence.
 
-        The start of a search's judging after its learn-first epochs: the tables keep
-        their trained columns (a dim above its target drops its last slots, below it
-        reactivates the stored ones, re-planning where capacity changes), and gates,
-        gate optimizer, importance windows, policy counters and the auto penalty start
-        afresh, as at step 0. Every rank passes the same ``dims``.
+        The start of a search's learn-first epochs: the tables keep their trained columns
+        (a dim above its target drops its last slots, below it reactivates the stored ones,
+        re-planning where capacity changes), and gates, gate optimizer, importance windows,
+        policy counters and the auto penalty start afresh, as at step 0. Every rank passes
+        the same ``dims``.
         """
         report = CheckReport(self.steps)
         for t in self.tracked:

@@ -397,8 +397,8 @@ class DimGrowPostProcess(nn.Module):
     def reset_gate_state(self) -> None:
         """Every gate logit back to ``theta_init``, the auto penalty back to its start.
 
-        What a search that starts judging only now needs: the gates and the penalty's
-        task-gradient average then hold no evidence from before.
+        What a search that starts learn-first epochs needs: when it judges afterwards, the
+        gates and the penalty's task-gradient average hold no evidence from before.
         """
         self.gate.theta.fill_(self.gate.theta_init)
         self.task_grad_ema.zero_()

@@ -57,7 +57,6 @@ from torchrec_dimgrow.training import EarlyStopping, ValStream, bce, evaluate, l
 
 log = logging.getLogger(__name__)
 
-
 TRAJECTORY_COLUMNS = ["step", "field", "logical_dim", "capacity", "min_gate", "max_gate"]
 
 
@@ -370,12 +369,11 @@ class DimGrowSearch:
     # from learning: a search stayed at chance AUC for all its epochs on Zipf-id,
     # interaction-only data, whatever the table learning rate or init scale. So a search
     # still within noise of chance after half its epochs (best validation AUC not two
-    # standard errors above 0.5 nor above its start,
-    # ``training.learned_floor``) stops judging: every table goes to the columns its
-    # storage block holds anyway, the gates leave the forward, and plain training runs
-    # until validation clears early stopping's floor. Then the search judges from the
-    # trained tables, every gate and counter fresh. These epochs do not count against
-    # ``train.epochs`` (at most that many run).
+    # standard errors above 0.5 nor above its start, ``training.learned_floor``) stops
+    # judging: every table goes to the columns its storage block holds anyway, every gate
+    # and counter starts afresh, the gates leave the forward, and plain training runs until
+    # validation clears early stopping's floor. Then the search judges from the trained
+    # tables. These epochs do not count against ``train.epochs`` (at most that many run).
     # Half the epochs, not one or two: on the drawn suite many searches sit at chance for
     # 3-4 epochs and then learn with their gates at small dims, and learn-first from
     # epoch 2 left them with 2-4x the bytes or, on two seeds, at chance (the block-width
@@ -427,8 +425,8 @@ class DimGrowSearch:
             return
         st.learning = False
         self.coll.post.gates_bypassed = False
-        self.controller.restart({"": self.coll.dims_list()})
-        # The search's best epoch is chosen among the epochs that judged, from here on.
+        # Gates and counters are as _start_learning's restart left them: learn-first epochs
+        # take no gate step. The search's best epoch is chosen among the epochs that judge.
         st.early = EarlyStopping(st.early.patience, floor=st.early.floor)
         st.best_gates, st.best_dims = [], []
         if self.env.is_main:

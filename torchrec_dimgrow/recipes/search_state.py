@@ -45,7 +45,7 @@ class SearchState:
     peak_rank_bytes: int = 0
     wall_seconds: float = 0.0  # up to the last checkpoint, so a resumed run reports the whole run
     done: bool = False
-    # Learn-first epochs (``DimGrowSearch._learn_first``): ``learning`` while they run,
+    # Learn-first epochs (``DimGrowSearch._learns_first``): ``learning`` while they run,
     # ``learn_epochs`` how many ran (at most one such phase per search).
     learning: bool = False
     learn_epochs: int = 0
