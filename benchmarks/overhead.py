@@ -33,7 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,29 +78,29 @@ def _models(data: Any, dim: int, path: str = "summed", adapter: int = 64) -> tup
     from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 
     torch.manual_seed(0)
-    # Every field at ``dim``, like the plain model: the row cap would start the small tables
-    # below it (a 2-row field at 2), and the comparison would no longer be at equal dims.
-    cfg = DimGrowConfig(
-        d_max=max(16, dim),
-        initial_dim=dim,
-        grow_threshold=1.0,
-        shrink_threshold=0.0,
-        cap_dims_at_rows=False,
-    )
+    cfg = DimGrowConfig(d_max=max(16, dim), initial_dim=dim, grow_threshold=1.0, shrink_threshold=0.0)
     in_dim = dim * len(data.fields)
+
+    def tables(width: int) -> list[Any]:
+        # Every field at ``dim`` in both models: a table has at least ``dim`` rows (ids never
+        # reach the extra ones), so the row cap does not start a 2-row field at 2.
+        return [replace(t, num_embeddings=max(t.num_embeddings, dim)) for t in data.table_configs(width)]
+
     if path == "summed":
-        coll = DimGrowEmbeddingBagCollection(data.table_configs(adapter), cfg, align="project")
+        coll = DimGrowEmbeddingBagCollection(tables(adapter), cfg, align="project")
         dg = CTRModel(coll, "sum", adapter, hidden=(32, 16))
     elif path == "per-feature":
-        coll = DimGrowEmbeddingBagCollection(data.table_configs(dim), cfg, align="project")
+        coll = DimGrowEmbeddingBagCollection(tables(dim), cfg, align="project")
         dg = CTRModel(coll, "concat", adapter, in_dim=in_dim, hidden=(32, 16))
     elif path == "per-feature blocks":
-        blocked = BlockDimGrowCollection(field_blocks(data), dim, cfg, align="project")
+        fb = field_blocks(data)
+        fb = replace(fb, vocab_sizes=[max(v, dim) for v in fb.vocab_sizes])
+        blocked = BlockDimGrowCollection(fb, dim, cfg, align="project")
         coll = blocked.coll
         dg = CTRModel(blocked, "concat", adapter, in_dim=in_dim, hidden=(32, 16))
     else:
         raise ValueError(f"unknown path {path!r}; one of {PATHS}")
-    plain_ebc = EmbeddingBagCollection(tables=data.table_configs(dim))
+    plain_ebc = EmbeddingBagCollection(tables=tables(dim))
     plain = CTRModel(plain_ebc, "concat", adapter, in_dim=in_dim, hidden=(32, 16))
     return dg, coll, plain
 

@@ -6,7 +6,7 @@ The 2-rank search uses ``torchrun --nproc_per_node=2`` with half the per-rank ba
 runs see the same global batch of rows per step. Each found-dims file is retrained with the
 shared ``retrain`` recipe over ``--seeds``. ``--search-seeds 0,1,2`` repeats every search
 (the found dims vary with the search seed more than with anything else) and adds a mean row;
-``--search-args`` passes extra flags to ``search`` (e.g. ``--set dimgrow.penalty_weighting=uniform``) and
+``--search-args`` passes extra flags to ``search`` (e.g. ``--set dimgrow.preset=paper``) and
 ``--label`` names that variant in the table. Prints a markdown table; writes
 ``benchmarks/results/ranks_<dataset>[_<label>].{csv,json}``.
 """

@@ -85,7 +85,7 @@ def sharded_block_search(rank: int, world: int, steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     fb = FieldBlocks(list(FIELDS), list(VOCAB), [list(s) for s in STARTS])
     cfg = DimGrowConfig(
-        d_max=8, init_std=0.0, grow_threshold=0.45, shrink_threshold=0.2, penalty_mode="fixed",
+        d_max=8, init_std=0.0, grow_threshold=0.45, shrink_threshold=0.2,
         alpha=0.02, gate_lr=0.1, tau=5.0,
     )  # fmt: skip
     sparse = BlockDimGrowCollection(fb, 8, cfg, align="project", device="meta")

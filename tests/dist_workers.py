@@ -76,7 +76,7 @@ def _grown(config: DimGrowConfig, dims: list[int], device: str = "cpu") -> DimGr
 def sharded_matches_single(rank: int, world: int, sharding: str) -> dict[str, float]:
     """Sharded forward/backward (fused SGD) vs the unsharded module on the same weights."""
     torch.manual_seed(0)
-    cfg = DimGrowConfig(d_max=8, eval_mixing="mean")
+    cfg = DimGrowConfig(d_max=8)
     dims = [3, 6, 1]
     ref_coll = _grown(cfg, dims)
     with torch.no_grad():
@@ -107,7 +107,6 @@ def sharded_matches_single(rank: int, world: int, sharding: str) -> dict[str, fl
     # one training step on per-rank mean losses; gradients are averaged over ranks
     dmp.train()
     ref.train()
-    cfg.eval_mixing = "mean"
     for m in (ref_coll, coll):
         m.post.train(False)  # same deterministic mixing in both, dense layers in train mode
     loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(kjt_rows(kjt, lo, hi)), labels[lo:hi])
@@ -200,7 +199,7 @@ def different_data_same_dims(rank: int, world: int) -> list[int]:
     from torchrec_dimgrow.policy import PolicyState, decide
 
     torch.manual_seed(0)
-    cfg = DimGrowConfig(d_max=8, grow_threshold=0.5001, shrink_threshold=0.0, penalty_mode="fixed", alpha=0.0)
+    cfg = DimGrowConfig(d_max=8, grow_threshold=0.5001, shrink_threshold=0.0, alpha=0.0)
     coll = DimGrowEmbeddingBagCollection(tables(), cfg, align="project", device="meta")
     model = CTRModel(coll, "sum", adapter_dim=8, hidden=(8,), dropout=0.0)
     sharded = shard_model(model, torch.device("cpu"), PlanningConfig(), EmbeddingOptimizer("adagrad", 0.1))
@@ -233,9 +232,7 @@ def budgeted_controller_search(rank: int, world: int, budget: float) -> dict[str
     from torchrec_dimgrow.controller import DimGrowController
 
     torch.manual_seed(0)
-    cfg = DimGrowConfig(
-        d_max=8, grow_threshold=0.3, shrink_threshold=0.0, penalty_mode="fixed", alpha=0.0, budget=budget
-    )
+    cfg = DimGrowConfig(d_max=8, grow_threshold=0.3, shrink_threshold=0.0, alpha=0.0, budget=budget)
     coll = DimGrowEmbeddingBagCollection(tables(), cfg, align="project", device="meta")
     model = CTRModel(coll, "sum", adapter_dim=8, hidden=(8,), dropout=0.0)
     sharded = shard_model(model, torch.device("cpu"), PlanningConfig(), EmbeddingOptimizer("adagrad", 0.1))

@@ -89,16 +89,14 @@ def dlrm_pipeline_search(
     model = build_dlrm(data)
     # Started at dim 1 with a grow threshold below the initial gate value (0.5): every field
     # grows at every check (every 2 steps) and crosses capacity 4 at its 5th slot: a re-plan
-    # at step 8. The row cap is off so that the 4-row C9 crosses too and the schedule stays
-    # exactly this one (with it, a second re-plan lands on the last step, after which the
-    # pipeline re-attaches only at its next batch).
+    # at step 8 (the 4-row C9 stops at its row count). A later re-plan may land on the last
+    # step; the pipeline re-attaches at its next batch, which the check below runs.
     cfg = DimGrowConfig(
         d_max=D,
         initial_dim=1,
         grow_threshold=0.3,
         shrink_threshold=0.001,
         check_interval=2,
-        cap_dims_at_rows=False,
     )
     handle = swap_in(model, cfg, align="project")  # DimGrow
     apply_optimizer_in_backward(torch.optim.Adagrad, handle.embedding_parameters(), {"lr": 0.05})
@@ -143,6 +141,7 @@ def dlrm_pipeline_search(
                 replan_steps.append(len(losses))
                 replan_inflight.append(inflight)
                 refs += before
+    pipeline.progress(itertools.islice(source, 1))  # a re-plan on the last step re-attaches here
     gc.collect()
     stale = sum(r() is not None for r in refs)
     with handle.unpipelined() as plain:

@@ -103,7 +103,6 @@ def _vocab(run: Path) -> list[int]:
 SEARCH_2R = [
     "--data", CRITEO, "--format", "criteo", "--epochs", "2", "--batch-size", "64", "--set", "train.max_steps=60",
     "--set", "dimgrow.grow_threshold=0.5005", "--set", "run.checkpoint_every=10", "--seed", "3",
-    "--set", "dimgrow.final_gates=epoch",  # a resumed run must restore the epoch gate means too
 ]  # fmt: skip
 
 

@@ -4,6 +4,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_dimgrow.config import DimGrowConfig
+from torchrec_dimgrow.modules import post_process
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
 from torchrec_dimgrow.modules.post_process import DimGrowPostProcess
 from torchrec_dimgrow.modules.table_store import LocalTableStore
@@ -56,7 +57,7 @@ def test_aligned_modes_present_the_configured_width(align: str) -> None:
     assert [c.embedding_dim for c in m.embedding_bag_configs()] == [16, 16, 16]
     if align == "pad":
         m.eval()
-        m.config.eval_mixing = "off"
+        m.post.gates_bypassed = True  # the raw columns
         values = m(kjt()).to_dict()
         assert torch.all(values["f0"][:, 2:] == 0) and torch.all(values["f1"][:, 1:] == 0)
 
@@ -119,7 +120,7 @@ def test_shrink_of_a_middle_slot_moves_the_last_column_into_it() -> None:
     with torch.no_grad():
         m.post.gate.theta[0, :3] = torch.tensor([1.0, -2.0, 0.7])
     m.eval()
-    m.config.eval_mixing = "off"
+    m.post.gates_bypassed = True  # the raw columns
     features = kjt()
     w = m.embedding_bags["t0"].weight.detach().clone()
     proj = m.post.projection[0].detach().clone()
@@ -129,7 +130,7 @@ def test_shrink_of_a_middle_slot_moves_the_last_column_into_it() -> None:
     assert torch.equal(w2[:, 1], w[:, 2]) and torch.equal(w2[:, 0], w[:, 0])
     assert torch.equal(m.post.projection[0, 1], proj[2])
     assert float(m.post.gate.theta[0, 1]) == pytest.approx(0.7)
-    assert m.post.gate.theta[0, 2] == 0.0, "the freed slot restarts at theta_init"
+    assert m.post.gate.theta[0, 2] == 0.0, "the freed slot restarts at g = 0.5"
     # the kept columns produce exactly what they produced before, minus the dropped one
     out = m(features).to_dict()["f0"]
     ids = features["f0"].values()
@@ -176,8 +177,9 @@ def test_summed_gate_step_skips_the_projection_and_tables_but_not_the_gates() ->
     assert all(p.grad is not None for p in m.ebc.parameters())
 
 
-def test_auto_penalty_scale_tracks_task_gradient() -> None:
-    m = DimGrowEmbeddingBagCollection(tables(), start1(alpha=0.5, auto_ema=0.0), align="raw")
+def test_auto_penalty_scale_tracks_task_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(post_process, "AUTO_EMA", 0.0)  # the last gradient alone
+    m = DimGrowEmbeddingBagCollection(tables(), start1(alpha=0.5), align="raw")
     assert float(m.post.penalty_scale) == 0.0, "auto mode starts uncalibrated at 0, not at alpha"
     grad = torch.zeros_like(m.post.gate.theta)
     grad[:, 0] = 0.2
@@ -188,7 +190,7 @@ def test_auto_penalty_scale_tracks_task_gradient() -> None:
     scale = float(m.post.penalty_scale)
     m.post.observe_task_gradient(grad + scale * 1.25 / 3)
     assert float(m.post.penalty_scale) == pytest.approx(scale, rel=1e-5)
-    fixed = DimGrowEmbeddingBagCollection(tables(), start1(alpha=0.01, penalty_mode="fixed"), align="raw")
+    fixed = DimGrowEmbeddingBagCollection(tables(), start1(alpha=0.01, preset="paper"), align="raw")
     fixed.post.observe_task_gradient(grad)
     assert float(fixed.post.penalty_scale) == pytest.approx(0.01)
 
@@ -200,24 +202,23 @@ def _two_tables(rows: tuple[int, int]) -> list[EmbeddingBagConfig]:
     ]
 
 
-@pytest.mark.parametrize("weighting", ["bytes", "uniform"])
-def test_bytes_weighting_charges_slots_by_table_rows(weighting: str) -> None:
-    cfg = start1(alpha=1.0, penalty_mode="fixed", penalty_weighting=weighting)  # type: ignore[arg-type]
-    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), cfg, align="raw")
+def test_bytes_weighting_charges_slots_by_table_rows() -> None:
+    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), start1(alpha=1.0), align="raw")
+    m.post.penalty_scale.fill_(1.0)  # the auto scale, calibrated to 1: the same pull as the paper's
     m.penalty().backward()
     grad = m.post.gate.theta.grad
-    ratio = float(grad[1, 0] / grad[0, 0])
-    assert ratio == pytest.approx(99.0 if weighting == "bytes" else 1.0, rel=1e-5)
+    assert float(grad[1, 0] / grad[0, 0]) == pytest.approx(99.0, rel=1e-5)
     # normalised to mean 1 over the active slots: the total pull equals the uniform penalty's
-    uniform = DimGrowEmbeddingBagCollection(
-        _two_tables((10, 990)), start1(alpha=1.0, penalty_mode="fixed", penalty_weighting="uniform")
-    )
+    uniform = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), start1(alpha=1.0, preset="paper"))
     uniform.penalty().backward()
-    assert float(grad.sum()) == pytest.approx(float(uniform.post.gate.theta.grad.sum()), rel=1e-5)
+    ugrad = uniform.post.gate.theta.grad
+    assert float(ugrad[1, 0] / ugrad[0, 0]) == pytest.approx(1.0, rel=1e-5)
+    assert float(grad.sum()) == pytest.approx(float(ugrad.sum()), rel=1e-5)
 
 
-def test_auto_scale_recognises_the_weighted_penalty_share() -> None:
-    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), start1(alpha=0.5, auto_ema=0.0))
+def test_auto_scale_recognises_the_weighted_penalty_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(post_process, "AUTO_EMA", 0.0)  # the last gradient alone
+    m = DimGrowEmbeddingBagCollection(_two_tables((10, 990)), start1(alpha=0.5))
     task = torch.zeros_like(m.post.gate.theta)
     task[:, 0] = 0.2
     m.post.observe_task_gradient(task)
@@ -238,8 +239,8 @@ def test_a_table_never_outgrows_its_row_count_unless_padded() -> None:
     assert DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=16), align="raw").max_dims == [3, 16]
     # zero-padded widths share coordinates with the other fields: no cap there
     assert DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=8), align="pad").max_dims == [8, 8]
-    off = start1(d_max=8, cap_dims_at_rows=False)
-    assert DimGrowEmbeddingBagCollection(_two_tables(rows), off, align="project").max_dims == [8, 8]
+    paper = start1(d_max=8, preset="paper")  # the reference has no row cap
+    assert DimGrowEmbeddingBagCollection(_two_tables(rows), paper, align="project").max_dims == [8, 8]
     # a fractional budget still refers to the uncapped d_max model
     budgeted = DimGrowEmbeddingBagCollection(_two_tables(rows), start1(d_max=8, budget=0.5), align="project")
     assert budgeted.budget_bytes() == int(0.5 * 8 * 4 * sum(rows))
@@ -331,7 +332,7 @@ def test_controller_restart_sets_dims_keeps_columns_and_forgets_all_gate_evidenc
     assert m.dims_list() == [4, 4, 4] and m.capacity_list() == [8, 4, 4]  # slack keeps t0's block
     assert {(c.table, c.kind) for c in report.changes[""]} == {(0, "shrink"), (1, "grow"), (2, "grow")}
     assert torch.equal(m.embedding_bags["t0"].weight.detach()[:, :4], w0[:, :4])  # trained columns kept
-    assert torch.all(m.post.gate.theta == m.post.gate.theta_init)
+    assert torch.all(m.post.gate.theta == 0.0)
     assert not ctl.gate_optimizer.state and float(m.post.task_grad_ema.abs().sum()) == 0.0
     policy = ctl.tracked[0].policy
     assert policy.dims == [4, 4, 4] and policy.up == [0, 0, 0] and policy.down == [0, 0, 0]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 
 from torchrec_dimgrow.cli import FLAGS, build_parser, main
-from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+from torchrec_dimgrow.config import PRESETS, RETIRED, DimGrowConfig, TrainConfig
 from torchrec_dimgrow.data import prepare
 from torchrec_dimgrow.runconfig import SearchRunConfig, StreamConfig, build, keys
 
@@ -71,7 +71,7 @@ def test_search_has_at_most_15_flags_and_every_flag_default_is_the_dataclass_def
         ("train.hidden=32,8", "train", "hidden", [32, 8]),
         ("dimgrow.gate_lr=0.01", "dimgrow", "gate_lr", 0.01),
         ("dimgrow.initial_dim=block", "dimgrow", "initial_dim", None),
-        ("dimgrow.cap_dims_at_rows=false", "dimgrow", "cap_dims_at_rows", False),
+        ("dimgrow.preset=paper", "dimgrow", "preset", "paper"),
         ("planning.sharding=row_wise", "planning", "sharding", "row_wise"),
         ("planning.keep_placement=false", "planning", "keep_placement", False),
         ("run.log_every=7", "run", "log_every", 7),
@@ -107,7 +107,9 @@ def test_set_reaches_retrain_and_baseline_sections(capsys: pytest.CaptureFixture
         (["--set", "dimgrow.gate_lr=fast"], "error: --set dimgrow.gate_lr: expected a float, got 'fast'"),
         (["--set", "train.epochs=1.5"], "error: --set train.epochs: expected an int, got '1.5'"),
         (["--set", "run.quiet=maybe"], "error: --set run.quiet: expected a bool (true/false), got 'maybe'"),
-        (["--set", "dimgrow.shrink_slot=middle"], "error: --set dimgrow.shrink_slot: expected one of ['lowest', 'last'], got 'middle'"),
+        (["--set", "dimgrow.preset=papre"], "error: --set dimgrow.preset: expected one of ['dimgrow', 'paper'], got 'papre'"),
+        (["--set", "dimgrow.penalty_mode=fixed"], "error: --set dimgrow.penalty_mode: penalty_mode = 'fixed' is no longer a setting (it is 'auto' now; dimgrow.preset = \"paper\" has it)"),
+        (["--set", "dimgrow.grow_patience=3"], "error: --set dimgrow.grow_patience: grow_patience = '3' is no longer a setting (it is 1 now; see benchmarks/ablations.md, \"Settings that were removed\")"),
         (["--set", "gate_lr=0.1"], "error: unknown setting 'gate_lr' (sections: data, train, dimgrow, planning, run, blocks, stream)"),
         (["--set", "planning.batch_size=8"], "error: --set planning.batch_size: planning.batch_size follows train.batch_size; set that instead"),
         (["--epochs", "ten"], "error: --epochs: expected an int, got 'ten'"),
@@ -147,7 +149,7 @@ def test_bad_config_file_is_one_error_line(capsys: pytest.CaptureFixture[str], t
 def test_print_config_fed_back_gives_the_same_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    first = printed(capsys, *BASE, "--budget", "48MiB", "--set", "dimgrow.penalty_mode=fixed",
+    first = printed(capsys, *BASE, "--budget", "48MiB", "--set", "dimgrow.preset=paper",
                     "--set", "train.max_steps=9", "--set", "dimgrow.initial_dim=block")  # fmt: skip
     file = tmp_path / "run.json"
     file.write_text(json.dumps(first))
@@ -162,11 +164,33 @@ def test_print_config_fed_back_gives_the_same_config(
     assert got["data"] == {**first["data"], "path": "p", "format": "csv"}
 
 
-@pytest.mark.parametrize("mode", ["auto", "fixed"])
-def test_alpha_default_is_resolved_in_one_place(capsys: pytest.CaptureFixture[str], mode: str) -> None:
-    resolved = printed(capsys, *BASE, "--set", f"dimgrow.penalty_mode={mode}")["dimgrow"]["alpha"]
-    assert DimGrowConfig(penalty_mode=mode).alpha == resolved == (0.1 if mode == "auto" else 0.01)  # type: ignore[arg-type]
-    assert DimGrowConfig(penalty_mode=mode, alpha=0.5).alpha == 0.5  # type: ignore[arg-type]
+@pytest.mark.parametrize("preset", ["dimgrow", "paper"])
+def test_alpha_default_is_resolved_in_one_place(capsys: pytest.CaptureFixture[str], preset: str) -> None:
+    resolved = printed(capsys, *BASE, "--set", f"dimgrow.preset={preset}")["dimgrow"]["alpha"]
+    assert DimGrowConfig(preset=preset).alpha == resolved == (0.1 if preset == "dimgrow" else 0.01)  # type: ignore[arg-type]
+    assert DimGrowConfig(preset=preset, alpha=0.5).alpha == 0.5  # type: ignore[arg-type]
+
+
+def test_an_older_config_file_with_removed_settings_still_reads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A config.json written before settings were removed records them all: each one that
+    holds the value the search now uses is dropped; one that would change the search is refused."""
+    current = printed(capsys, *BASE)
+    older = {**current["dimgrow"], **RETIRED, **asdict(PRESETS["dimgrow"])}
+    older.pop("preset")
+    file = tmp_path / "old.json"
+    file.write_text(json.dumps({**current, "dimgrow": older}))
+    assert printed(capsys, "search", "--config", str(file)) == current
+    file.write_text(json.dumps({**current, "dimgrow": {**older, "budget_pressure": 2.0}}))
+    assert main(["search", "--config", str(file), "--print-config"]) == 2
+    assert "budget_pressure = 2.0 is no longer a setting (it is 0.0 now" in one_error_line(capsys)
+    paper = {**current["dimgrow"], **asdict(PRESETS["paper"]), "preset": "paper"}
+    file.write_text(json.dumps({**current, "dimgrow": paper}))
+    assert printed(capsys, "search", "--config", str(file))["dimgrow"]["preset"] == "paper"
+    assert DimGrowConfig.from_dict({"alpha": 0.2, "shrink_slot": "last", "preset": "paper"}).alpha == 0.2
+    with pytest.raises(ValueError, match="shrink_slot = 'last' is no longer a setting"):
+        DimGrowConfig.from_dict({"shrink_slot": "last"})
 
 
 def test_stream_is_one_flag_and_a_section(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -234,7 +258,11 @@ def test_resume_compares_the_data_path_as_the_file_it_names() -> None:
     from torchrec_dimgrow.recipes.resume import adopt_saved
 
     cfg = build(SearchRunConfig, {"data.path": ("--data", CRITEO), "dimgrow.gate_lr": ("--set", "0.01")})
-    saved = {"data.path": os.path.relpath(CRITEO), "dimgrow.gate_lr": 0.001}  # as typed then
+    saved = {
+        "data.path": os.path.relpath(CRITEO),
+        "dimgrow.gate_lr": 0.001,
+        "dimgrow.preset": "dimgrow",
+    }  # as typed then
     with pytest.raises(
         UsageError, match=r"^dimgrow\.gate_lr 0\.01 contradicts the checkpoint's dimgrow\.gate_lr 0\.001"
     ):

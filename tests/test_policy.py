@@ -2,9 +2,8 @@ import pytest
 import torch
 
 from torchrec_dimgrow.config import DimGrowConfig
-from torchrec_dimgrow.gate_mean import SlotGateMean
+from torchrec_dimgrow.modules.post_process import AUTO_EMA
 from torchrec_dimgrow.policy import (
-    DimChange,
     PolicyState,
     capacity_for,
     decide,
@@ -29,67 +28,47 @@ def test_grow_when_all_active_gates_exceed_threshold() -> None:
 def test_grow_stops_at_d_max_and_budget() -> None:
     new, changes = decide([[0.9] * 4], PolicyState([4]), cfg())
     assert new.dims == [4] and changes == []
-    new, changes = decide([[0.9] * 4, [0.9] * 4], PolicyState([1, 1]), cfg(max_total_dim=3))
-    assert new.dims == [2, 1]
+    paper = cfg(preset="paper")  # the reference's 1000-dim cap
+    new, changes = decide([[0.9] * 4] * 998, PolicyState([1] * 998), paper)
+    assert sum(new.dims) == 1000 and new.dims[:3] == [2, 2, 1] and len(changes) == 2
+    assert sum(decide([[0.9] * 4] * 998, PolicyState([1] * 998), cfg())[0].dims) == 2 * 998
 
 
 def test_priced_growth_bar_is_lower_for_tables_cheaper_than_the_mean_slot() -> None:
     costs = [4 * 3000, 4 * 300, 4 * 3]  # a big, a mid and a tiny table; one active slot each
-    assert grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=0.0)) == [0.6] * 3  # the paper's single bar
-    bars = grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=1.0))
+    assert grow_bars([1, 1, 1], costs, cfg(preset="paper")) == [0.6] * 3  # the paper's single bar
+    bars = grow_bars([1, 1, 1], costs, cfg())
     mean = sum(costs) / 3
     # the dear table keeps the paper's bar; the cheaper ones need less evidence, in proportion
     assert bars == pytest.approx([0.6, 0.5 + 0.1 * costs[1] / mean, 0.5 + 0.1 * costs[2] / mean])
     assert 0.6 > bars[1] > bars[2] > 0.5
-    sqrt_bars = grow_bars([1, 1, 1], costs, cfg(grow_price_exponent=0.5))
-    assert bars[1] < sqrt_bars[1] < 0.6 and bars[2] < sqrt_bars[2]  # a softer price
     # the mean is over active slots: 4 slots on the tiny table lower it, so the mid table
     # now costs more than the mean and keeps the paper's bar
-    assert grow_bars([1, 1, 40], costs, cfg(grow_price_exponent=1.0))[1] == pytest.approx(0.6)
+    assert grow_bars([1, 1, 40], costs, cfg())[1] == pytest.approx(0.6)
     # tables of one size (the planted and FM data): exactly the paper's bar, whatever the dims
-    assert grow_bars([1, 3, 2], [400] * 3, cfg(grow_price_exponent=1.0)) == [0.6] * 3
+    assert grow_bars([1, 3, 2], [400] * 3, cfg()) == [0.6] * 3
     # gates of 0.58 on every table: only the cheap ones clear their bar
-    new, _ = decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(grow_price_exponent=1.0), costs=costs)
+    new, _ = decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(), costs=costs)
     assert new.dims == [1, 2, 2]
     # without costs nothing is priced: the paper's bar
-    assert decide([[0.58] * 4], PolicyState([1]), cfg(grow_price_exponent=1.0))[0].dims == [1]
+    assert decide([[0.58] * 4], PolicyState([1]), cfg())[0].dims == [1]
     with pytest.raises(ValueError, match="2 byte costs for 3 tables"):
-        decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(grow_price_exponent=1.0), costs=costs[:2])
-    with pytest.raises(ValueError, match="grow_price_exponent"):
-        cfg(grow_price_exponent=-1.0)
+        decide([[0.58] * 4] * 3, PolicyState([1, 1, 1]), cfg(), costs=costs[:2])
 
 
-def test_patience_requires_consecutive_checks() -> None:
-    c = cfg(grow_patience=3)
-    state = PolicyState([1])
-    high, low = [[0.9, 0.5, 0.5, 0.5]], [[0.55, 0.5, 0.5, 0.5]]
-    state, ch = decide(high, state, c)
-    state, ch = decide(high, state, c)
-    state, ch = decide(low, state, c)  # streak broken
-    assert state.dims == [1] and state.up == [0]
-    for _ in range(2):
-        state, ch = decide(high, state, c)
-        assert ch == []
-    state, ch = decide(high, state, c)
-    assert state.dims == [2] and ch[0].kind == "grow"
-
-
-def test_shrink_drops_lowest_gate_slot_by_default_and_last_on_request() -> None:
+def test_shrink_drops_lowest_gate_slot_and_the_paper_preset_the_last() -> None:
     gates = [[0.9, 0.005, 0.8, 0.5]]
     new, ch = decide(gates, PolicyState([3]), cfg())
     assert new.dims == [2] and ch[0].kind == "shrink" and ch[0].slot == 1
-    new, ch = decide(gates, PolicyState([3]), cfg(shrink_slot="last"))
+    new, ch = decide(gates, PolicyState([3]), cfg(preset="paper"))
     assert ch[0].slot == 2
 
 
-def test_shrink_never_below_one_and_shrink_patience() -> None:
+def test_shrink_never_below_one() -> None:
     new, ch = decide([[0.001, 0.5, 0.5, 0.5]], PolicyState([1]), cfg())
     assert new.dims == [1] and ch == []
-    c = cfg(shrink_patience=2)
-    s, ch = decide([[0.9, 0.001, 0.5, 0.5]], PolicyState([2]), c)
-    assert ch == [] and s.down == [1]
-    s, ch = decide([[0.9, 0.001, 0.5, 0.5]], s, c)
-    assert s.dims == [1]
+    s, ch = decide([[0.9, 0.001, 0.5, 0.5]], PolicyState([2]), cfg())
+    assert s.dims == [1] and ch[0].kind == "shrink"
 
 
 def test_drop_to_zero_comes_from_final_dims() -> None:
@@ -110,42 +89,10 @@ def test_config_rejects_bad_values() -> None:
         DimGrowConfig(grow_threshold=0.001, shrink_threshold=0.01)
     with pytest.raises(ValueError, match="initial_dim"):
         DimGrowConfig(d_max=4, initial_dim=5)
-    with pytest.raises(ValueError, match="penalty_weighting"):
-        DimGrowConfig(penalty_weighting="rows")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="final_gates"):
-        DimGrowConfig(final_gates="best")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown preset 'reference'"):
+        DimGrowConfig(preset="reference")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown keys"):
         DimGrowConfig.from_dict({"alpha": 0.1, "alhpa": 0.2})
-
-
-def test_slot_gate_mean_averages_only_active_steps() -> None:
-    mean = SlotGateMean((2, 3))
-    mean.add(torch.tensor([[0.4, 0.9, 0.9], [0.8, 0.9, 0.9]]), [1, 2])
-    mean.add(torch.tensor([[0.6, 0.7, 0.9], [0.2, 0.5, 0.9]]), [2, 2])
-    current = torch.full((2, 3), 0.123)
-    got = mean.mean(current)
-    # table 0: slot 0 over both steps, slot 1 only since it grew; never-active slots read current
-    assert torch.allclose(got, torch.tensor([[0.5, 0.7, 0.123], [0.5, 0.7, 0.123]]))
-    mean.reset()
-    assert torch.equal(mean.mean(current), current)
-
-
-def test_slot_gate_mean_follows_shrink_moves() -> None:
-    mean = SlotGateMean((1, 4))
-    for _ in range(2):
-        mean.add(torch.tensor([[0.9, 0.1, 0.7, 0.3]]), [3])
-    # the collection drops slot 1 and moves the last active slot (2) into its place
-    mean.apply([DimChange(0, "shrink", 1, 3, 2)])
-    mean.add(torch.tensor([[0.9, 0.5, 0.3, 0.3]]), [2])
-    got = mean.mean(torch.zeros(1, 4))
-    assert torch.allclose(got, torch.tensor([[0.9, (0.7 + 0.7 + 0.5) / 3, 0.0, 0.0]]))
-    # exported with the averages: slot 1 counts (0.63 > 0.5) although its last value is 0.5
-    assert final_dims([got[0, :2].tolist()], cfg()) == [2]
-
-
-def test_slot_gate_mean_rejects_mismatched_shapes() -> None:
-    with pytest.raises(ValueError, match=r"expected gates \(2, 3\)"):
-        SlotGateMean((2, 3)).add(torch.zeros(3, 3), [1, 1, 1])
 
 
 # ---------------------------------------------------------------------- byte budget
@@ -157,7 +104,7 @@ def test_budget_admits_growth_by_importance_per_byte_and_never_exceeds() -> None
     new, changes = decide(gates, PolicyState([2, 1, 1]), c, costs=costs, budget=240)
     assert new.dims == [2, 2, 2]
     assert [(ch.table, ch.kind) for ch in changes] == [(2, "grow"), (1, "grow")], "0.8/10 before 0.7/10"
-    assert new.up[0] >= c.grow_patience, "a growth the budget refuses stays pending"
+    assert new.up[0] >= 1, "a growth the budget refuses stays pending"
     # room for exactly one cheap growth: the higher importance per byte wins
     new, changes = decide(gates, PolicyState([2, 1, 1]), c, costs=costs, budget=230)
     assert new.dims == [2, 1, 2]
@@ -266,26 +213,9 @@ def test_initial_dim_none_starts_at_the_storage_block_within_the_budget() -> Non
     assert DimGrowConfig(d_max=2, initial_dim=None).initial_dim is None
 
 
-def test_budget_price_ramps_the_penalty_with_the_budget_fill() -> None:
-    coll = _budgeted(0.25, budget_pressure=2.0)  # 920 bytes; dims [1, 1] use 460: half full
-    assert coll.budget_price() == pytest.approx(0.5**2)
-    # the penalty and its closed-form share in the auto scale both carry the price
-    coll.post.penalty_scale.fill_(3.0)
-    full = coll.post.penalty()
-    assert coll.penalty().item() == pytest.approx(0.25 * full.item())
-    coll.post.dims.copy_(torch.tensor([2, 1]))  # 860 of 920 bytes
-    assert coll.budget_price() == pytest.approx((860 / 920) ** 2)
-    coll.post.dims.copy_(torch.tensor([3, 1]))  # over the budget: never above the full penalty
-    assert coll.budget_price() == 1.0
-    assert _budgeted(0.25).budget_price() == 1.0  # default 0: the full penalty
-    assert _budgeted(None).budget_price() == 1.0
-    with pytest.raises(ValueError, match="budget_pressure must be >= 0"):
-        DimGrowConfig(budget_pressure=-1.0)
-
-
-def test_auto_scale_recovers_the_task_gradient_under_a_budget_price() -> None:
-    """The auto penalty subtracts exactly the (priced) penalty share it added to the gradient."""
-    coll = _budgeted(0.25, penalty_mode="auto", budget_pressure=2.0)
+def test_auto_scale_recovers_the_task_gradient_under_a_budget() -> None:
+    """The auto penalty subtracts exactly the penalty share it added to the gradient."""
+    coll = _budgeted(0.25)
     post = coll.post
     post.penalty_scale.fill_(2.0)
     theta = post.gate.theta
@@ -298,8 +228,7 @@ def test_auto_scale_recovers_the_task_gradient_under_a_budget_price() -> None:
     coll.observe_gate_gradient(task + pen_grad)
     g = post.gate.column_gates(tab_t, tab_s)
     expected = 0.3 / (post.config.tau * g * (1 - g))
-    cfg_ema = post.config.auto_ema
-    assert torch.allclose(post.task_grad_ema[tab_t, tab_s], (1 - cfg_ema) * expected, rtol=1e-4)
+    assert torch.allclose(post.task_grad_ema[tab_t, tab_s], (1 - AUTO_EMA) * expected, rtol=1e-4)
 
 
 def test_vote_takes_the_per_field_median_and_repairs_it_into_the_budget() -> None:

@@ -204,7 +204,7 @@ def test_attach_moves_the_gates_to_their_own_optimizer() -> None:
 
 def test_penalty_reaches_the_gate_loss() -> None:
     # A huge fixed penalty dominates the task loss: every active gate must close.
-    model, handle, _ = _attached(DimGrowConfig(d_max=D, penalty_mode="fixed", alpha=100.0, gate_lr=0.05))
+    model, handle, _ = _attached(DimGrowConfig(d_max=D, preset="paper", alpha=100.0, gate_lr=0.05))
     assert handle.penalty().requires_grad and float(handle.penalty()) > 0
     before = handle.collections[PATH].gate_values()[:, 0].clone()
     for step in range(3):
@@ -216,7 +216,7 @@ def test_penalty_reaches_the_gate_loss() -> None:
 
 
 def test_single_loader_step_uses_the_training_gradient() -> None:
-    model, handle, opt = _attached(DimGrowConfig(d_max=D, penalty_mode="fixed", alpha=0.0, gate_lr=0.05))
+    model, handle, opt = _attached(DimGrowConfig(d_max=D, alpha=0.0, gate_lr=0.05))
     with pytest.raises(RuntimeError, match="no gradient"):
         handle.step()
     theta = handle.gate_parameters()[0]

@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ import torch
 
 from tests.dist_utils import child_env, dcp_tensors, same_tensors
 from torchrec_dimgrow.cli import main
+from torchrec_dimgrow.config import DimGrowConfig
 from torchrec_dimgrow.data import prepare
 from torchrec_dimgrow.manifest import verify
 from torchrec_dimgrow.optim import EmbeddingOptimizer
@@ -337,32 +339,38 @@ def test_resume_takes_the_saved_settings_and_refuses_contradictions(
     assert config["dimgrow"]["alpha"] == 0.05 and config["train"]["max_steps"] == 12
 
 
-def test_resume_of_a_checkpoint_older_than_a_rule_setting_keeps_the_old_rule() -> None:
-    from torchrec_dimgrow.errors import UsageError
+def test_resume_of_a_checkpoint_searched_by_a_removed_rule_is_refused_by_name() -> None:
+    from torchrec_dimgrow.config import PRESETS, RETIRED
+    from torchrec_dimgrow.errors import CheckpointError, UsageError
     from torchrec_dimgrow.recipes.resume import adopt_saved
     from torchrec_dimgrow.runconfig import SearchRunConfig
 
     fresh = SearchRunConfig()  # today's defaults
-    saved = {"alpha": 0.05, "patience": 3}  # flag names, written before either rule setting existed
-    cfg = adopt_saved(fresh, saved, explicit=set())
-    assert (cfg.dimgrow.alpha, cfg.dimgrow.grow_price_exponent, cfg.dimgrow.cap_dims_at_rows) == (
-        0.05,
-        0.0,
-        False,
-    )
-    assert cfg.train.early_stop_patience == 3
-    # a checkpoint that recorded the setting keeps its own value (either spelling)
+    # flag names, written before the priced bar and the row cap existed: it was searched with
+    # neither, a rule no preset has, so continuing it would silently change the search
+    saved = {"alpha": 0.05, "patience": 3}
+    with pytest.raises(CheckpointError, match=r"grow_price_exponent = 0\.0 is no longer a setting"):
+        adopt_saved(fresh, saved, explicit=set())
+    # one that recorded every rule setting at today's values resumes (either spelling)
+    today = {**RETIRED, **asdict(PRESETS["dimgrow"])}
     for recorded in (
-        {**saved, "cap_dims_at_rows": True},
-        {"dimgrow.alpha": 0.05, "dimgrow.cap_dims_at_rows": True},
+        {**saved, **today},
+        {"dimgrow.alpha": 0.05, **{f"dimgrow.{k}": v for k, v in today.items()}},
     ):
         cfg = adopt_saved(fresh, recorded, explicit=set())
-        assert cfg.dimgrow.cap_dims_at_rows is True and cfg.dimgrow.grow_price_exponent == 0.0
+        assert (cfg.dimgrow.alpha, cfg.dimgrow.preset) == (0.05, "dimgrow")
+    assert adopt_saved(fresh, {**saved, **today}, explicit=set()).train.early_stop_patience == 3
+    # the paper's rule resumes under its preset
+    paper = {"dimgrow.preset": "paper", **{f"dimgrow.{k}": v for k, v in asdict(PRESETS["paper"]).items()}}
+    assert adopt_saved(fresh, paper, explicit=set()).dimgrow.preset == "paper"
+    with pytest.raises(CheckpointError, match=r"budget_pressure = 2\.0 is no longer a setting"):
+        adopt_saved(fresh, {**today, "budget_pressure": 2.0}, explicit=set())
     with pytest.raises(
-        UsageError,
-        match=r"dimgrow\.cap_dims_at_rows True contradicts the checkpoint.s dimgrow\.cap_dims_at_rows False",
+        UsageError, match=r"dimgrow\.preset paper contradicts the checkpoint.s dimgrow\.preset dimgrow"
     ):
-        adopt_saved(fresh, saved, explicit={"dimgrow.cap_dims_at_rows"})
+        adopt_saved(
+            SearchRunConfig(dimgrow=DimGrowConfig(preset="paper")), today, explicit={"dimgrow.preset"}
+        )
 
 
 def test_damaged_checkpoint_file_is_named(
@@ -470,7 +478,7 @@ def test_search_that_keeps_no_field_warns_and_fails_under_strict(
 ) -> None:
     heavy = [
         "--set",
-        "dimgrow.penalty_mode=fixed",
+        "dimgrow.preset=paper",
         "--set",
         "dimgrow.alpha=1000",
         "--set",
@@ -498,7 +506,7 @@ def test_log_level_beats_quiet_and_dimgrow_log_works(
     monkeypatch.setenv("DIMGROW_LOG", "ERROR")
     heavy = [
         "--set",
-        "dimgrow.penalty_mode=fixed",
+        "dimgrow.preset=paper",
         "--set",
         "dimgrow.alpha=1000",
         "--set",

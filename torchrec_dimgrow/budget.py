@@ -20,13 +20,6 @@ def resolve_budget(budget: float | None, full_bytes: int) -> int | None:
     return int(budget * full_bytes) if budget <= 1 else int(budget)
 
 
-def budget_price(used_bytes: int, budget: int | None, power: float) -> float:
-    """``min(1, used / budget) ** power``; 1 without a budget or with ``power == 0``."""
-    if budget is None or power == 0:
-        return 1.0
-    return min(1.0, used_bytes / budget) ** power
-
-
 def start_dims(
     d_max: Sequence[int], costs: Sequence[int], budget: int | None, config: DimGrowConfig
 ) -> list[int]:

@@ -16,7 +16,89 @@ AlignMode = Literal["raw", "pad", "project"]
 ShrinkSlot = Literal["lowest", "last"]
 PenaltyMode = Literal["auto", "fixed"]
 PenaltyWeighting = Literal["bytes", "uniform"]
-FinalGates = Literal["epoch", "step"]
+EvalMixing = Literal["mean", "shuffle", "off"]
+Preset = Literal["dimgrow", "paper"]
+
+
+@dataclass(frozen=True)
+class SearchRule:
+    """The parts of the search rule a preset fixes (see :data:`PRESETS`).
+
+    They are not settings of their own: each one was measured against the reference's
+    choice (benchmarks/ablations.md), and a user who wants the reference's rule wants all of
+    them at once, which ``dimgrow.preset = "paper"`` gives.
+
+    Attributes:
+        penalty_mode: ``"fixed"`` uses ``alpha`` as the coefficient of ``mean_active(g / k)``
+            (the authors' form). ``"auto"`` scales the coefficient every gate step so that
+            the penalty's pull on a slot-k gate equals ``alpha / k`` times the average
+            consistent task pull on the active gates: the same ``alpha`` then means the same
+            relative bar on any dataset.
+        penalty_weighting: ``"uniform"`` charges every (field, slot) the same, as the
+            authors do. ``"bytes"`` charges a slot of table ``t`` in proportion to its row
+            count, normalised so the mean weight over the active slots is 1: the same
+            ``alpha`` then removes bytes, not dimensions. On MovieLens-100k this keeps the
+            cheap user attributes the uniform penalty drops, and retrains better at fewer
+            bytes (benchmarks/ablations.md, "Penalty weighting and alpha").
+        grow_price_exponent: lowers the growth bar of cheap tables. A table's bar is
+            ``final_threshold + (grow_threshold - final_threshold) * min(1, w) ** exponent``,
+            ``w`` its bytes per dim over the mean of the active slots' (the weights of the
+            bytes penalty): a 3-row table's next dim is nearly free, so a little evidence
+            that it helps is enough. ``0``: the paper's one bar. Measured over 5 search
+            seeds: MovieLens-100k at budget 0.2 moves from -0.0017 to +0.0014 AUC over the
+            uniform curve, the Criteo-shaped data from +0.0040 to +0.0024; the worst margin
+            over the datasets rises from -0.0017 to -0.0003.
+        cap_dims_at_rows: a table never grows past its row count (``"raw"`` and
+            ``"project"`` mode): the columns of an ``n``-row table span at most ``n``
+            dimensions and what reads them is linear, so dims beyond ``n`` add parameters
+            but no function. Measured over 5 search seeds ("Row cap: before and after"):
+            MovieLens-100k +0.0014/-0.0003 -> +0.0016/+0.0000 at budgets 0.2/0.3, the
+            Criteo-shaped data +0.0024 -> +0.0032 with 37% fewer bytes. ``"pad"`` mode is
+            never capped: there the coordinates are shared with the other fields.
+        shrink_slot: ``"lowest"`` drops the slot whose gate is lowest (its column is
+            replaced by the last active column, so storage stays a prefix); ``"last"``
+            drops the highest slot as the reference does, so a dead middle slot keeps the
+            field shrinking, removing live slots one after another.
+        eval_mixing: what the gates do in ``eval()``: ``"mean"`` mixes with the batch mean
+            (the expectation of the shuffled copy: deterministic), ``"shuffle"`` keeps the
+            training-time shuffle (the reference evaluates this way).
+        max_total_dim: cap on the sum of logical dims (the reference: 1000; a byte
+            ``budget`` is the cap this package offers).
+    """
+
+    penalty_mode: PenaltyMode
+    penalty_weighting: PenaltyWeighting
+    grow_price_exponent: float
+    cap_dims_at_rows: bool
+    shrink_slot: ShrinkSlot
+    eval_mixing: EvalMixing
+    max_total_dim: int
+
+
+PRESETS: dict[str, SearchRule] = {
+    "dimgrow": SearchRule("auto", "bytes", 1.0, True, "lowest", "mean", 1_000_000),
+    "paper": SearchRule("fixed", "uniform", 0.0, False, "last", "shuffle", 1000),
+}
+"""``dimgrow``: this package's rule (the default). ``paper``: the authors' public code."""
+
+RETIRED: dict[str, Any] = {
+    "theta_init": 0.0,
+    "auto_ema": 0.99,
+    "grow_patience": 1,
+    "shrink_patience": 1,
+    "budget_pressure": 0.0,
+    "final_gates": "step",
+}
+"""Settings that no longer exist, with the value the search now always uses.
+
+Each one lost on every dataset it was measured on or was never moved from the reference's
+value (benchmarks/ablations.md, "Settings that were removed"). A config file or checkpoint
+that names one is read when it holds this value, and refused otherwise."""
+
+
+def retired_value(name: str, preset: str) -> Any:
+    """What a removed setting ``name`` is under ``preset`` (KeyError: not a removed one)."""
+    return RETIRED[name] if name in RETIRED else getattr(PRESETS[preset], name)
 
 
 @dataclass
@@ -24,23 +106,11 @@ class DimGrowConfig:
     """Knobs of the DimGrow search (one instance per collection).
 
     Attributes:
+        preset: ``"dimgrow"`` (default) or ``"paper"``: the rule's fixed parts
+            (:class:`SearchRule`). ``"paper"`` reproduces the authors' code: a fixed
+            penalty with ML-1M's ``alpha`` (unless given), uniform over slots, one growth
+            bar, no row cap, the last slot shrinks, shuffled evaluation, 1000 dims at most.
         d_max: most dimensions any field may reach (slots 1..d_max carry a gate each).
-        cap_dims_at_rows: a table never grows past its row count (in ``"raw"`` and
-            ``"project"`` mode). Why: the columns of an ``n``-row table span at most ``n``
-            dimensions, and what reads them is linear (the projection, or the first layer
-            of the MLP that takes the concatenated widths), so dims beyond ``n`` add
-            parameters but no function the model could not already express; the
-            retrain's ``concat -> Linear`` model reads them the same way. Without the cap
-            MovieLens-100k's 3-row ``gender`` reached 8 dims on some seeds and the
-            Criteo-shaped data's 2-row fields up to 16: slots that only dilute the auto
-            penalty's mean task pull. A
-            budget given as a fraction still refers to the uncapped ``d_max`` model.
-            Measured over 5 search seeds (benchmarks/ablations.md, "Row cap: before and after"):
-            MovieLens-100k +0.0014/-0.0003 -> +0.0016/+0.0000 AUC over the uniform curve at
-            budgets 0.2/0.3, the Criteo-shaped data +0.0024 -> +0.0032 with 37% fewer bytes
-            and a third of the seed spread; tables of 16+ rows are untouched.
-            ``"pad"`` mode (zero-padded, then e.g. DLRM's dot products) is never capped:
-            there the coordinates are shared with the other fields, and the argument fails.
         initial_dim: logical dim every field starts with (default 1, the paper's). ``None``:
             the columns a field's storage block holds anyway (``capacity_block``, capped by
             ``d_max`` and, under a ``budget``, lowered until every field fits); the fused
@@ -51,32 +121,13 @@ class DimGrowConfig:
             found dims on MovieLens-100k, but on the Criteo-shaped data, the least noisy of
             them, dim 1 buys clearly more AUC per byte, and in the DLRM single-loader mode the
             block start barely prunes. So the paper's start stays the default.
-        tau: gate temperature, ``g = sigmoid(tau * theta)``.
-        theta_init: initial gate logit (0 -> g = 0.5, the authors' value).
-        grow_threshold: a field grows when *all* its active gates exceed this ...
-        grow_patience: ... at this many consecutive checks. 1 reproduces the reference code,
-            whose "consistency" comes implicitly from the ~80 Adam steps a fresh gate needs
-            to climb from 0.5 to 0.6.
-        grow_price_exponent: lowers the growth bar of cheap tables. A table's bar is
-            ``final_threshold + (grow_threshold - final_threshold) * min(1, w) ** exponent``,
-            ``w`` its bytes per dim over the mean of the active slots' (the weights of the
-            bytes penalty): a 3-row table's next dim is nearly free, so a little evidence
-            that it helps is enough, while tables dearer than the mean slot keep the
-            paper's bar. ``0``: the paper's one bar for every table. Default 1 (linear in
-            the price), measured over 5 search seeds: MovieLens-100k at budget 0.2 moves
-            from -0.0017 to +0.0014 AUC over the uniform curve (0.3: -0.0003 both), the
-            Criteo-shaped data from +0.0040 to +0.0024 (its 1-row tables grow for free,
-            and the big ones spend 26% more bytes for no AUC), equal-sized tables (the
-            planted and interaction-only data) are unchanged. The worst margin over the
-            datasets rises from -0.0017 to -0.0003; the found dims move more between
-            seeds (cheap tables' dims are cheap to vary).
-        shrink_threshold: a field shrinks when its lowest active gate falls below this ...
-        shrink_patience: ... at this many consecutive checks.
-        shrink_slot: ``"lowest"`` drops the slot whose gate is lowest (its column is
-            replaced by the last active column, so storage stays a prefix); ``"last"``
-            drops the highest slot as the reference does. ``lowest`` is the default: with
-            ``last`` a dead middle slot keeps the field shrinking, removing live slots
-            one after another, and blocks any later growth.
+        tau: gate temperature, ``g = sigmoid(tau * theta)``; gates start at ``g = 0.5``.
+        grow_threshold: a field grows when *all* its active gates exceed this at a check
+            (its cheap tables' bar is lower: :attr:`SearchRule.grow_price_exponent`). The
+            reference's "consistency" comes implicitly from the ~80 Adam steps a fresh gate
+            needs to climb from 0.5 to 0.6; a patience of more checks under-grew
+            (benchmarks/ablations.md).
+        shrink_threshold: a field shrinks when its lowest active gate falls below this.
         check_interval: training steps between two grow/shrink checks.
         gate_every: the gate step (DARTS validation step, or the single-loader gate update)
             runs on every ``gate_every``-th training step only, and so do the importance
@@ -84,39 +135,20 @@ class DimGrowConfig:
             model alone. ``k`` > 1 cuts the search's extra forward/backward to 1/k of the
             steps; the gates then move k times less often at the same ``gate_lr``. A check
             runs on the first gate step at or after each multiple of ``check_interval``.
-        final_threshold: a slot counts in the exported dim when its gate exceeds this.
-        final_gates: which gate value the search recipe thresholds for the exported dims:
-            ``"step"`` reads the gates once, at the end of the best-validation epoch (the
-            authors' checkpoint rule); ``"epoch"`` uses each slot's mean gate over that
-            epoch (over the steps in which the slot was active), so a gate hovering at the
-            threshold does not flip the export on its last batches' noise.
+        final_threshold: a slot counts in the exported dim when its gate exceeds this, read
+            once at the end of the best-validation epoch (the authors' checkpoint rule).
         capacity_block: physical widths move in blocks of this many columns (FBGEMM's
             fused TBE kernel needs every local shard width to be a multiple of 4).
         capacity_slack_blocks: a table gives back storage only when it holds more than
             this many spare blocks, so a field oscillating around a block edge does not
             reallocate at every check.
         init_std: std of the N(0, std) init of new embedding columns and projection rows.
-        penalty_mode: ``"fixed"`` uses ``alpha`` as the coefficient of
-            ``mean_active(g / k)`` (the authors' form). ``"auto"`` scales the coefficient
-            every gate step so that the penalty's pull on a slot-k gate equals
-            ``alpha / k`` times the average consistent task pull on the active gates: the
-            same ``alpha`` then means the same relative bar on any dataset.
-        penalty_weighting: ``"uniform"`` charges every (field, slot) the same, as the
-            authors do. ``"bytes"`` (default) charges a slot of table ``t`` in proportion
-            to the bytes it costs (its row count), normalised so the mean weight over the
-            active slots is 1: the same ``alpha`` then removes bytes, not dimensions. A
-            column of a 3-row field costs 12 bytes and is almost free to keep; one of a
-            1,500-row field pays more than the average bar. On MovieLens-100k this keeps
-            the cheap user attributes that the uniform penalty drops, and retrains better
-            at fewer bytes: see benchmarks/ablations.md, "Penalty weighting and alpha".
-        alpha: the penalty knob (see ``penalty_mode``). The authors' fixed values, in
-            this package's units (their 0.1 * alpha_dataset): ML-1M 0.01, Criteo 0.002,
-            Avazu 0.0005, Ali-CCP 0.000125. ``None`` (default) resolves by ``penalty_mode``
-            when the config is built: 0.1 in ``"auto"`` mode, 0.01 (ML-1M's) in
-            ``"fixed"`` mode; the instance then holds (and records) the resolved value.
-        auto_ema: EMA factor of the per-gate task gradient used by ``penalty_mode="auto"``.
+        alpha: the penalty knob (see :attr:`SearchRule.penalty_mode`). The authors' fixed
+            values, in this package's units (their 0.1 * alpha_dataset): ML-1M 0.01, Criteo
+            0.002, Avazu 0.0005, Ali-CCP 0.000125. ``None`` (default) resolves by the preset
+            when the config is built: 0.1 for ``"dimgrow"`` (auto penalty), 0.01 (ML-1M's)
+            for ``"paper"``; the instance then holds (and records) the resolved value.
         gate_lr: Adam learning rate of the gate logits (updated on validation batches).
-        max_total_dim: global budget on the sum of logical dims (the reference: 1000).
         budget: memory budget of the collection's tables, as stored: a value in (0, 1] is a
             fraction of the ``d_max`` model's bytes, a value > 1 is bytes (see
             :func:`parse_budget` for ``"48MiB"``-style strings). Bytes count rows x logical
@@ -124,83 +156,59 @@ class DimGrowConfig:
             reports. The search admits a growth only while it fits; when the budget binds,
             :func:`~torchrec_dimgrow.policy.decide` grows the fields with the most gate
             importance per byte first and may release a weak slot of a field elsewhere.
-            ``None`` (default): no cap besides ``max_total_dim``.
-        budget_pressure: with a ``budget``, the gate penalty is scaled by
-            ``min(1, fill) ** budget_pressure``, where ``fill`` is the current dims' bytes
-            over the budget (see ``DimGrowEmbeddingBagCollection.budget_price``). ``0``
-            (default): the full penalty throughout, so the budget is a cap and the penalty
-            alone decides how much of it is spent. ``> 0`` makes the budget a target: the
-            search grows while far below it and the penalty's per-byte price decides where
-            the bytes go. Measured (benchmarks/ablations.md, "Budget pressure"): at 2 the
-            search spends more of the budget (MovieLens-100k at 0.3: 82% instead of 75%)
-            but retrains no better per byte there, so it is opt-in. Ignored without a budget.
-        eval_mixing: what the gates do in ``eval()``: ``"mean"`` mixes with the batch mean
-            (the expectation of the shuffled copy: deterministic), ``"shuffle"`` keeps the
-            training-time shuffle (the reference evaluates this way), ``"off"`` passes the
-            raw columns.
+            The penalty alone decides how much of it is spent. ``None`` (default): no cap.
     """
 
+    preset: Preset = "dimgrow"
     d_max: int = 16
-    cap_dims_at_rows: bool = True
     initial_dim: int | None = 1
     tau: float = 5.0
-    theta_init: float = 0.0
     grow_threshold: float = 0.6
-    grow_price_exponent: float = 1.0
-    grow_patience: int = 1
     shrink_threshold: float = 0.01
-    shrink_patience: int = 1
-    shrink_slot: ShrinkSlot = "lowest"
     check_interval: int = 1
     gate_every: int = 1
     final_threshold: float = 0.5
-    final_gates: FinalGates = "step"
     capacity_block: int = 4
     capacity_slack_blocks: int = 1
     init_std: float = 0.01
-    penalty_mode: PenaltyMode = "auto"
-    penalty_weighting: PenaltyWeighting = "bytes"
     alpha: float | None = None
-    auto_ema: float = 0.99
     gate_lr: float = 1e-3
-    max_total_dim: int = 1_000_000
     budget: float | None = None
-    budget_pressure: float = 0.0
-    eval_mixing: Literal["mean", "shuffle", "off"] = "mean"
 
     BOUNDS: ClassVar[dict[str, Bound]] = {
         "d_max": Bound(1, MAX_DIM),
         "initial_dim": Bound(1, MAX_DIM),  # None = the storage block
         "alpha": NON_NEGATIVE,
-        "budget_pressure": NON_NEGATIVE,
         "gate_lr": POSITIVE,
         "check_interval": AT_LEAST_1,
         "gate_every": AT_LEAST_1,
         "grow_threshold": Bound(0, 1, low_open=True),
-        "grow_price_exponent": NON_NEGATIVE,
         "shrink_threshold": Bound(0, 1, high_open=True),
-        "grow_patience": AT_LEAST_1,
-        "shrink_patience": AT_LEAST_1,
         "tau": POSITIVE,
         "capacity_block": AT_LEAST_1,
         "capacity_slack_blocks": NON_NEGATIVE,
-        "max_total_dim": AT_LEAST_1,
-        "auto_ema": Bound(0, 1, high_open=True),
     }
     """Ranges a run accepts (:meth:`check`); stricter than :meth:`validate` (``d_max`` <= 256)."""
     BELOW: ClassVar[tuple[tuple[str, str], ...]] = (("shrink_threshold", "grow_threshold"),)
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:  # before the alpha default, which the preset decides
+            raise ValueError(f"DimGrowConfig: unknown preset {self.preset!r} (one of {sorted(PRESETS)})")
         self.alpha = self.penalty_alpha  # recorded resolved: a resume compares the value used
         self.validate()
 
     @property
+    def rule(self) -> SearchRule:
+        """The fixed parts of the rule, by :attr:`preset`."""
+        return PRESETS[self.preset]
+
+    @property
     def penalty_alpha(self) -> float:
-        """``alpha``, or where it is ``None`` the default of ``penalty_mode`` (the one place
-        that default lives): 0.1 in ``"auto"`` mode, 0.01 in ``"fixed"`` mode."""
+        """``alpha``, or where it is ``None`` the default of the preset's penalty (the one
+        place that default lives): 0.1 for the auto penalty, 0.01 for the fixed one."""
         if self.alpha is not None:
             return self.alpha
-        return 0.1 if self.penalty_mode == "auto" else 0.01
+        return 0.1 if self.rule.penalty_mode == "auto" else 0.01
 
     def check(self, section: str = "dimgrow") -> None:
         """The ranges of :attr:`BOUNDS`, as a run checks them (one line naming the setting)."""
@@ -220,11 +228,6 @@ class DimGrowConfig:
                 "need 0 <= shrink_threshold < grow_threshold <= 1, got "
                 f"{self.shrink_threshold} and {self.grow_threshold}",
             ),
-            (self.grow_patience >= 1, f"grow_patience must be >= 1, got {self.grow_patience}"),
-            (
-                self.shrink_patience >= 1,
-                f"shrink_patience must be >= 1, got {self.shrink_patience}",
-            ),
             (self.check_interval >= 1, f"check_interval must be >= 1, got {self.check_interval}"),
             (self.gate_every >= 1, f"gate_every must be >= 1, got {self.gate_every}"),
             (
@@ -234,29 +237,9 @@ class DimGrowConfig:
             (self.capacity_slack_blocks >= 0, "capacity_slack_blocks must be >= 0"),
             (self.alpha is not None and self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (
-                self.grow_price_exponent >= 0,
-                f"grow_price_exponent must be >= 0, got {self.grow_price_exponent}",
-            ),
-            (self.penalty_mode in ("auto", "fixed"), f"unknown penalty_mode {self.penalty_mode}"),
-            (
-                self.penalty_weighting in ("bytes", "uniform"),
-                f"unknown penalty_weighting {self.penalty_weighting}",
-            ),
-            (self.final_gates in ("epoch", "step"), f"unknown final_gates {self.final_gates}"),
-            (self.shrink_slot in ("lowest", "last"), f"unknown shrink_slot {self.shrink_slot}"),
-            (
-                self.eval_mixing in ("mean", "shuffle", "off"),
-                f"unknown eval_mixing {self.eval_mixing}",
-            ),
-            (
                 self.budget is None or self.budget > 0,
                 f"budget must be > 0 (a fraction in (0, 1] or bytes > 1), got {self.budget}",
             ),
-            (
-                self.budget_pressure >= 0,
-                f"budget_pressure must be >= 0, got {self.budget_pressure}",
-            ),
-            (0.0 <= self.auto_ema < 1.0, f"auto_ema must be in [0, 1), got {self.auto_ema}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -267,11 +250,48 @@ class DimGrowConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DimGrowConfig:
+        """A config from its dict; a removed setting is dropped if it holds the value the
+        search now uses (:func:`drop_retired`), an unknown key is refused."""
+        values = drop_retired(values, "DimGrowConfig")
         known = {f for f in cls.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"DimGrowConfig: unknown keys {unknown}")
         return cls(**values)
+
+
+def drop_retired(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` without the removed settings; one that differs from what the search now
+    uses (under the preset ``values`` names) raises ``ValueError`` naming it."""
+    preset = str(values.get("preset", "dimgrow"))
+    out = {}
+    for name, value in values.items():
+        if name not in RETIRED and name not in SearchRule.__dataclass_fields__:
+            out[name] = value
+            continue
+        now = retired_value(name, preset if preset in PRESETS else "dimgrow")
+        if _same(value, now):
+            continue
+        having = [p for p in PRESETS if name not in RETIRED and _same(value, retired_value(name, p))]
+        hint = (
+            f'dimgrow.preset = "{having[0]}" has it'
+            if having
+            else 'see benchmarks/ablations.md, "Settings that were removed"'
+        )
+        raise ValueError(f"{where}: {name} = {value!r} is no longer a setting (it is {now!r} now; {hint})")
+    return out
+
+
+def _same(value: Any, now: Any) -> bool:
+    """``value`` (as a config file or ``--set`` gives it) equals ``now``."""
+    if isinstance(now, bool):
+        return str(value).lower() in (("true", "1", "yes") if now else ("false", "0", "no"))
+    if isinstance(now, (int, float)):
+        try:
+            return float(value) == float(now)
+        except (TypeError, ValueError):
+            return False
+    return str(value) == str(now)
 
 
 _UNITS = {

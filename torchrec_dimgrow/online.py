@@ -4,7 +4,7 @@ What a published model computes, exactly
 ----------------------------------------
 A DimGrow collection with ``align="project"`` turns the active columns ``x_c`` of feature
 ``f`` (slot ``c``, gate ``g_c``) into ``sum_c (g_c x_c + (1 - g_c) n_c) W_f[c]``, where the
-noise ``n_c`` is, in ``eval()`` with the default ``eval_mixing="mean"``, the *batch* mean of
+noise ``n_c`` is, in ``eval()`` with the default rule (``SearchRule.eval_mixing="mean"``), the *batch* mean of
 column ``c``: a score that depends on the other rows of the batch, which no per-request
 serving model can reproduce. The published model therefore fixes the noise at ``mu_c``, the
 mean of column ``c`` over the rows the trainer scored since the last dim change

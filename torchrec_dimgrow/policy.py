@@ -19,7 +19,7 @@ class DimChange:
     """One logical-dim change of one table.
 
     ``slot`` is the 0-based slot that appears (grow: always the new last slot) or that
-    is removed (shrink: the lowest-gate slot, or the last one with ``shrink_slot="last"``).
+    is removed (shrink: the lowest-gate slot, or the last one under the "paper" preset).
     """
 
     table: int
@@ -63,10 +63,10 @@ def decide(
     Args:
         gates: importance per table and slot (at least ``dims[t]`` values per table).
         state: current dims and counters (not modified).
-        config: thresholds, patience, ``max_total_dim`` and shrink-slot choice.
+        config: thresholds, and the preset's ``max_total_dim`` and shrink-slot choice.
         d_max: per-table cap (defaults to ``config.d_max`` for all).
         costs: bytes one logical dim of each table costs (rows x bytes per value); needed
-            with ``budget``, and what ``grow_price_exponent`` prices (without them every
+            with ``budget``, and what the preset's ``grow_price_exponent`` prices (without them every
             table gets ``grow_threshold``).
         budget: most bytes the logical dims may take (``None``: no byte cap). Growths are
             then admitted by :func:`admit_growth`.
@@ -80,6 +80,7 @@ def decide(
     if len(gates) != len(state.dims):
         raise ValueError(f"decide: {len(gates)} gate rows for {len(state.dims)} tables")
     caps = list(d_max) if d_max is not None else [config.d_max] * len(state.dims)
+    rule = config.rule
     bars = grow_bars(state.dims, costs, config)
     new = state.copy()
     shrinks: list[DimChange] = []
@@ -93,10 +94,10 @@ def decide(
         rows.append(active)
         new.up[t] = new.up[t] + 1 if all(v > bars[t] for v in active) else 0
         new.down[t] = new.down[t] + 1 if min(active) < config.shrink_threshold else 0
-        if new.up[t] >= config.grow_patience and d < caps[t]:
+        if new.up[t] >= 1 and d < caps[t]:
             candidates.append(t)
-        elif new.down[t] >= config.shrink_patience and d > 1:
-            if config.shrink_slot == "lowest":
+        elif new.down[t] >= 1 and d > 1:
+            if rule.shrink_slot == "lowest":
                 slot = min(range(d), key=lambda k: (active[k], -k))
             else:
                 slot = d - 1
@@ -107,7 +108,7 @@ def decide(
         grown = []
         total = sum(new.dims)
         for t in candidates:
-            if total < config.max_total_dim:
+            if total < rule.max_total_dim:
                 grown.append(t)
                 total += 1
         released: list[DimChange] = []
@@ -121,7 +122,7 @@ def decide(
             costs,
             budget,
             config.final_threshold,
-            config.max_total_dim,
+            rule.max_total_dim,
             frozen=[ch.table for ch in shrinks],
         )
     for ch in released:
@@ -134,7 +135,7 @@ def decide(
 
 
 def grow_bars(dims: Sequence[int], costs: Sequence[int] | None, config: DimGrowConfig) -> list[float]:
-    """Each table's growth bar (see ``DimGrowConfig.grow_price_exponent``).
+    """Each table's growth bar (see ``SearchRule.grow_price_exponent``).
 
     The bar's height above the export threshold scales with the table's price relative to
     the mean active slot (the normalisation of the bytes penalty), and never exceeds
@@ -142,7 +143,7 @@ def grow_bars(dims: Sequence[int], costs: Sequence[int] | None, config: DimGrowC
     dearer one keeps the paper's bar. With exponent 0, or without ``costs`` (a caller that
     prices nothing, e.g. a unit test of the rule), every table gets ``grow_threshold``.
     """
-    gamma = config.grow_price_exponent
+    gamma = config.rule.grow_price_exponent
     if gamma == 0 or costs is None:
         return [config.grow_threshold] * len(dims)
     if len(costs) != len(dims):

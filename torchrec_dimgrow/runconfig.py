@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 from torchrec_dimgrow.bounds import AT_LEAST_1, MAX_DIM, NON_NEGATIVE, Bound, check_bounds
-from torchrec_dimgrow.config import DimGrowConfig, StreamConfig, TrainConfig, parse_budget
+from torchrec_dimgrow.config import (
+    RETIRED,
+    DimGrowConfig,
+    SearchRule,
+    StreamConfig,
+    TrainConfig,
+    drop_retired,
+    parse_budget,
+)
 from torchrec_dimgrow.data import FORMATS
 from torchrec_dimgrow.data.blocks import BlockConfig
 from torchrec_dimgrow.distributed.planning import PlanningConfig
@@ -246,6 +254,7 @@ def build(cls: type, settings: Settings) -> Any:
     sections: dict[str, Any] = section_types(cls)
     known = keys(cls)
     derived = getattr(cls, "DERIVED", {})
+    settings = _without_retired(settings)
     for key, (where, _) in settings.items():
         section = key.split(".", 1)[0]
         if "." not in key or section not in sections:
@@ -287,6 +296,25 @@ def build(cls: type, settings: Settings) -> Any:
         if check is not None:
             check(section)
     return cls(**built)
+
+
+def _without_retired(settings: Settings) -> Settings:
+    """``settings`` without the removed ``dimgrow`` settings that hold the value the search
+    now uses (an older ``config.json`` records them all); one that holds another value is
+    refused, naming it and where it came from."""
+    preset = next((v for k, (_, v) in settings.items() if k == "dimgrow.preset"), "dimgrow")
+    for key, (where, value) in settings.items():
+        if _retired(key):
+            try:
+                drop_retired({"preset": preset, key.split(".", 1)[1]: value}, where)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from exc
+    return {k: v for k, v in settings.items() if not _retired(k)}
+
+
+def _retired(key: str) -> bool:
+    section, _, name = key.partition(".")
+    return section == "dimgrow" and (name in RETIRED or name in SearchRule.__dataclass_fields__)
 
 
 def _unknown(where: str, key: str) -> str:

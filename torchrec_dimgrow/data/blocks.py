@@ -7,7 +7,7 @@ the cumulative train lookup mass first reaches each of ``BlockConfig.mass`` (def
 90%, 99%: a head, two middle blocks and the tail, so at most 4 blocks); the shared bucket 0
 counts in the first block. A cut that would leave a block with fewer than
 ``BlockConfig.min_rows`` rows is dropped (merged into the block below), so a small field
-stays one block and no block is so short that its rows cap its dim (``cap_dims_at_rows``).
+stays one block and no block is so short that its rows cap its dim (``SearchRule.cap_dims_at_rows``).
 
 The boundaries are stored with the vocab (``vocab.json`` and ``meta.json`` ``"blocks"``), so
 search, retrain, evaluate and export cut the same ids; data built in memory (no vocab:

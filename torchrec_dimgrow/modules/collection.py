@@ -32,7 +32,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_dimgrow.budget import budget_price, check_budget, resolve_budget, start_dims
+from torchrec_dimgrow.budget import check_budget, resolve_budget, start_dims
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
 from torchrec_dimgrow.modules.post_process import DimGrowPostProcess
@@ -110,12 +110,12 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
             if not t.feature_names:
                 t.feature_names = [t.name]
         # Widths the tables may be presented at; the budget's "fraction of the d_max model"
-        # refers to these, before the row cap (see DimGrowConfig.cap_dims_at_rows).
+        # refers to these, before the row cap (see SearchRule.cap_dims_at_rows).
         self._width_caps = [
             cfg.d_max if align == "raw" else min(cfg.d_max, t.embedding_dim) for t in self._user_configs
         ]
         d_max = [
-            min(m, t.num_embeddings) if cfg.cap_dims_at_rows and align != "pad" else m
+            min(m, t.num_embeddings) if cfg.rule.cap_dims_at_rows and align != "pad" else m
             for m, t in zip(self._width_caps, self._user_configs)
         ]
         if align == "pad":
@@ -222,23 +222,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
     def penalty(self) -> torch.Tensor:
         """The gate regulariser to add to the loss of the gate (validation) step."""
-        return self.post.penalty(self.budget_price())
-
-    def budget_price(self) -> float:
-        """How much of the gate penalty applies under a byte budget: ``min(1, fill) ** p``.
-
-        ``fill`` is the bytes of the current logical dims over the budget and ``p`` is
-        ``config.budget_pressure``. Without a budget (or with ``p = 0``) it is 1: the
-        penalty alone decides the size. With a budget, the budget is the size target and
-        the penalty only sets the price per byte that decides *where* the bytes go: far
-        below the budget the price is low and useful fields keep growing, and at the
-        budget it is the full penalty, under which :func:`~torchrec_dimgrow.policy.admit_growth`
-        trades weak slots for stronger ones. Computed from the host-side dims (no device
-        read), so it is the same on every rank.
-        """
-        return budget_price(
-            self.embedding_bytes(physical=False), self.budget_bytes(), self.config.budget_pressure
-        )
+        return self.post.penalty()
 
     @contextlib.contextmanager
     def gate_step(self) -> Iterator[None]:
@@ -281,7 +265,7 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
 
     def observe_gate_gradient(self, grad: torch.Tensor) -> None:
         """Feed the gate gradient of a gate step to the "auto" penalty scale."""
-        self.post.observe_task_gradient(grad, self.budget_price())
+        self.post.observe_task_gradient(grad)
 
     def restore_widths(self, dims: Sequence[int], capacities: Sequence[int]) -> None:
         """Set logical dims and capacities before sharding (a resumed run's saved widths).

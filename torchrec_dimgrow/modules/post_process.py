@@ -27,6 +27,10 @@ from torchrec_dimgrow.modules.shuffle_gate import (
 )
 from torchrec_dimgrow.policy import capacity_for
 
+AUTO_EMA = 0.99
+"""EMA factor of the per-gate task gradient the auto penalty follows: about 100 gate steps,
+long enough to average out batch noise, short enough to follow the gates as they move."""
+
 
 @dataclass
 class _Layout:
@@ -117,7 +121,7 @@ class DimGrowPostProcess(nn.Module):
         self.out_dims = list(out_dims)
         self.d_max = list(d_max)
         n = len(table_names)
-        self.gate = ShuffleGate(n, max(d_max), config.tau, config.theta_init)
+        self.gate = ShuffleGate(n, max(d_max), config.tau)
         if initial is None:
             initial = [min(config.initial_dim or 1, m) for m in d_max]
         # The dims the search started from.
@@ -130,7 +134,7 @@ class DimGrowPostProcess(nn.Module):
         # "auto" starts at 0 and follows the observed task gradient: starting it at alpha
         # would hit fresh gates with an arbitrary first step that Adam's second moment then
         # remembers for hundreds of steps (every gate drifts down together in epoch 0).
-        initial_scale = float(config.penalty_alpha) if config.penalty_mode == "fixed" else 0.0
+        initial_scale = float(config.penalty_alpha) if config.rule.penalty_mode == "fixed" else 0.0
         self.register_buffer("penalty_scale", torch.tensor(initial_scale))
         self.register_buffer("task_grad_ema", torch.zeros(n, max(d_max)))
         rows = table_rows if table_rows is not None else [1] * n
@@ -220,7 +224,7 @@ class DimGrowPostProcess(nn.Module):
     def mixing_mode(self) -> str:
         if self.gates_bypassed:
             return "off"
-        return "shuffle" if self.training else self.config.eval_mixing
+        return "shuffle" if self.training else self.config.rule.eval_mixing
 
     def _layout_for(self, pooled: KeyedTensor, dims: list[int]) -> _Layout:
         """Index tensors of the active columns for this lookup layout, cached across steps."""
@@ -332,28 +336,24 @@ class DimGrowPostProcess(nn.Module):
         return x @ (g.unsqueeze(1) * rows) + noise @ ((1.0 - g).unsqueeze(1) * rows)
 
     def table_weights(self, tab_t: torch.Tensor) -> torch.Tensor | None:
-        """Per-table penalty weight (``penalty_weighting="bytes"``), mean 1 over active slots.
+        """Per-table penalty weight (``SearchRule.penalty_weighting="bytes"``), mean 1 over active slots.
 
         Normalising over the active slots (not over tables) keeps ``alpha`` meaning the
         same average bar as the uniform penalty; only the split between tables changes.
         """
-        if self.config.penalty_weighting == "uniform" or tab_t.numel() == 0:
+        if self.config.rule.penalty_weighting == "uniform" or tab_t.numel() == 0:
             return None
         rows = self.table_rows
         return rows / rows[tab_t].mean()
 
-    def penalty(self, price: float = 1.0) -> torch.Tensor:
-        """Scaled decaying-L1 gate penalty, ``price * penalty_scale * mean_active(w_t * g / k)``.
-
-        ``price`` is the budget's ramp
-        (:meth:`~torchrec_dimgrow.modules.collection.DimGrowEmbeddingBagCollection.budget_price`).
-        """
+    def penalty(self) -> torch.Tensor:
+        """Scaled decaying-L1 gate penalty, ``penalty_scale * mean_active(w_t * g / k)``."""
         _, _, tab_t, tab_s = self._index()
-        return (price * self.penalty_scale) * self.gate.penalty(tab_t, tab_s, self.table_weights(tab_t))
+        return self.penalty_scale * self.gate.penalty(tab_t, tab_s, self.table_weights(tab_t))
 
     # ----------------------------------------------------------------- auto penalty
     @torch.no_grad()
-    def observe_task_gradient(self, theta_grad_with_penalty: torch.Tensor, price: float = 1.0) -> None:
+    def observe_task_gradient(self, theta_grad_with_penalty: torch.Tensor) -> None:
         """Update the "auto" penalty scale from the gate gradient of the last gate step.
 
         The penalty's own share of ``theta.grad`` is known in closed form, so the task
@@ -372,12 +372,12 @@ class DimGrowPostProcess(nn.Module):
         n = float(tab_t.numel())
         weights = self.table_weights(tab_t)
         w = weights[tab_t] if weights is not None else torch.ones_like(g)
-        penalty_grad = (price * self.penalty_scale) * w * dg_dtheta / (k * n)
+        penalty_grad = self.penalty_scale * w * dg_dtheta / (k * n)
         task = theta_grad_with_penalty[tab_t, tab_s] - penalty_grad
         task_g = task / dg_dtheta.clamp_min(1e-4)
         ema = self.task_grad_ema
-        ema[tab_t, tab_s] = cfg.auto_ema * ema[tab_t, tab_s] + (1 - cfg.auto_ema) * task_g
-        if cfg.penalty_mode == "auto":
+        ema[tab_t, tab_s] = AUTO_EMA * ema[tab_t, tab_s] + (1 - AUTO_EMA) * task_g
+        if cfg.rule.penalty_mode == "auto":
             # In float64 then stored: the same value as ``alpha * n * float(mean)``, without
             # the host read (a device sync on an accelerator) that ``float()`` would be.
             mean = ema[tab_t, tab_s].abs().mean().double()
@@ -395,14 +395,14 @@ class DimGrowPostProcess(nn.Module):
 
     @torch.no_grad()
     def reset_gate_state(self) -> None:
-        """Every gate logit back to ``theta_init``, the auto penalty back to its start.
+        """Every gate logit back to its start (``g = 0.5``), the auto penalty back to its start.
 
         What a search that starts learn-first epochs needs: when it judges afterwards, the
         gates and the penalty's task-gradient average hold no evidence from before.
         """
         self.gate.theta.fill_(self.gate.theta_init)
         self.task_grad_ema.zero_()
-        if self.config.penalty_mode != "fixed":
+        if self.config.rule.penalty_mode != "fixed":
             self.penalty_scale.zero_()
 
     @torch.no_grad()

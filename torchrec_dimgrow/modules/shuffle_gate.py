@@ -314,7 +314,7 @@ class ShuffleGate(nn.Module):
         Later slots weigh less, so a field that already earned k dims pays less to keep
         dim k+1 (the DimGrow decaying L1). The mean (not sum) follows the reference code.
         ``table_weight`` (one value per table, default 1) lets a caller charge tables by
-        what a column costs them (see ``DimGrowConfig.penalty_weighting``).
+        what a column costs them (see ``SearchRule.penalty_weighting``).
         """
         if col_table.numel() == 0:
             return self.theta.sum() * 0.0

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from torchrec_dimgrow.config import drop_retired
 from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.errors import CheckpointError, UsageError
 from torchrec_dimgrow.manifest import Verified, compare_data, peek, select
@@ -45,8 +46,9 @@ PATH_KEYS = frozenset({"data.path"})
 BEHAVIOUR_BEFORE_SETTING = {"dimgrow.grow_price_exponent": 0.0, "dimgrow.cap_dims_at_rows": False}
 """What a search did before each of these settings existed (their defaults changed the rule).
 
-A checkpoint written before a setting was added records no value for it; resuming it must
-continue the rule it was searched with, not the newer default."""
+A checkpoint written before a setting was added (and before presets, which replaced them)
+records no value for it; it was searched with this value, which the current rule must match
+for the checkpoint to resume."""
 
 LEGACY_KEYS = {
     "data": "data.path",
@@ -94,8 +96,12 @@ def adopt_saved(cfg: SearchRunConfig, saved: Mapping[str, Any], explicit: Collec
     """``cfg`` with the checkpoint's settings; one the user gave that contradicts them is refused."""
     current = to_flat(cfg)
     sectioned = _sectioned(saved)
-    older = {k: v for k, v in BEHAVIOUR_BEFORE_SETTING.items() if k not in sectioned}
-    for key, value in sorted({**sectioned, **older}.items()):
+    older = {
+        k: v
+        for k, v in BEHAVIOUR_BEFORE_SETTING.items()
+        if k not in sectioned and "dimgrow.preset" not in sectioned
+    }
+    for key, value in sorted(_without_retired({**sectioned, **older}).items()):
         if key in RUN_CONTROL or key not in current:
             continue
         if key in explicit and _norm(key, current[key]) != _norm(key, value):
@@ -105,6 +111,23 @@ def adopt_saved(cfg: SearchRunConfig, saved: Mapping[str, Any], explicit: Collec
             )
         current[key] = value
     return from_flat(type(cfg), current)
+
+
+def _without_retired(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's settings without the removed ones (:data:`~torchrec_dimgrow.config.RETIRED`,
+    the preset's :class:`~torchrec_dimgrow.config.SearchRule`). A removed setting holding
+    another value than this version's rule would silently change the search it continues, so
+    the checkpoint is refused. One written before presets existed was searched by the
+    ``"dimgrow"`` rule (its settings say so), which it then names."""
+    prefix = "dimgrow."
+    dimgrow = {k.removeprefix(prefix): v for k, v in flat.items() if k.startswith(prefix)}
+    try:
+        kept = drop_retired(dimgrow, "checkpoint")
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}; resume it with the version that wrote it") from exc
+    kept.setdefault("preset", "dimgrow")  # written before presets: searched by this rule (checked above)
+    rest = {k: v for k, v in flat.items() if not k.startswith(prefix)}
+    return {**rest, **{prefix + k: v for k, v in kept.items()}}
 
 
 def _norm(key: str, value: Any) -> Any:

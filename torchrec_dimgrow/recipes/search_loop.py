@@ -47,7 +47,6 @@ from torchrec_dimgrow.distributed.env import DistEnv
 from torchrec_dimgrow.distributed.planning import PlanningConfig
 from torchrec_dimgrow.distributed.runtime import ShardedModel, shard_model
 from torchrec_dimgrow.errors import Interrupted, NonFiniteError
-from torchrec_dimgrow.gate_mean import SlotGateMean
 from torchrec_dimgrow.modules.tables import field_bytes
 from torchrec_dimgrow.optim import EmbeddingOptimizer
 from torchrec_dimgrow.policy import final_dims
@@ -105,15 +104,12 @@ class DimGrowSearch:
         self.controller = DimGrowController(
             {"": self.coll}, stores={"": self.store}, dense_optimizers=[self.dense_opt]
         )
-        # Each slot's mean gate over the current epoch (config.final_gates="epoch").
-        self.epoch_gates = SlotGateMean(tuple(self.coll.gate_values().shape))  # type: ignore[arg-type]
         self.trajectory: list[dict[str, Any]] = []
         self.checkpoints = CheckpointClient(
             self.dmp,
             {
                 "dense_opt": self.dense_opt,
                 "controller": self.controller,
-                "epoch_gates": self.epoch_gates,
                 **self._extra_stateful(),
             },
             env.rank,
@@ -193,7 +189,6 @@ class DimGrowSearch:
             return
         report = check.reports[""]
         changes = check.changes[""]
-        self.epoch_gates.apply(changes)
         if report.replanned:
             self._note_memory()
         self._log_trajectory(sorted({c.table for c in changes}))
@@ -295,8 +290,6 @@ class DimGrowSearch:
                     self._check_finite(loss)
                     bar.update(1)
                     self.after_check(check)
-                    if self.dg.final_gates == "epoch":  # the default export never reads the means
-                        self.epoch_gates.add(self.coll.gate_values(), self.coll.dims_list())
                     if self.opts.log_every and st.step % self.opts.log_every == 0:
                         self._log_trajectory()
                         if self.board is not None:
@@ -337,7 +330,7 @@ class DimGrowSearch:
         if st.learning:
             self._end_learning_epoch(metrics)
         elif st.early.update(metrics["auc"], st.epoch):
-            st.best_gates = self._selection_gates().tolist()
+            st.best_gates = self.coll.gate_values().tolist()
             st.best_dims = self.coll.dims_list()
         if self.env.is_main:
             log.info(
@@ -354,7 +347,6 @@ class DimGrowSearch:
             self._board_epoch(metrics)
         st.epoch += 1
         st.batch_in_epoch = 0
-        self.epoch_gates.reset()
         if self._learns_first():
             self._start_learning()
         if st.early.stop:
@@ -443,13 +435,6 @@ class DimGrowSearch:
             if dims[t]:
                 self.board.add_scalar(f"gates/{name}/min_active", float(gates[t, : dims[t]].min()), step)
         self.board.flush()
-
-    def _selection_gates(self) -> torch.Tensor:
-        """The gate table the exported dims are read from (see ``DimGrowConfig.final_gates``)."""
-        current = self.coll.gate_values()
-        if self.dg.final_gates == "epoch":
-            return self.epoch_gates.mean(current)
-        return current
 
     def save_checkpoint(self) -> None:
         if not all(bool(torch.isfinite(p.detach()).all()) for p in self.dense_opt.param_groups[0]["params"]):
