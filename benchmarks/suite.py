@@ -28,6 +28,10 @@ Per instance it reports:
   saves bytes. ``iso`` says where the AUC fell: ``above`` every uniform point caps the need
   at the largest uniform model (a lower bound on the ratio), ``below`` the smallest caps it
   at the smallest (an upper bound);
+* ``learnable``: whether any uniform point's test AUC is 2 standard errors above chance (see
+  :func:`learnable`). Where none is, the drawn teacher's signal is not reachable at this size:
+  every comparison there is noise and a search cannot learn what no model does, so the means,
+  the stall count and the ``beats_*`` counts are over the learnable instances only;
 * ``stalled``: seeds whose search stalled (see :func:`stalled`);
 * ``spearman``: rank correlation of found dims with the drawn ranks (0 for noise fields), mean
   over seeds where defined (neither side constant);
@@ -81,6 +85,7 @@ COLUMNS = [
     "margin",
     "iso_ratio",
     "iso",
+    "learnable",
     "stalled",
     "spearman",
     "dims_spread",
@@ -114,6 +119,17 @@ def stalled(history: Sequence[Mapping[str, float]]) -> bool:
     no_gain = max(aucs[1:]) <= aucs[0]
     no_growth = max(int(h["total_dim"]) for h in history[1:]) <= int(history[0]["total_dim"])
     return no_gain and no_growth
+
+
+def learnable(curve: Sequence[tuple[float, float]], labels: Any) -> bool:
+    """Whether the best uniform point's mean test AUC is clearly above chance: more than
+    ``LEARNED_Z`` (2) Hanley-McNeil standard errors of an AUC of 0.5 on this test split, the
+    bar the search's own "learned" verdict uses on its validation split."""
+    from torchrec_dimgrow.training import LEARNED_Z, auc_standard_error
+
+    positives = int(labels.sum())
+    se = auc_standard_error(0.5, positives, len(labels) - positives)
+    return max(a for _, a in curve) > 0.5 + LEARNED_Z * se
 
 
 def is_stall(run: Mapping[str, Any]) -> bool:
@@ -266,6 +282,7 @@ def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, An
         "margin": round(margin, 4),
         "iso_ratio": round(iso_bytes / n_bytes, 3) if n_bytes > 0 else float("nan"),
         "iso": where,
+        "learnable": "yes" if learnable(curve, data.test.labels) else "no",
         "stalled": f"{sum(is_stall(r) for r in runs)}/{len(runs)}",
         "spearman": round(mean_std(rhos)[0], 3) if rhos else "",
         "dims_spread": round(dims_spread([r["dims"] for r in runs]), 3),
@@ -298,8 +315,10 @@ def full_norms(inst: Instance) -> dict[str, list[float]]:
     return dict(cached(path, lambda: retrain_scores(dims, inst.data, one, True))["norms"])
 
 
-def means_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Means over instances; the geometric mean of the iso-AUC ratio; counts of the flags."""
+def means_row(all_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Means over the learnable instances; the geometric mean of the iso-AUC ratio; counts of
+    the flags (an instance without ``learnable``, from an older record, counts as learnable)."""
+    rows = [r for r in all_rows if r.get("learnable", "yes") == "yes"]
 
     def mean(key: str, digits: int = 4) -> float | str:
         vals = [float(r[key]) for r in rows if r.get(key) not in ("", None)]
@@ -308,11 +327,12 @@ def means_row(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     ratios = [float(r["iso_ratio"]) for r in rows if float(r["iso_ratio"]) > 0]
     seeds = [tuple(map(int, str(r["stalled"]).split("/"))) for r in rows]
     out: dict[str, Any] = {"instance": "mean", "teacher": f"{len(rows)} instances"}
+    out["learnable"] = f"{len(rows)}/{len(all_rows)}"
     for key in ("fields", "noise", "ctr", "auc", "margin", "mde_margin", "prune_margin", "dims_spread"):
         out[key] = mean(key)
     out["spearman"] = mean("spearman", 3)
-    out["bytes"] = round(mean_std(float(r["bytes"]) for r in rows)[0])
-    out["bytes_spread"] = round(mean_std(float(r["bytes_spread"]) for r in rows)[0])
+    out["bytes"] = round(mean_std(float(r["bytes"]) for r in rows)[0]) if rows else ""
+    out["bytes_spread"] = round(mean_std(float(r["bytes_spread"]) for r in rows)[0]) if rows else ""
     out["iso_ratio"] = round(math.exp(mean_std(math.log(x) for x in ratios)[0]), 3) if ratios else ""
     out["iso"] = (
         f"{sum(r['iso'] == 'above' for r in rows)} above, {sum(r['iso'] == 'below' for r in rows)} below"

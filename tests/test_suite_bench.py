@@ -84,6 +84,22 @@ def test_stalled_flags_chance_auc_and_a_search_that_neither_learns_nor_grows() -
     assert not suite.is_stall({"history": learned})  # a run cached before the verdict existed
 
 
+def test_an_instance_no_uniform_model_learns_is_left_out_of_the_means() -> None:
+    import numpy as np
+
+    labels = np.array([1] * 100 + [0] * 900)  # SE of AUC 0.5 here: 0.0304; the bar 0.5608
+    assert suite.learnable([(100.0, 0.55), (200.0, 0.57)], labels)
+    assert not suite.learnable([(100.0, 0.55), (200.0, 0.56)], labels)
+    row = {"fields": 3, "noise": 0, "ctr": 0.1, "auc": 0.7, "margin": 0.01, "mde_margin": 0.0,
+           "prune_margin": 0.0, "dims_spread": 1.0, "spearman": 0.5, "bytes": 100, "bytes_spread": 0,
+           "iso_ratio": 2.0, "iso": "inside", "stalled": "0/3", "beats_mde": "yes", "beats_prune": "yes"}  # fmt: skip
+    noise = {**row, "learnable": "no", "margin": -0.5, "stalled": "3/3", "beats_mde": "no", "iso_ratio": 0.1}
+    means = suite.means_row([{**row, "learnable": "yes"}, noise, row])  # the last: an older record
+    assert means["learnable"] == "2/3" and means["margin"] == pytest.approx(0.01)
+    assert (means["stalled"], means["beats_mde"], means["iso_ratio"]) == ("0/6", "2/2", 2.0)
+    assert suite.means_row([noise])["learnable"] == "0/1"
+
+
 def test_spearman_is_undefined_on_a_constant_side() -> None:
     need = {"a": 0, "b": 1, "c": 4}
     assert suite.spearman({"a": 0, "b": 2, "c": 7}, need) == pytest.approx(1.0)
@@ -115,7 +131,8 @@ def test_bench_suite_runs_end_to_end_and_resumes_from_its_cache(tmp_path: Path) 
         assert x["beats_mde"] in ("yes", "no") and isinstance(x["prune_margin"], float)
         assert len(x["search_dims"][0]) == x["fields"] == len(x["need"])
         assert all(d <= 4 for d in x["search_dims"][0] + x["prune_dims"][0] + x["mde_dims"][0])
-    assert rows[2]["beats_prune"].endswith("/2")
+    kept = sum(x["learnable"] == "yes" for x in rows[:2])
+    assert rows[2]["learnable"] == f"{kept}/2" and rows[2]["beats_prune"].endswith(f"/{kept}")
     for ext in ("csv", "md", "png"):
         assert (tmp_path / "out" / f"suite_0.{ext}").stat().st_size > 100
     cache = sorted(p.name for p in (tmp_path / "work").rglob("*.json"))
