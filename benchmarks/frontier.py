@@ -16,7 +16,10 @@ the point's AUC (mean over search seeds of the mean over retrain seeds) minus th
 AUC interpolated linearly in log bytes between the two neighbouring uniform dims (beyond the
 ends, the nearest end's AUC: a conservative reference). It also reports how far the found
 dims move between search seeds: the mean absolute per-field difference over seed pairs and
-the bytes spread (max - min). Error bars: std over search seeds of the per-search mean
+the bytes spread (max - min), and the **iso-AUC bytes ratio**: the bytes uniform dims need for
+the point's AUC (monotone envelope of the curve, log-bytes interpolation) over the point's
+bytes, with ``iso`` saying whether the AUC fell inside the curve or above / below its ends (a
+lower / upper bound then). Error bars: std over search seeds of the per-search mean
 AUC (over retrain seeds where a point has one search, e.g. uniform dims).
 
 ``--fixed`` adds hand-picked allocations (per-field dims), retrained the same way, with
@@ -61,6 +64,7 @@ from _common import (
     dims_spread,
     embedding_bytes,
     fit_scale,
+    iso_auc_bytes,
     markdown_table,
     mean_std,
     quiet_logs,
@@ -79,6 +83,8 @@ COLUMNS = [
     "auc",
     "auc_std",
     "margin",
+    "iso_ratio",
+    "iso",
     "dims_spread",
     "bytes_spread",
     "runs",
@@ -205,6 +211,9 @@ def summarise(
     }
     if method != "uniform":
         row["margin"] = round(auc - uniform_reference(curve, mean_bytes), 4) if curve else ""
+        if curve and mean_bytes > 0:
+            iso_bytes, row["iso"] = iso_auc_bytes(curve, auc)
+            row["iso_ratio"] = round(iso_bytes / mean_bytes, 3)
         row["dims_spread"] = round(dims_spread([r["dims"] for r in runs]), 3)
         row["bytes_spread"] = max(sizes) - min(sizes)
     return row

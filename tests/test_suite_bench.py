@@ -170,5 +170,9 @@ def test_bench_frontier_adds_mde_and_pruning_at_each_dimgrow_point(tmp_path: Pat
     ]  # fmt: skip
     found, mde, pruned = rows[2:]
     assert pruned["bytes"] <= found["bytes"] and isinstance(pruned["margin"], float)
+    # the iso-AUC ratio is the bytes the uniform curve needs for the point's AUC over its bytes
+    curve = [(float(u["bytes"]), float(u["auc"])) for u in rows[:2]]
+    need, where = _common.iso_auc_bytes(curve, found["auc"])
+    assert found["iso"] == where and found["iso_ratio"] == pytest.approx(need / found["bytes"], rel=1e-2)
     assert mde["bytes"] <= found["bytes"] and all(0 <= int(d) <= 4 for d in mde["dims"].split())
     assert "norms" in json.loads((tmp_path / "work" / "fm-3000-d4" / "uniform4-r0.json").read_text())
