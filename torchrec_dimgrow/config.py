@@ -96,6 +96,11 @@ value (benchmarks/ablations.md, "Settings that were removed"). A config file or 
 that names one is read when it holds this value, and refused otherwise."""
 
 
+def is_retired(name: str) -> bool:
+    """Whether ``name`` is a removed ``DimGrowConfig`` setting (fixed, or fixed by the preset)."""
+    return name in RETIRED or name in SearchRule.__dataclass_fields__
+
+
 def retired_value(name: str, preset: str) -> Any:
     """What a removed setting ``name`` is under ``preset`` (KeyError: not a removed one)."""
     return RETIRED[name] if name in RETIRED else getattr(PRESETS[preset], name)
@@ -266,7 +271,7 @@ def drop_retired(values: dict[str, Any], where: str) -> dict[str, Any]:
     preset = str(values.get("preset", "dimgrow"))
     out = {}
     for name, value in values.items():
-        if name not in RETIRED and name not in SearchRule.__dataclass_fields__:
+        if not is_retired(name):
             out[name] = value
             continue
         now = retired_value(name, preset if preset in PRESETS else "dimgrow")

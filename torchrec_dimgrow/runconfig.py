@@ -25,12 +25,11 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 from torchrec_dimgrow.bounds import AT_LEAST_1, MAX_DIM, NON_NEGATIVE, Bound, check_bounds
 from torchrec_dimgrow.config import (
-    RETIRED,
     DimGrowConfig,
-    SearchRule,
     StreamConfig,
     TrainConfig,
     drop_retired,
+    is_retired,
     parse_budget,
 )
 from torchrec_dimgrow.data import FORMATS
@@ -314,7 +313,7 @@ def _without_retired(settings: Settings) -> Settings:
 
 def _retired(key: str) -> bool:
     section, _, name = key.partition(".")
-    return section == "dimgrow" and (name in RETIRED or name in SearchRule.__dataclass_fields__)
+    return section == "dimgrow" and is_retired(name)
 
 
 def _unknown(where: str, key: str) -> str:
