@@ -327,8 +327,8 @@ def _child(args: list[str], limit_bytes: int | None = None) -> subprocess.Popen[
 
     def limits() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
-        # Ctrl-C as a terminal delivers it: a SIGINT ignored in this pytest process (left so by
-        # an earlier test or a library) would be inherited, and Python keeps an ignored SIGINT.
+        # Ctrl-C as a terminal delivers it: a pytest started in the background by a shell without
+        # job control has SIGINT ignored, the child would inherit that, and Python keeps it.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if limit_bytes is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
