@@ -21,6 +21,13 @@ blocks`` (the same over frequency blocks, each field the sum of its blocks' outp
 Single process, plain torch optimizers (Adagrad on tables, Adam on the rest); the sharded
 cost of re-planning is measured by the replan benchmark, not here.
 
+Page faults: glibc returns freed heap tops to the kernel once they pass its (adaptive) trim
+threshold, and a step that then allocates them again faults every page back in (~5 us a
+page on a VM). Whether that happens depends on the process's allocation history, so the
+count moves from run to run (0 to ~17k per step for the dim-16 DimGrow rows, 0 for plain);
+``MALLOC_TRIM_THRESHOLD_=4000000000 MALLOC_MMAP_THRESHOLD_=1000000000`` in the environment
+keeps every row's freed memory and measures the compute alone. Both are reported.
+
     python benchmarks/overhead.py                       # dims 1, 4, 8, 16 on a Criteo-shaped set
     python benchmarks/overhead.py --quick
 """
@@ -176,6 +183,9 @@ def measure(dim: int, data: Any, cfg: OverheadConfig, path: str = "summed") -> d
     dg, coll, plain = _models(data, dim, path)
     dg, plain = dg.to(dev), plain.to(dev)
     theta = coll.post.gate.theta
+    # What DimGrowController.step sets when driven with gate batches (the search's DARTS
+    # mode): the training backward skips the gate gradient that the gate step would drop.
+    coll.post.training_gate_grad = False
     dg_opts = _optimizers(dg, coll.ebc, exclude=[theta])
     plain_step = _step_fn(plain, _optimizers(plain, plain.sparse))
     dg_train = _step_fn(dg, dg_opts)

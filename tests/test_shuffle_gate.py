@@ -185,3 +185,53 @@ def test_feature_project_matches_mix_pad_and_batched_matmul(dims: tuple[int, ...
     assert torch.equal(weight.grad, torch.zeros_like(w0))
     if detached:
         torch.testing.assert_close(theta.grad, run(True)[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [(4, 4, 4), (4, 2, 3)])
+def test_feature_project_without_gate_grad_keeps_every_other_gradient(dims: tuple[int, ...]) -> None:
+    """``gate_grad=False`` (a training backward in DARTS mode): a zero gate gradient, the rest exact."""
+    d, w, batch = 4, 3, 32
+    rows = [f * d + k for f, n in enumerate(dims) for k in range(n)]
+    slot_rows = None if len(rows) == len(dims) * d else torch.tensor(rows)
+    torch.manual_seed(0)
+    x0, theta0, w0 = torch.randn(batch, len(rows)), torch.randn(len(rows)), torch.randn(len(dims), d, w)
+    grad = torch.randn(batch, len(dims) * w)
+
+    def run(gate_grad: bool) -> list[torch.Tensor]:
+        x, theta, weight = (t.clone().requires_grad_(True) for t in (x0, theta0, w0))
+        torch.manual_seed(1)
+        out = feature_project(x, torch.sigmoid(theta), weight, slot_rows, gate_grad=gate_grad)
+        out.backward(grad)
+        return [out.detach(), x.grad, weight.grad, theta.grad]
+
+    with_g, without = run(True), run(False)
+    for a, b in zip(with_g[:3], without[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert with_g[3].abs().sum() > 0 and torch.equal(without[3], torch.zeros_like(theta0))
+
+
+@pytest.mark.parametrize("gate_step", [False, True])
+def test_feature_project_groups_equal_the_sum_of_their_features(gate_step: bool) -> None:
+    """``groups``: each group's output (and every gradient) is that of summing its features after."""
+    n_feat, d, w, batch = 5, 4, 3, 32
+    group_of = torch.tensor([0, 2, 0, 1, 2])
+    torch.manual_seed(0)
+    x0, theta0, w0 = torch.randn(batch, n_feat * d), torch.randn(n_feat * d), torch.randn(n_feat, d, w)
+    grad = torch.randn(batch, 3 * w)
+
+    def run(grouped: bool) -> list[torch.Tensor]:
+        x = x0.clone().requires_grad_(not gate_step)
+        theta, weight = theta0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        g = torch.sigmoid(theta)
+        if grouped:
+            out = feature_project(x, g, weight, groups=group_of, n_groups=3)
+        else:
+            per = feature_project(x, g, weight).view(batch, n_feat, w)
+            out = per.new_zeros(batch, 3, w).index_add(1, group_of, per).view(batch, -1)
+        out.backward(grad)
+        grads = [theta.grad, weight.grad] + ([] if gate_step else [x.grad])
+        return [out.detach(), *grads]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -229,6 +229,31 @@ def test_single_loader_step_uses_the_training_gradient() -> None:
     assert theta.grad is None and not torch.equal(theta.detach(), before)
 
 
+def test_gate_batches_turn_the_training_gate_gradient_off_and_single_loader_back_on() -> None:
+    """DARTS mode drops the training backward's gate gradient, so it is not computed there;
+    a switch to single-loader mode turns it back on and steps the gates from the next call."""
+    model, handle, opt = _attached(DimGrowConfig(d_max=D, alpha=0.0, gate_lr=0.05))
+    theta = handle.gate_parameters()[0]
+
+    def train(step: int) -> None:
+        opt.zero_grad()
+        model(make_batch(step))[0].backward()
+        opt.step()
+
+    train(0)
+    assert theta.grad is not None and theta.grad.abs().sum() > 0  # on until a mode is seen
+    handle.step(make_batch(100))  # DARTS: a gate batch
+    train(1)
+    assert theta.grad is not None and not theta.grad.any()  # a zero gradient (DDP needs one)
+    before = theta.detach().clone()
+    handle.step()  # single-loader now: this step had no gate gradient, so it only switches
+    assert torch.equal(theta.detach(), before)
+    train(2)
+    assert theta.grad is not None and theta.grad.abs().sum() > 0
+    handle.step()
+    assert not torch.equal(theta.detach(), before)
+
+
 def test_local_search_grows_past_capacity_and_keeps_training() -> None:
     # Grow threshold below the initial gate value: every table grows at every check.
     cfg = DimGrowConfig(d_max=D, grow_threshold=0.3, shrink_threshold=0.001, check_interval=1)

@@ -157,16 +157,36 @@ class DimGrowController:
         steps the gates (``batch`` is ignored otherwise; :meth:`gate_due` says whether the
         next call will).
         """
+        single_loader = batch is None
         if not self.gate_due():  # the training gradient on the gates is stale by the next gate step
             self.clear_gate_grads()
+            self._training_gate_grad(single_loader)
             return self.end_step()
-        if batch is not None:
+        if not single_loader:
             if loss_fn is None:
                 raise ValueError("DimGrowController.step: a gate batch needs its loss_fn")
             self.gate_step(loss_fn, batch)
-        else:
+        elif self._training_gate_grad(True):
             self.gate_step_from_training_grad()
+        else:
+            # The last training backward ran without a gate gradient (a DARTS step came
+            # before): this call switches it back on, the next one steps the gates.
+            log.info(
+                "DimGrow: single-loader mode from the next step on (this step's gates had no training gradient)"
+            )
+        self._training_gate_grad(single_loader)
         return self.end_step()
+
+    def _training_gate_grad(self, on: bool) -> bool:
+        """Whether training backwards compute the gates' gradient (was it on?), then set it.
+
+        Only single-loader mode reads that gradient; in DARTS mode :meth:`gate_step` clears
+        it unread, so it is switched off there (a batch-sized product and sum per step).
+        """
+        was = all(t.collection.post.training_gate_grad for t in self.tracked)
+        for t in self.tracked:
+            t.collection.post.training_gate_grad = on
+        return was
 
     def gate_step(self, loss_fn: LossFn, batch: Any) -> float:
         """DARTS-style gate update: ``loss_fn(batch) + penalty`` moves the gates only.

@@ -6,9 +6,9 @@ over the block keys, on device and without a host sync (the global id ``id + fie
 finds its block by one ``searchsorted`` over every block's global start; the local id is
 ``id - block start``; one stable sort groups the values by (block, example) and a
 ``scatter_add`` counts the new lengths, so a bag whose ids fall in different blocks becomes
-one bag per block). :func:`sum_blocks` adds the pooled outputs of a field's blocks back
-into one feature per field, so a consumer still sees KJT in, KeyedTensor out, with the
-field keys. A configuration where no field is split runs neither: the remap returns its
+one bag per block). A :class:`~torchrec_dimgrow.modules.feature_groups.FeatureGroups`
+adds the pooled outputs of a field's blocks back into one feature per field, so a consumer
+still sees KJT in, KeyedTensor out, with the field keys. A configuration where no field is split runs neither: the remap returns its
 input and the collection's output is passed through, bit for bit.
 
 The remap itself reads nothing back to the host. The lookup behind it still needs the new
@@ -34,6 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
 from torchrec_dimgrow.data.blocks import FieldBlocks
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.feature_groups import FeatureGroups
 
 
 def remap_to_blocks(
@@ -111,62 +112,6 @@ class BlockRemap(nn.Module):
         )
 
 
-class BlockSum(nn.Module):
-    """Pooled outputs over the blocks -> one feature per field (the sum of its blocks).
-
-    Every block of a field must come out at the field's width (``align="pad"``/``"project"``;
-    a block at 0 dims contributes zeros there).
-    """
-
-    def __init__(self, blocks: FieldBlocks) -> None:
-        super().__init__()
-        self.fields = list(blocks.fields)
-        self.block_keys = blocks.names()
-        self.block_field = blocks.field_of()
-        self.split = blocks.split
-        self._key: tuple[object, ...] = ()
-        self._dest: torch.Tensor | None = None
-        self._widths: list[int] = []
-
-    def _plan(self, pooled: KeyedTensor) -> tuple[torch.Tensor, list[int]]:
-        keys, lengths = pooled.keys(), pooled.length_per_key()
-        key = (tuple(keys), tuple(lengths), pooled.values().device)
-        if self._dest is None or self._key != key:
-            if list(keys) != self.block_keys:
-                raise KeyError(f"BlockSum: expected the block keys {self.block_keys}, got {keys}")
-            widths: list[int] = [-1] * len(self.fields)
-            for f, w in zip(self.block_field, lengths):
-                if widths[f] not in (-1, w):
-                    raise ValueError(
-                        f"BlockSum: the blocks of field {self.fields[f]!r} have different widths; "
-                        "use align='pad' or 'project'"
-                    )
-                widths[f] = w
-            if len(set(lengths)) == 1:  # one common width: add whole blocks (B x blocks x w)
-                dest = list(self.block_field)
-            else:
-                starts = [sum(widths[:f]) for f in range(len(widths))]
-                dest = [starts[f] + k for f, w in zip(self.block_field, lengths) for k in range(w)]
-            self._dest = torch.tensor(dest, dtype=torch.int64, device=pooled.values().device)
-            self._widths, self._key = widths, key
-        return self._dest, self._widths
-
-    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
-        if not self.split:
-            return pooled
-        dest, widths = self._plan(pooled)
-        x = pooled.values()
-        if dest.numel() == len(self.block_keys):
-            # Block by block (a w-wide slice per index), not column by column: the latter
-            # scatters through a batch-sized index, several times slower on a CPU.
-            w = widths[0]
-            blocks = x.reshape(x.shape[0], -1, w)
-            out = x.new_zeros(x.shape[0], len(widths), w).index_add(1, dest, blocks).view(x.shape[0], -1)
-        else:
-            out = x.new_zeros(x.shape[0], sum(widths)).index_add(1, dest, x)
-        return KeyedTensor(keys=self.fields, length_per_key=widths, values=out)
-
-
 def block_tables(blocks: FieldBlocks, width: int | dict[str, int]) -> list[EmbeddingBagConfig]:
     """One table per block, at its field's width (a dict: per field)."""
     widths = width if isinstance(width, dict) else dict.fromkeys(blocks.fields, width)
@@ -204,12 +149,20 @@ class BlockDimGrowCollection(nn.Module):
         self.coll = DimGrowEmbeddingBagCollection(
             block_tables(blocks, width), config, align, is_weighted=is_weighted, device=device
         )
-        self.block_sum = BlockSum(blocks)
+        # None when no field is split: the collection's output is the fields' already.
+        self.field_sum = (
+            FeatureGroups(blocks.names(), blocks.fields, blocks.field_of()) if blocks.split else None
+        )
         if device is not None and torch.device(device).type != "meta":
             self.remap.to(device)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.block_sum(self.coll(self.remap(features)))
+        blocks = self.remap(features)
+        if isinstance(self.coll, DimGrowEmbeddingBagCollection):
+            # The block sum inside the collection: in training, inside its batched projection.
+            return self.coll(blocks, groups=self.field_sum)
+        pooled = self.coll(blocks)  # a plain collection put in its place (``swap.export``)
+        return pooled if self.field_sum is None else self.field_sum(pooled)
 
     def forward_summed(self, features: KeyedJaggedTensor) -> torch.Tensor:
         return self.coll.forward_summed(self.remap(features))

@@ -35,6 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_dimgrow.budget import check_budget, resolve_budget, start_dims
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
 from torchrec_dimgrow.modules.composed import ComposedEmbeddingBagCollection
+from torchrec_dimgrow.modules.feature_groups import FeatureGroups
 from torchrec_dimgrow.modules.post_process import DimGrowPostProcess
 from torchrec_dimgrow.modules.table_store import LocalTableStore, TableStore
 from torchrec_dimgrow.modules.tables import dim_cost, embedding_bytes, normal_init
@@ -151,8 +152,9 @@ class DimGrowEmbeddingBagCollection(ComposedEmbeddingBagCollection):
             self.post.to(dev)
 
     # ------------------------------------------------------------------ EBC API
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.post(self.ebc(features))
+    def forward(self, features: KeyedJaggedTensor, groups: FeatureGroups | None = None) -> KeyedTensor:
+        """The aligned pooled features; with ``groups``, summed into them (one output per group)."""
+        return self.post(self.ebc(features), groups)
 
     def apply(self, fn: Callable[[nn.Module], None]) -> DimGrowEmbeddingBagCollection:
         """``nn.Module.apply`` that keeps the gates and projections out of EBC init hooks.

@@ -17,6 +17,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_dimgrow.config import AlignMode, DimGrowConfig
+from torchrec_dimgrow.modules.feature_groups import FeatureGroups
 from torchrec_dimgrow.modules.shuffle_gate import (
     NoiseFn,
     ShuffleGate,
@@ -156,6 +157,12 @@ class DimGrowPostProcess(nn.Module):
         # Gates out of the forward (the raw columns, in training and eval): the search's
         # learn-first epochs (``recipes/search_loop.py``), where there is nothing to judge yet.
         self.gates_bypassed = False
+        # Whether a training backward computes the gates' gradient. Only the single-loader
+        # gate update reads it; the DARTS-style gate step clears it and takes its own on a
+        # validation batch, so there it is a batch-sized product and reduction thrown away
+        # (set by ``DimGrowController.step`` from the mode it is driven in). Off, the
+        # gates still get a (zero) gradient: DDP with a static graph expects one.
+        self.training_gate_grad = True
         # Optional maker of the training noise on the summed path (``shuffle_project``'s
         # ``noise_fn``): the online recipe shuffles the global batch across ranks with it.
         self.noise_fn: NoiseFn | None = None
@@ -255,25 +262,45 @@ class DimGrowPostProcess(nn.Module):
             x = x + 0.0 * g.sum()
         return x, g, lay, dims
 
-    def _mixed(self, pooled: KeyedTensor) -> tuple[torch.Tensor, _Layout, list[int]]:
-        """The active columns gate-mixed with their noise: one shuffle gather, one ``lerp``."""
-        x, g, lay, dims = self._active(pooled)
-        return shuffle_mix(x, g, self.mixing_mode()), lay, dims
-
     def _projection_rows(self, lay: _Layout) -> torch.Tensor:
         """``concat_f(W_f[:dim_f])``: the projection rows of every active column, in column order."""
         assert self.projection is not None
         return self.projection.flatten(0, 1).index_select(0, lay.slot_rows)
 
-    def forward(self, pooled: KeyedTensor) -> KeyedTensor:
+    def _gate_grad(self) -> bool:
+        """Whether this forward's backward must compute the gates' gradient (see ``__init__``)."""
+        return self.freeze_lookup or self.training_gate_grad
+
+    def forward(self, pooled: KeyedTensor, groups: FeatureGroups | None = None) -> KeyedTensor:
+        """Per-feature outputs; with ``groups``, summed into one output per group."""
         x, g, lay, dims = self._active(pooled)
         mode = self.mixing_mode()
         if self.align == "project" and lay.stacked and mode == "shuffle":
-            # Training at one common width: mixing, padding and the batched matmul in one node.
+            # Training at one common width: mixing, padding, the batched matmul and the
+            # group sum in one node.
             assert self.projection is not None
-            y = feature_project(x, g, self.projection, lay.pad_rows, weight_grad=not self.freeze_lookup)
+            y = feature_project(
+                x,
+                g,
+                self.projection,
+                lay.pad_rows,
+                weight_grad=not self.freeze_lookup,
+                gate_grad=self._gate_grad(),
+                groups=None if groups is None else groups.index(x.device),
+                n_groups=0 if groups is None else len(groups.groups),
+            )
+            if groups is not None:
+                widths = [self.out_dims[0]] * len(groups.groups)
+                return KeyedTensor(keys=groups.groups, length_per_key=widths, values=y)
             return KeyedTensor(keys=self.feature_names, length_per_key=self.output_dims(dims), values=y)
-        y = shuffle_mix(x, g, mode)
+        out = self._aligned(x, g, lay, dims, mode)
+        return out if groups is None else groups.sum(out)
+
+    def _aligned(
+        self, x: torch.Tensor, g: torch.Tensor, lay: _Layout, dims: list[int], mode: str
+    ) -> KeyedTensor:
+        """Mixed and aligned per-feature outputs, one op at a time (eval, ``"pad"``, ``"raw"``, mixed widths)."""
+        y = shuffle_mix(x, g, mode, gate_grad=self._gate_grad())
         width = sum(self.out_dims)
         if self.align == "pad":
             y = y.new_zeros(y.shape[0], width).index_copy(1, lay.pad_cols, y)
@@ -323,7 +350,8 @@ class DimGrowPostProcess(nn.Module):
                 f"got align={self.align!r} and widths {sorted(set(self.out_dims))}"
             )
         if self.align == "pad":
-            y, lay, _ = self._mixed(pooled)
+            x, g, lay, _ = self._active(pooled)
+            y = shuffle_mix(x, g, self.mixing_mode(), gate_grad=self._gate_grad())
             return y.new_zeros(y.shape[0], self.out_dims[0]).index_add(1, lay.col_s, y)
         x, g, lay, _ = self._active(pooled)
         rows = self._projection_rows(lay)
@@ -331,7 +359,14 @@ class DimGrowPostProcess(nn.Module):
         if mode == "off":
             return x @ rows
         if mode == "shuffle":
-            return shuffle_project(x, g, rows, weight_grad=not self.freeze_lookup, noise_fn=self.noise_fn)
+            return shuffle_project(
+                x,
+                g,
+                rows,
+                weight_grad=not self.freeze_lookup,
+                noise_fn=self.noise_fn,
+                gate_grad=self._gate_grad(),
+            )
         noise = shuffle_noise(x, mode)
         return x @ (g.unsqueeze(1) * rows) + noise @ ((1.0 - g).unsqueeze(1) * rows)
 

@@ -75,18 +75,20 @@ def shuffle_mix(
     g: torch.Tensor,
     mode: str = "shuffle",
     generator: torch.Generator | None = None,
+    gate_grad: bool = True,
 ) -> torch.Tensor:
     """Mix columns of ``x`` (B x C) with their noise copies using gates ``g`` (C).
 
     ``mode``: ``"shuffle"`` (training: a fresh per-column permutation, gradient stopped),
     ``"mean"`` (the expectation of the shuffled copy, the batch mean: deterministic),
-    ``"off"`` (identity: the raw columns).
+    ``"off"`` (identity: the raw columns). ``gate_grad=False``: ``g`` gets a zero gradient
+    without its batch-sized reduction (see :func:`shuffle_project`).
     """
     if mode == "off":
         return x
     noise = shuffle_noise(x, mode, generator)
     if torch.is_grad_enabled() and (x.requires_grad or g.requires_grad):
-        return _GateMix.apply(x, noise, g)
+        return _GateMix.apply(x, noise, g, gate_grad)
     return torch.lerp(noise, x, g)
 
 
@@ -100,20 +102,25 @@ class _GateMix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, noise: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x - noise, g)
+    def forward(
+        ctx: Any, x: torch.Tensor, noise: torch.Tensor, g: torch.Tensor, gate_grad: bool
+    ) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x - noise if gate_grad else None, g)
         return torch.lerp(noise, x, g)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:  # type: ignore[override]
         diff, g = ctx.saved_tensors
         grad_x = grad * g if ctx.needs_input_grad[0] else None
         grad_g = None
         if ctx.needs_input_grad[2]:
-            grad_g = (grad * diff).sum(0)
-            if g.dim() == 0:
-                grad_g = grad_g.sum()
-        return grad_x, None, grad_g
+            if diff is None:
+                grad_g = torch.zeros_like(g)
+            else:
+                grad_g = (grad * diff).sum(0)
+                if g.dim() == 0:
+                    grad_g = grad_g.sum()
+        return grad_x, None, grad_g, None
 
 
 def shuffle_project(
@@ -123,6 +130,7 @@ def shuffle_project(
     generator: torch.Generator | None = None,
     weight_grad: bool = True,
     noise_fn: NoiseFn | None = None,
+    gate_grad: bool = True,
 ) -> torch.Tensor:
     """``(g * x + (1 - g) * stopgrad(column_shuffle(x))) @ weight``: mixing and projection fused.
 
@@ -136,14 +144,16 @@ def shuffle_project(
     ``weight_grad=False`` reports a zero gradient for ``weight`` without computing it (a
     matmul saved), for a backward whose weight gradient the caller discards anyway (the
     DimGrow gate step). A zero rather than none: DDP with a static graph expects every
-    parameter to receive a gradient in every backward.
+    parameter to receive a gradient in every backward. ``gate_grad=False`` does the same for
+    ``g`` (no ``x - noise`` is kept, no batch-sized reduction): a training backward whose
+    gate gradient the DARTS-style gate step would drop unread.
 
     ``noise_fn`` (default :func:`column_shuffle` with ``generator``) makes the shuffled copy
     instead: it takes ``x`` (no gradient is taken through it) and returns a fresh B x C
     tensor, e.g. a shuffle of the global batch across ranks (the online recipe's
     world-size-invariant noise).
     """
-    return _ShuffleProject.apply(x, g, weight, generator, weight_grad, noise_fn)
+    return _ShuffleProject.apply(x, g, weight, generator, weight_grad, noise_fn, gate_grad)
 
 
 class _ShuffleProject(torch.autograd.Function):
@@ -162,6 +172,7 @@ class _ShuffleProject(torch.autograd.Function):
         generator: torch.Generator | None,
         weight_grad: bool,
         noise_fn: NoiseFn | None = None,
+        gate_grad: bool = True,
     ) -> torch.Tensor:
         x = x.contiguous()
         if noise_fn is not None:
@@ -169,7 +180,7 @@ class _ShuffleProject(torch.autograd.Function):
         else:
             mixed = column_shuffle(x, generator, out=torch.empty_like(x))
         # ``x - noise`` is only read by the gate gradient (not needed under no_grad).
-        diff = x - mixed if ctx.needs_input_grad[1] else None
+        diff = x - mixed if ctx.needs_input_grad[1] and gate_grad else None
         mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
         ctx.save_for_backward(diff, g, weight, mixed)
         ctx.weight_grad = weight_grad
@@ -178,10 +189,12 @@ class _ShuffleProject(torch.autograd.Function):
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         diff, g, weight, mixed = ctx.saved_tensors
         need_x, need_g, need_w = ctx.needs_input_grad[:3]
         grad_x = grad_g = grad_w = None
+        if need_g and diff is None:  # ``gate_grad=False``
+            need_g, grad_g = False, torch.zeros_like(g)
         if need_w:
             grad_w = mixed.t() @ grad if ctx.weight_grad else torch.zeros_like(weight)
         if need_x:
@@ -193,7 +206,7 @@ class _ShuffleProject(torch.autograd.Function):
             # Lookups detached (the gate step): sum_b (grad W^T) * diff = rowsum(W * (diff^T grad)),
             # the same matmul work without writing or reading any batch-sized tensor.
             grad_g = ((diff.t() @ grad) * weight).sum(1)
-        return grad_x, grad_g, grad_w, None, None, None
+        return grad_x, grad_g, grad_w, None, None, None, None
 
 
 def feature_project(
@@ -203,6 +216,9 @@ def feature_project(
     slot_rows: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     weight_grad: bool = True,
+    gate_grad: bool = True,
+    groups: torch.Tensor | None = None,
+    n_groups: int = 0,
 ) -> torch.Tensor:
     """Per-feature :func:`shuffle_project`: the mixed columns of feature ``f`` times ``weight[f]``.
 
@@ -216,16 +232,30 @@ def feature_project(
     and with ``weight_grad=False`` (a gate step: the caller discards it) the weight's
     gradient reads zero without its matmul and, with ``x`` detached, the gate gradient is
     ``sum_k (diff_f^T grad_f) * W_f`` (no batch-sized gradient of the mixed columns).
+    ``gate_grad=False`` reads a zero gate gradient, as in :func:`shuffle_project`.
+    ``groups`` (F group indices, ``n_groups`` groups) sums the projected features of each
+    group (a field's frequency blocks): the result is B x n_groups*w, added over whole
+    feature-major slabs before the one layout copy.
     """
-    return _FeatureProject.apply(x, g, weight, slot_rows, generator, weight_grad)
+    return _FeatureProject.apply(x, g, weight, slot_rows, generator, weight_grad, gate_grad, groups, n_groups)
 
 
 def _feature_major(t: torch.Tensor, n_feat: int) -> torch.Tensor:
-    """B x (F * k) -> the F x B x k view (no copy) that a batched matmul over features reads."""
-    return t.view(t.shape[0], n_feat, -1).transpose(0, 1)
+    """B x (F * k) -> F x B x k, copied contiguous: the layout a batched matmul over features
+    reads fastest on a CPU (a strided view costs it more than this copy, ~1 ms at 2048 x 624)."""
+    return t.view(t.shape[0], n_feat, -1).transpose(0, 1).contiguous()
+
+
+def _batch_major(t: torch.Tensor) -> torch.Tensor:
+    """F x B x k -> B x (F * k), row-major: what a KeyedTensor's consumer and the lookup's
+    backward expect (a column-major result would make every later elementwise op strided)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
 class _FeatureProject(torch.autograd.Function):
+    """Every batch-sized tensor in and out is row-major: the output, the gradient handed to
+    the lookup, and the saved ones. The matmuls read feature-major (F x B x k) copies."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -235,51 +265,73 @@ class _FeatureProject(torch.autograd.Function):
         slot_rows: torch.Tensor | None,
         generator: torch.Generator | None,
         weight_grad: bool,
+        gate_grad: bool = True,
+        groups: torch.Tensor | None = None,
+        n_groups: int = 0,
     ) -> torch.Tensor:
         x = x.contiguous()
         n_feat, d, w = weight.shape
         batch = x.shape[0]
         mixed = column_shuffle(x, generator, out=torch.empty_like(x))  # the noise, for now
-        diff = x - mixed if ctx.needs_input_grad[1] else None
+        diff = x - mixed if ctx.needs_input_grad[1] and gate_grad else None
         mixed.lerp_(x, g)  # noise + g * (x - noise), exact at g = 0 and 1
         if slot_rows is not None:
             mixed = mixed.new_zeros(batch, n_feat * d).index_copy_(1, slot_rows, mixed)
-        ctx.save_for_backward(diff, g, weight, mixed, slot_rows)
+        mixed_f = _feature_major(mixed, n_feat)  # F x B x d
+        keep = mixed_f if ctx.needs_input_grad[2] and weight_grad else None
+        ctx.save_for_backward(diff, g, weight, keep, slot_rows, groups)
         ctx.weight_grad = weight_grad
-        # W_f^T @ x_f^T (F x w x B): a long inner row beats x_f @ W_f (F x B x w) on a CPU.
-        out = torch.bmm(weight.transpose(1, 2), _feature_major(mixed, n_feat).transpose(1, 2))
-        return out.permute(2, 0, 1).reshape(batch, n_feat * w)
+        out_f = torch.bmm(mixed_f, weight)  # F x B x w
+        if groups is not None:
+            out_f = out_f.new_zeros(n_groups, batch, w).index_add_(0, groups, out_f)
+        return _batch_major(out_f)
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        diff, g, weight, mixed, slot_rows = ctx.saved_tensors
+    ) -> tuple[
+        torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None, None, None, None, None
+    ]:
+        diff, g, weight, mixed_f, slot_rows, groups = ctx.saved_tensors
         need_x, need_g, need_w = ctx.needs_input_grad[:3]
         n_feat = weight.shape[0]
         batch = grad.shape[0]
-        grad_f = _feature_major(grad, n_feat)  # F x B x w
+        if groups is None:
+            grad_f = _feature_major(grad, n_feat)  # F x B x w
+        else:  # every feature of a group gets the group's gradient
+            grad_f = _feature_major(grad, grad.shape[1] // weight.shape[2]).index_select(0, groups)
         grad_x = grad_g = grad_w = None
+        if need_g and diff is None:  # ``gate_grad=False``
+            need_g, grad_g = False, torch.zeros_like(g)
         if need_w:
-            if ctx.weight_grad:
-                grad_w = torch.bmm(_feature_major(mixed, n_feat).transpose(1, 2), grad_f)
-            else:
-                grad_w = torch.zeros_like(weight)
+            grad_w = (
+                torch.bmm(mixed_f.transpose(1, 2), grad_f) if ctx.weight_grad else torch.zeros_like(weight)
+            )
         if need_x:
-            grad_mixed = torch.bmm(weight, grad_f.transpose(1, 2)).permute(2, 0, 1).reshape(batch, -1)
+            grad_mixed_f = torch.bmm(grad_f, weight.transpose(1, 2))  # F x B x d
+            if slot_rows is None and not need_g:
+                # The layout copy and the gate scaling in one pass (B x F x d out).
+                scale = g.view(n_feat, 1, -1).expand_as(grad_mixed_f).transpose(0, 1)
+                grad_x = grad_f.new_empty(batch, n_feat, grad_mixed_f.shape[2])
+                torch.mul(grad_mixed_f.transpose(0, 1), scale, out=grad_x)
+                grad_x = grad_x.view(batch, -1)
+                return grad_x, grad_g, grad_w, None, None, None, None, None, None
+            grad_mixed = _batch_major(grad_mixed_f)  # B x F*d
             if slot_rows is not None:
                 grad_mixed = grad_mixed.index_select(1, slot_rows)
             if need_g:
                 grad_g = (diff * grad_mixed).sum(0)
             grad_x = grad_mixed.mul_(g)
         elif need_g:
+            # Lookups detached (the gate step): sum_b diff * (grad_f W_f^T) = rowsum(W_f * (diff_f^T grad_f)),
+            # one batched matmul and no batch-sized product.
             if slot_rows is not None:
-                diff = diff.new_zeros(batch, mixed.shape[1]).index_copy_(1, slot_rows, diff)
+                diff = diff.new_zeros(batch, n_feat * weight.shape[1]).index_copy_(1, slot_rows, diff)
             per_slot = (torch.bmm(_feature_major(diff, n_feat).transpose(1, 2), grad_f) * weight).sum(2)
             grad_g = per_slot.reshape(-1)
             if slot_rows is not None:
                 grad_g = grad_g.index_select(0, slot_rows)
-        return grad_x, grad_g, grad_w, None, None, None
+        return grad_x, grad_g, grad_w, None, None, None, None, None, None
 
 
 class ShuffleGate(nn.Module):
