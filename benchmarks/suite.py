@@ -389,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="suite seed: instance i is drawn from (seed, i)")
     p.add_argument("--instances", type=int, default=12)
+    p.add_argument(
+        "--first",
+        type=int,
+        default=0,
+        help="start at this instance (split a suite over processes sharing --work)",
+    )
     p.add_argument("--scale", default="default", help="tiny|small|default|large or ROWS,MAX_VOCAB")
     p.add_argument("--uniform", default="1,2,4,8,16")
     p.add_argument("--search-seeds", default="0,1,2")
@@ -441,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = init_distributed("gloo")
     start = time.perf_counter()
     try:
-        rows = [instance_row(i, args, env) for i in range(args.instances)]
+        rows = [instance_row(i, args, env) for i in range(args.first, args.instances)]
     finally:
         destroy_distributed()
     table = [*rows, means_row(rows)]

@@ -140,6 +140,11 @@ def test_bench_suite_runs_end_to_end_and_resumes_from_its_cache(tmp_path: Path) 
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "work").rglob("*.json")) == cache
     assert json.loads((tmp_path / "out" / "suite_0.json").read_text())["rows"][:2] == rows[:2]
+    # --first: a process that takes only the later instances (same cache) gives the same rows
+    part = bench("--first", "1")
+    assert part.returncode == 0, part.stderr[-3000:]
+    later = json.loads((tmp_path / "out" / "suite_0.json").read_text())["rows"]
+    assert [x["instance"] for x in later] == [1, "mean"] and later[0] == rows[1]
 
 
 def test_bench_suite_rejects_an_unlabelled_variant_and_a_bad_scale(
