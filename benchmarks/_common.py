@@ -254,12 +254,13 @@ def cached(path: Path, compute: Callable[[], dict]) -> dict:
 
 
 def retrain_scores(
-    dims: Mapping[str, int], data: Any, args: Any, norms_of_first: bool = False
+    dims: Mapping[str, int], data: Any, args: Any, norms_of_first: bool = False, blocks: Any = None
 ) -> dict[str, Any]:
     """Test and best-validation AUC of ``dims`` retrained once per ``args.retrain_seed_list``
     (``args.retrain_epochs``, ``args.batch_size``) and the wall time of them all; with
     ``norms_of_first`` also the column norms of the first seed's model (see
-    :func:`column_norms`), for pruning."""
+    :func:`column_norms`), for pruning. ``blocks``: ``dims`` are per frequency block of these
+    :class:`~torchrec_dimgrow.data.blocks.FieldBlocks`."""
     from torchrec_dimgrow.config import TrainConfig
     from torchrec_dimgrow.recipes.retrain import retrain
 
@@ -274,7 +275,7 @@ def retrain_scores(
         tc = TrainConfig(epochs=args.retrain_epochs, batch_size=args.batch_size, seed=s)
         with tempfile.TemporaryDirectory() as tmp:
             keep = norms_of_first and i == 0
-            m = retrain(dims, data, tc, out_dir=tmp if keep else None)
+            m = retrain(dims, data, tc, out_dir=tmp if keep else None, blocks=blocks)
             if keep:
                 out["norms"] = column_norms(Path(tmp))
         out["aucs"].append(float(m["test_auc"]))

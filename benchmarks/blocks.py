@@ -37,7 +37,7 @@ class BlocksBenchConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     seeds: list[int] = field(default_factory=lambda: [0])
     d_max: int = 16
-    budget: float = 0.25
+    budget: float = 0.25  # 0: no budget (the package default); uniform then runs at d_max / 4
     batch_size: int = 256
     search_epochs: int = 6
     retrain_epochs: int = 10
@@ -82,13 +82,13 @@ def search(
     from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
 
     if method == "uniform":
-        return dict.fromkeys(data.fields, round(cfg.budget * cfg.d_max)), None, 0.0
+        return dict.fromkeys(data.fields, round((cfg.budget or 0.25) * cfg.d_max)), None, 0.0
     from torchrec_dimgrow.config import DimGrowConfig
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     blocks = BlockConfig(enabled=True) if method == "blocks" else None
-    dg = DimGrowConfig(d_max=cfg.d_max, budget=cfg.budget)
+    dg = DimGrowConfig(d_max=cfg.d_max, budget=cfg.budget or None)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         opts = SearchOptions(Path(tmp), quiet=True, log_every=0, blocks=blocks)
@@ -156,7 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", default="0")
     p.add_argument("--d-max", type=int, default=16)
-    p.add_argument("--budget", type=float, default=0.25, help="fraction of the d_max model's bytes")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.25,
+        help="fraction of the d_max model's bytes (0: none, the package default)",
+    )
     p.add_argument("--search-epochs", type=int, default=6)
     p.add_argument("--retrain-epochs", type=int, default=10)
     p.add_argument("--zipf-rows", type=int, default=60_000)
@@ -202,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for ds in cfg.datasets:
             data = load_dataset(ds, cfg)
-            budgets[ds] = round(cfg.budget * 4 * cfg.d_max * sum(data.vocab_sizes))
+            budgets[ds] = round((cfg.budget or 0.25) * 4 * cfg.d_max * sum(data.vocab_sizes))
             for m in cfg.methods:
                 for seed in cfg.seeds:
                     t = time.perf_counter()

@@ -138,7 +138,7 @@ def is_stall(run: Mapping[str, Any]) -> bool:
     return not run.get("learned", True) or stalled(run["history"])
 
 
-def spearman(dims: Mapping[str, int], need: Mapping[str, int]) -> float | None:
+def spearman(dims: Mapping[str, float], need: Mapping[str, int]) -> float | None:
     """Spearman correlation of found dims with the drawn ranks; None where either is constant."""
     from scipy.stats import spearmanr
 
@@ -162,11 +162,13 @@ def margin_of(
 def search_run(data: Any, seed: int, args: argparse.Namespace, env: Any) -> dict[str, Any]:
     """One DimGrow search at the package defaults (plus ``--set``): found dims and history."""
     from torchrec_dimgrow.config import DimGrowConfig, TrainConfig
+    from torchrec_dimgrow.data.blocks import BlockConfig
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
 
     tc = TrainConfig(epochs=args.search_epochs, batch_size=args.batch_size, seed=seed)
     dg = DimGrowConfig(**{"d_max": args.d_max, **args.dimgrow_set})
+    blocks = BlockConfig(enabled=True) if args.blocks else None
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         res = run_search(
@@ -175,7 +177,7 @@ def search_run(data: Any, seed: int, args: argparse.Namespace, env: Any) -> dict
             tc,
             PlanningConfig(batch_size=args.batch_size),
             env,
-            SearchOptions(Path(tmp), quiet=True),
+            SearchOptions(Path(tmp), quiet=True, blocks=blocks),
         )
     history = [{k: h[k] for k in ("val_auc", "total_dim")} for h in res["metrics"]["history"]]
     return {
@@ -194,7 +196,11 @@ def instance_dir(args: argparse.Namespace) -> str:
 
 def variant_tag(args: argparse.Namespace) -> str:
     """The cache name of a searched variant (its search epochs, ``--label`` and ``--set``)."""
-    tag = f"dimgrow-e{args.search_epochs}" + (f"-{args.label}" if args.label else "")
+    tag = (
+        f"dimgrow-e{args.search_epochs}"
+        + ("-blocks" if args.blocks else "")
+        + (f"-{args.label}" if args.label else "")
+    )
     if not args.set:
         return tag
     return f"{tag}-{hashlib.sha1(';'.join(sorted(args.set)).encode()).hexdigest()[:8]}"
@@ -208,12 +214,31 @@ class Instance:
     vocab: dict[str, int]
     work: Path
     args: argparse.Namespace
+    blocks: Any = None  # FieldBlocks of a --blocks run: its searches' dims are per block
 
-    def retrained(self, name: str, dims: Mapping[str, int], keep_norms: bool = False) -> dict[str, Any]:
+    def retrained(
+        self, name: str, dims: Mapping[str, int], keep_norms: bool = False, blocks: Any = None
+    ) -> dict[str, Any]:
         """``dims`` retrained per retrain seed, cached as ``name`` (a rerun reads it back)."""
         path = self.work / f"{name}-r{self.args.retrain_seeds}.json"
-        scores = cached(path, lambda: retrain_scores(dims, self.data, self.args, keep_norms))
+        scores = cached(path, lambda: retrain_scores(dims, self.data, self.args, keep_norms, blocks))
         return {"dims": dict(dims), **scores}
+
+    def vocab_of(self, dims: Mapping[str, int]) -> dict[str, int]:
+        """Rows per table of an allocation (per block for a block search's dims)."""
+        if self.blocks is not None and set(dims) != set(self.vocab):
+            return dict(self.blocks.vocab())
+        return self.vocab
+
+    def field_dims(self, dims: Mapping[str, int]) -> dict[str, float]:
+        """Per field, its mean dim per row (a block search's blocks averaged by their rows)."""
+        vocab = self.vocab_of(dims)
+        if vocab is self.vocab:
+            return {f: float(d) for f, d in dims.items()}
+        rows = dict.fromkeys(self.vocab, 0.0)
+        for name, f in zip(self.blocks.names(), self.blocks.field_of()):
+            rows[self.blocks.fields[f]] += vocab[name] * dims.get(name, 0)
+        return {f: rows[f] / self.vocab[f] for f in self.vocab}
 
 
 def uniform_points(inst: Instance) -> tuple[list[tuple[float, float]], dict[int, dict[str, Any]]]:
@@ -232,7 +257,10 @@ def search_points(inst: Instance, env: Any) -> list[dict[str, Any]]:
     for s in inst.args.search_seed_list:
         path = inst.work / f"{variant_tag(inst.args)}-s{s}-search.json"
         found = cached(path, lambda s=s: search_run(inst.data, s, inst.args, env))  # type: ignore[misc]
-        runs.append({**found, **inst.retrained(f"alloc-{alloc_key(found['dims'])}", found["dims"])})
+        blocks = inst.blocks if inst.vocab_of(found["dims"]) is not inst.vocab else None
+        runs.append(
+            {**found, **inst.retrained(f"alloc-{alloc_key(found['dims'])}", found["dims"], blocks=blocks)}
+        )
         print(f"  instance {inst.work.name} search seed {s}: dims {list(found['dims'].values())}", flush=True)
     return runs
 
@@ -245,7 +273,7 @@ def reference_points(
     for ref in REFERENCES:
         out[ref] = []
         for r in runs:
-            n_bytes = embedding_bytes(inst.vocab, r["dims"])
+            n_bytes = embedding_bytes(inst.vocab_of(r["dims"]), r["dims"])
             dims = reference_dims(ref, inst.vocab, n_bytes, inst.args.d_max, norms)
             out[ref].append(inst.retrained(f"alloc-{alloc_key(dims)}", dims))
     return out
@@ -253,11 +281,16 @@ def reference_points(
 
 def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, Any]:
     """Every point of one instance, and its row."""
+    from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
     from torchrec_dimgrow.data.suite import draw_instance, summary
 
     data = draw_instance(args.seed, index, args.scale_value)
     inst = Instance(
-        data, dict(zip(data.fields, data.vocab_sizes)), args.work / instance_dir(args) / f"i{index}", args
+        data,
+        dict(zip(data.fields, data.vocab_sizes)),
+        args.work / instance_dir(args) / f"i{index}",
+        args,
+        field_blocks(data, BlockConfig(enabled=True)) if args.blocks else None,
     )
     vocab, need = inst.vocab, data.source["need"]
     curve, uniform = uniform_points(inst)
@@ -266,10 +299,10 @@ def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, An
     refs = reference_points(inst, runs, norms)
     points = [*uniform.values(), *runs, *(r for rr in refs.values() for r in rr)]
     compute_s = sum(float(r.get("wall_s", 0.0)) + float(r.get("search_s", 0.0)) for r in points)
-    auc, n_bytes, margin = margin_of(runs, vocab, curve)
+    auc, n_bytes, margin = margin_of(runs, inst.vocab_of(runs[0]["dims"]), curve)
     iso_bytes, where = iso_auc_bytes(curve, auc)
-    rhos = [x for x in (spearman(r["dims"], need) for r in runs) if x is not None]
-    sizes = [embedding_bytes(vocab, r["dims"]) for r in runs]
+    rhos = [x for x in (spearman(inst.field_dims(r["dims"]), need) for r in runs) if x is not None]
+    sizes = [embedding_bytes(inst.vocab_of(r["dims"]), r["dims"]) for r in runs]
     info = summary(data)
     row: dict[str, Any] = {
         "instance": index,
@@ -297,7 +330,7 @@ def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, An
         "source": {k: v for k, v in data.source.items() if k not in ("need", "zipf", "importance")},
     }
     for ref, ref_runs in refs.items():
-        ref_auc, ref_bytes, ref_margin = margin_of(ref_runs, vocab, curve)
+        ref_auc, ref_bytes, ref_margin = margin_of(ref_runs, vocab, curve)  # field-level allocations
         row[f"{ref}_auc"] = round(ref_auc, 4)
         row[f"{ref}_bytes"] = round(ref_bytes)
         row[f"{ref}_margin"] = round(ref_margin, 4)
@@ -407,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], help="DimGrowConfig override key=value (needs --label)"
     )
     p.add_argument("--label", default="", help="names this variant's rows, cache and output files")
+    p.add_argument(
+        "--blocks", action="store_true", help="search per frequency block (blocks.enabled; needs --label)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("runs/bench/suite"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -430,8 +466,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if args.instances < 1 or not args.search_seed_list or not args.retrain_seed_list or not args.uniform_list:
         p.error("--instances, --search-seeds, --retrain-seeds and --uniform must each give at least one")
-    if args.set and not args.label:
-        p.error("--set changes the search: give it a --label so its rows and cache are told apart")
+    if (args.set or args.blocks) and not args.label:
+        p.error("--set and --blocks change the search: give a --label so its rows and cache are told apart")
     return args
 
 

@@ -150,11 +150,36 @@ def test_bench_suite_runs_end_to_end_and_resumes_from_its_cache(tmp_path: Path) 
 def test_bench_suite_rejects_an_unlabelled_variant_and_a_bad_scale(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for argv, message in ((["--set", "alpha=0.05"], "--label"), (["--scale", "huge"], "ROWS,MAX_VOCAB")):
+    for argv, message in (
+        (["--set", "alpha=0.05"], "--label"),
+        (["--blocks"], "--label"),
+        (["--scale", "huge"], "ROWS,MAX_VOCAB"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             suite.parse_args(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert suite.parse_args(["--set", "alpha=0.05", "--label", "a"]).dimgrow_set == {"alpha": 0.05}
+
+
+def test_bench_suite_blocks_searches_per_block_and_counts_block_bytes(tmp_path: Path) -> None:
+    from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
+    from torchrec_dimgrow.data.suite import SCALES, draw_instance
+
+    env = child_env(PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    args = ["--instances", "1", "--scale", "tiny", "--search-seeds", "0", "--retrain-seeds", "0",
+            "--search-epochs", "2", "--retrain-epochs", "1", "--uniform", "1,4", "--d-max", "4",
+            "--blocks", "--label", "b", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "torchrec_dimgrow", "bench", "suite", *args],
+        cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "out" / "suite_0_b.json").read_text())["rows"][0]
+    blocks = field_blocks(draw_instance(0, 0, SCALES["tiny"]), BlockConfig(enabled=True))
+    assert blocks.split and len(row["search_dims"][0]) == len(blocks.names()) > row["fields"]
+    found = dict(zip(blocks.names(), row["search_dims"][0]))
+    assert row["bytes"] == _common.embedding_bytes(blocks.vocab(), found)
+    assert len(row["mde_dims"][0]) == len(row["prune_dims"][0]) == row["fields"]  # references per field
 
 
 def test_bench_frontier_adds_mde_and_pruning_at_each_dimgrow_point(tmp_path: Path) -> None:
