@@ -6,6 +6,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_dimgrow.config import DimGrowConfig
 from torchrec_dimgrow.modules import post_process
 from torchrec_dimgrow.modules.collection import DimGrowEmbeddingBagCollection
+from torchrec_dimgrow.modules.feature_groups import FeatureGroups
 from torchrec_dimgrow.modules.post_process import DimGrowPostProcess
 from torchrec_dimgrow.modules.table_store import LocalTableStore
 from torchrec_dimgrow.policy import DimChange
@@ -352,3 +353,16 @@ def test_bypassed_gates_pass_the_raw_columns_in_training_and_eval() -> None:
     out = m(features).values().sum()
     out.backward()  # the gates stay in the graph (DDP's static graph) with a zero gradient
     assert m.post.gate.theta.grad is not None and float(m.post.gate.theta.grad.abs().sum()) == 0.0
+
+
+def test_groups_over_other_features_are_refused_by_name() -> None:
+    tables = [
+        EmbeddingBagConfig(num_embeddings=10, embedding_dim=4, name=f"t{i}", feature_names=[f"f{i}"])
+        for i in range(2)
+    ]
+    coll = DimGrowEmbeddingBagCollection(tables, DimGrowConfig(d_max=4), align="project")
+    kjt = KeyedJaggedTensor(keys=["f0", "f1"], values=torch.tensor([1, 2]), lengths=torch.tensor([1, 1]))
+    with pytest.raises(KeyError, match="groups over"):
+        coll(kjt, groups=FeatureGroups(["f1", "f0"], ["g"], [0, 0]))
+    out = coll(kjt, groups=FeatureGroups(["f0", "f1"], ["g"], [0, 0]))
+    assert out.keys() == ["g"] and out.values().shape == (1, 4)

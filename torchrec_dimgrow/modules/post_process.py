@@ -273,6 +273,10 @@ class DimGrowPostProcess(nn.Module):
 
     def forward(self, pooled: KeyedTensor, groups: FeatureGroups | None = None) -> KeyedTensor:
         """Per-feature outputs; with ``groups``, summed into one output per group."""
+        if groups is not None and groups.features != self.feature_names:
+            raise KeyError(
+                f"DimGrowPostProcess: groups over {groups.features}, features are {self.feature_names}"
+            )
         x, g, lay, dims = self._active(pooled)
         mode = self.mixing_mode()
         if self.align == "project" and lay.stacked and mode == "shuffle":
