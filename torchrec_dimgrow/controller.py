@@ -158,15 +158,16 @@ class DimGrowController:
         next call will).
         """
         single_loader = batch is None
+        # For the next training backward; whether the last one computed the gate gradient.
+        had_training_grad = self._training_gate_grad(single_loader)
         if not self.gate_due():  # the training gradient on the gates is stale by the next gate step
             self.clear_gate_grads()
-            self._training_gate_grad(single_loader)
             return self.end_step()
         if not single_loader:
             if loss_fn is None:
                 raise ValueError("DimGrowController.step: a gate batch needs its loss_fn")
             self.gate_step(loss_fn, batch)
-        elif self._training_gate_grad(True):
+        elif had_training_grad:
             self.gate_step_from_training_grad()
         else:
             # The last training backward ran without a gate gradient (a DARTS step came
@@ -174,7 +175,6 @@ class DimGrowController:
             log.info(
                 "DimGrow: single-loader mode from the next step on (this step's gates had no training gradient)"
             )
-        self._training_gate_grad(single_loader)
         return self.end_step()
 
     def _training_gate_grad(self, on: bool) -> bool:

@@ -353,13 +353,12 @@ class DimGrowPostProcess(nn.Module):
                 "DimGrowPostProcess.summed needs align='pad' or 'project' with one common width, "
                 f"got align={self.align!r} and widths {sorted(set(self.out_dims))}"
             )
-        if self.align == "pad":
-            x, g, lay, _ = self._active(pooled)
-            y = shuffle_mix(x, g, self.mixing_mode(), gate_grad=self._gate_grad())
-            return y.new_zeros(y.shape[0], self.out_dims[0]).index_add(1, lay.col_s, y)
         x, g, lay, _ = self._active(pooled)
-        rows = self._projection_rows(lay)
         mode = self.mixing_mode()
+        if self.align == "pad":
+            y = shuffle_mix(x, g, mode, gate_grad=self._gate_grad())
+            return y.new_zeros(y.shape[0], self.out_dims[0]).index_add(1, lay.col_s, y)
+        rows = self._projection_rows(lay)
         if mode == "off":
             return x @ rows
         if mode == "shuffle":

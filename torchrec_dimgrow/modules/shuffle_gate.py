@@ -312,16 +312,15 @@ class _FeatureProject(torch.autograd.Function):
             if slot_rows is None and not need_g:
                 # The layout copy and the gate scaling in one pass (B x F x d out).
                 scale = g.view(n_feat, 1, -1).expand_as(grad_mixed_f).transpose(0, 1)
-                grad_x = grad_f.new_empty(batch, n_feat, grad_mixed_f.shape[2])
-                torch.mul(grad_mixed_f.transpose(0, 1), scale, out=grad_x)
-                grad_x = grad_x.view(batch, -1)
-                return grad_x, grad_g, grad_w, None, None, None, None, None, None
-            grad_mixed = _batch_major(grad_mixed_f)  # B x F*d
-            if slot_rows is not None:
-                grad_mixed = grad_mixed.index_select(1, slot_rows)
-            if need_g:
-                grad_g = (diff * grad_mixed).sum(0)
-            grad_x = grad_mixed.mul_(g)
+                out = grad_f.new_empty(batch, n_feat, grad_mixed_f.shape[2])
+                grad_x = torch.mul(grad_mixed_f.transpose(0, 1), scale, out=out).view(batch, -1)
+            else:
+                grad_mixed = _batch_major(grad_mixed_f)  # B x F*d
+                if slot_rows is not None:
+                    grad_mixed = grad_mixed.index_select(1, slot_rows)
+                if need_g:
+                    grad_g = (diff * grad_mixed).sum(0)
+                grad_x = grad_mixed.mul_(g)
         elif need_g:
             # Lookups detached (the gate step): sum_b diff * (grad_f W_f^T) = rowsum(W_f * (diff_f^T grad_f)),
             # one batched matmul and no batch-sized product.
