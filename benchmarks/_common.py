@@ -192,23 +192,34 @@ def fit_scale(
 
 
 def mde_allocation(
-    vocab: Mapping[str, int], n_bytes: float, d_max: int, alpha: float = 0.3
+    vocab: Mapping[str, int],
+    n_bytes: float,
+    d_max: int,
+    alpha: float = 0.3,
+    lookups: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """Mixed-dimension embeddings' power rule (Ginart et al., arXiv 1909.11810; ``md_solver``
-    in facebookresearch/dlrm): ``d_f = c * rows_f^-alpha``, rounded, at least 1, at most
-    ``d_max``, with the largest ``c`` whose bytes fit ``n_bytes``.
+    in facebookresearch/dlrm): ``d_t = c * (rows_t / lookups_t)^-alpha``, rounded, at least 1,
+    at most ``d_max``, with the largest ``c`` whose bytes fit ``n_bytes``.
 
-    Smaller tables get more dims; it uses no data beyond the table sizes, the first thing a
-    practitioner tries. Like ``md_solver`` it keeps every field at 1 dim or more while that
-    fits; below the all-ones bytes the floor goes and the rule's own rounding drops the fields
-    it gives under half a dim (the largest tables first), so the bytes still match.
+    Without ``lookups`` every table counts one (``md_solver``'s default): smaller tables get
+    more dims, from the table sizes alone, the first thing a practitioner tries. With
+    ``lookups`` (a table's training lookups, as for frequency blocks) a table's dims follow how
+    often each of its rows is read, the rule's intent: a hot block of a big table gets more
+    than its tail, and a block never read gets none. Like ``md_solver`` it keeps every read
+    table at 1 dim or more while that fits; below the all-ones bytes the floor goes and the
+    rule's own rounding drops the tables it gives under half a dim, so the bytes still match.
     """
-    floor = 1 if embedding_bytes(vocab, dict.fromkeys(vocab, 1)) <= n_bytes else 0
+    per_row = {t: (lookups[t] if lookups is not None else 1.0) / max(v, 1) for t, v in vocab.items()}
+    read = {t: v for t, v in vocab.items() if per_row[t] > 0}
+    floor = 1 if embedding_bytes(read, dict.fromkeys(read, 1)) <= n_bytes else 0
 
     def dims_at(c: float) -> dict[str, int]:
-        return {f: min(d_max, max(floor, round(c * v**-alpha))) for f, v in vocab.items()}
+        return {
+            t: 0 if per_row[t] <= 0 else min(d_max, max(floor, round(c * per_row[t] ** alpha))) for t in vocab
+        }
 
-    hi = 4.0 * d_max * max(vocab.values()) ** alpha  # dims_at(hi) is d_max everywhere
+    hi = 4.0 * d_max * max(p**-alpha for p in per_row.values() if p > 0)  # dims_at(hi): d_max
     return dims_at(fit_scale(dims_at, vocab, n_bytes, hi))
 
 

@@ -1,13 +1,22 @@
-"""Frequency blocks: field-level DimGrow vs DimGrow per frequency block vs uniform dims, at one budget.
+"""Frequency blocks: field-level DimGrow vs DimGrow per frequency block vs MDE vs uniform dims.
 
 For every dataset and seed: the field-level search and the block search (one table per
 frequency block, ``BlockConfig(enabled=True)``; the boundaries are the prepared data's, or
-for the synthetic Zipf data cut by the same rule from its train counts) run under the same
-byte budget (a fraction of the ``d_max`` model), then a fresh plain model is retrained at
-the found dims with the shared ``retrain`` recipe (per block: the same id remap in front of
-one stock table per kept block). "uniform" is every field at ``budget * d_max`` dims, the
-same bytes as the budget. Reported: found embedding bytes ``4 * sum rows * dim`` (per table),
-test AUC / log loss of the retrained model, search wall time.
+for the synthetic data cut by the same rule from its train counts) run under the same
+byte budget (a fraction of the ``d_max`` model; ``--budget 0``: none, the package default),
+then a fresh plain model is retrained at the found dims with the shared ``retrain`` recipe
+(per block: the same id remap in front of one stock table per kept block). Other methods:
+
+* ``mde``: Mixed-Dimension Embeddings' own block rule (Ginart et al.; ``md_solver``): the same
+  frequency blocks, ``d = c * rows_block^-alpha`` (alpha 0.3) at the bytes the block search of
+  the same seed found, so the two are compared at equal bytes;
+* ``uniform``: every field at ``budget * d_max`` dims; ``uniformK``: every field at K dims.
+  With two or more uniform points the summary adds each method's margin over the uniform curve
+  (linear in log bytes) and its iso-AUC bytes ratio.
+
+Reported: found embedding bytes ``4 * sum rows * dim`` (per table), test AUC / log loss of
+the retrained model, search wall time. ``--work DIR`` caches every run as JSON, so processes
+that split the methods or seeds share it and a last run with all of them only assembles.
 
     python benchmarks/blocks.py --quick --out /tmp/blocks       # zipf + movielens, 1 seed, short
     python benchmarks/blocks.py --datasets zipf --seeds 0,1,2 --out benchmarks/results
@@ -16,6 +25,8 @@ test AUC / log loss of the retrained model, search wall time.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -25,9 +36,21 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, markdown_table, mean_std, pm, quiet_logs, write_rows
+from _common import (
+    REPO,
+    cached,
+    iso_auc_bytes,
+    markdown_table,
+    mde_allocation,
+    mean_std,
+    pm,
+    quiet_logs,
+    uniform_reference,
+    write_rows,
+)
 
 METHODS = ["field", "blocks", "uniform"]
+MDE_ALPHA = 0.3  # md_solver's usual exponent (Ginart et al. report 0.1-0.4)
 DATA_ROOT = REPO.parent / "shared" / "data"
 
 
@@ -43,8 +66,10 @@ class BlocksBenchConfig:
     retrain_epochs: int = 10
     patience: int = 2
     zipf_rows: int = 60_000
+    shaped_rows: int = 1_000_000
     data_root: str = str(DATA_ROOT)
     cache_dir: str = ""
+    work: str = ""
 
 
 def load_dataset(name: str, cfg: BlocksBenchConfig) -> Any:
@@ -61,6 +86,12 @@ def load_dataset(name: str, cfg: BlocksBenchConfig) -> Any:
                 seed=0,
             )
         )
+    if name == "shaped":
+        from torchrec_dimgrow.data.synthetic import ShapedConfig, criteo_shaped
+
+        # Criteo's 39 fields (cardinalities / 200, Zipf ids), hidden needs 0-16: big tables
+        # whose few hot ids carry most lookups
+        return criteo_shaped(ShapedConfig(rows=cfg.shaped_rows, seed=0))
     if name == "movielens":
         from torchrec_dimgrow.data import prepare
 
@@ -81,8 +112,9 @@ def search(
     """Found dims (per field or per block), the blocks they are keyed by, and the search wall time."""
     from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
 
-    if method == "uniform":
-        return dict.fromkeys(data.fields, round((cfg.budget or 0.25) * cfg.d_max)), None, 0.0
+    if method.startswith("uniform"):
+        dim = int(method[len("uniform") :] or round((cfg.budget or 0.25) * cfg.d_max))
+        return dict.fromkeys(data.fields, dim), None, 0.0
     from torchrec_dimgrow.config import DimGrowConfig
     from torchrec_dimgrow.distributed.planning import PlanningConfig
     from torchrec_dimgrow.recipes.search import SearchOptions, run_search
@@ -104,12 +136,39 @@ def search(
     return res["dims"], fb, time.perf_counter() - start
 
 
+def mde_dims(data: Any, cfg: BlocksBenchConfig, n_bytes: float) -> tuple[dict[str, int], Any]:
+    """MDE's block rule at ``n_bytes``: the search's frequency blocks, each block's dims by how
+    often its rows are read in training (``md_solver`` with ``k`` = the block's lookups)."""
+    from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks, train_counts
+
+    fb = field_blocks(data, BlockConfig(enabled=True))
+    counts = train_counts(data.train.ids, data.vocab_sizes)
+    lookups = {}
+    names = iter(fb.names())
+    for c, starts, rows in zip(counts, fb.starts, fb.vocab_sizes):
+        for lo, hi in zip(starts, [*starts[1:], rows]):
+            lookups[next(names)] = float(c[lo:hi].sum())
+    return mde_allocation(fb.vocab(), n_bytes, cfg.d_max, MDE_ALPHA, lookups), fb
+
+
 def run_one(
-    method: str, data: Any, dataset: str, cfg: BlocksBenchConfig, seed: int, env: Any
+    method: str,
+    data: Any,
+    dataset: str,
+    cfg: BlocksBenchConfig,
+    seed: int,
+    env: Any,
+    block_bytes: float | None = None,
 ) -> dict[str, Any]:
     from torchrec_dimgrow.recipes.retrain import retrain
 
-    dims, fb, wall = search(method, data, cfg, seed, env)
+    if method == "mde":
+        if block_bytes is None:
+            raise ValueError("method 'mde' needs the block search of the same seed (list 'blocks' first)")
+        dims, fb = mde_dims(data, cfg, block_bytes)
+        wall = 0.0
+    else:
+        dims, fb, wall = search(method, data, cfg, seed, env)
     vocab = fb.vocab() if fb is not None else data.vocab()
     row: dict[str, Any] = {
         "dataset": dataset,
@@ -128,12 +187,34 @@ def run_one(
     return {**row, "test_auc": metrics["test_auc"], "test_logloss": metrics["test_logloss"]}
 
 
+def uniform_curve(runs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
+    """(bytes, mean test AUC) of every uniform method in ``runs`` (one dataset)."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        if r["method"].startswith("uniform"):
+            by.setdefault(r["method"], []).append(r)
+    return [
+        (mean_std(r["embedding_bytes"] for r in rs)[0], mean_std(r["test_auc"] for r in rs)[0])
+        for rs in by.values()
+    ]
+
+
 def summarise(runs: Sequence[dict[str, Any]], budgets: dict[str, int]) -> list[dict[str, Any]]:
     out = []
     for ds in dict.fromkeys(r["dataset"] for r in runs):
+        curve = uniform_curve([r for r in runs if r["dataset"] == ds])
         for m in dict.fromkeys(r["method"] for r in runs if r["dataset"] == ds):
             rs = [r for r in runs if r["dataset"] == ds and r["method"] == m]
             b, _ = mean_std(r["embedding_bytes"] for r in rs)
+            auc, _ = mean_std(r["test_auc"] for r in rs)
+            versus: dict[str, Any] = {}
+            if len(curve) >= 2:
+                iso, where = iso_auc_bytes(curve, auc)
+                versus = {
+                    "margin": round(auc - uniform_reference(curve, b), 4),
+                    "iso_ratio": round(iso / b, 2),
+                    "iso": where,
+                }
             out.append(
                 {
                     "dataset": ds,
@@ -145,9 +226,36 @@ def summarise(runs: Sequence[dict[str, Any]], budgets: dict[str, int]) -> list[d
                     "test_auc": pm(r["test_auc"] for r in rs),
                     "test_logloss": pm(r["test_logloss"] for r in rs),
                     "search_s": round(mean_std(r["search_wall_s"] for r in rs)[0], 1),
+                    **versus,
                 }
             )
     return out
+
+
+def cached_run(
+    method: str,
+    data: Any,
+    dataset: str,
+    cfg: BlocksBenchConfig,
+    seed: int,
+    env: Any,
+    block_bytes: float | None,
+) -> dict[str, Any]:
+    """:func:`run_one`, cached under ``cfg.work`` (keyed by everything the run depends on)."""
+    if not cfg.work:
+        return run_one(method, data, dataset, cfg, seed, env, block_bytes)
+    key = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("datasets", "methods", "seeds", "data_root", "cache_dir", "work")
+    }
+    tag = (
+        f"{dataset}-{method}-s{seed}-"
+        + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    )
+    return cached(
+        Path(cfg.work) / f"{tag}.json", lambda: run_one(method, data, dataset, cfg, seed, env, block_bytes)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--search-epochs", type=int, default=6)
     p.add_argument("--retrain-epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--zipf-rows", type=int, default=60_000)
+    p.add_argument("--shaped-rows", type=int, default=1_000_000, help="rows of the Criteo-shaped data")
+    p.add_argument("--work", default="", help="cache every run here (a rerun or a second process reuses it)")
     p.add_argument("--data-root", default=str(DATA_ROOT))
     p.add_argument("--cache-dir", default="")
     p.add_argument("--quick", action="store_true", help="1 seed, 3 search / 5 retrain epochs, 30k Zipf rows")
@@ -181,7 +292,10 @@ def config_from_args(args: argparse.Namespace) -> BlocksBenchConfig:
         budget=args.budget,
         search_epochs=args.search_epochs,
         retrain_epochs=args.retrain_epochs,
+        batch_size=args.batch_size,
         zipf_rows=args.zipf_rows,
+        shaped_rows=args.shaped_rows,
+        work=args.work,
         data_root=args.data_root,
         cache_dir=args.cache_dir,
     )
@@ -208,11 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for ds in cfg.datasets:
             data = load_dataset(ds, cfg)
             budgets[ds] = round((cfg.budget or 0.25) * 4 * cfg.d_max * sum(data.vocab_sizes))
+            block_bytes: dict[int, float] = {}
             for m in cfg.methods:
                 for seed in cfg.seeds:
                     t = time.perf_counter()
-                    runs.append(run_one(m, data, ds, cfg, seed, env))
-                    r = runs[-1]
+                    r = cached_run(m, data, ds, cfg, seed, env, block_bytes.get(seed))
+                    runs.append(r)
+                    if m == "blocks":
+                        block_bytes[seed] = r["embedding_bytes"]
                     print(
                         f"  {ds:9s} {m:7s} seed {seed}: {r['embedding_bytes'] / 1024:8.1f} KiB  "
                         f"test AUC {r['test_auc']:.4f}  ({time.perf_counter() - t:.0f}s)",
