@@ -30,10 +30,12 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
@@ -70,6 +72,7 @@ class BlocksBenchConfig:
     data_root: str = str(DATA_ROOT)
     cache_dir: str = ""
     work: str = ""
+    retrain_seeds: list[int] = field(default_factory=list)  # empty: each search's own seed
 
 
 def load_dataset(name: str, cfg: BlocksBenchConfig) -> Any:
@@ -151,6 +154,43 @@ def mde_dims(data: Any, cfg: BlocksBenchConfig, n_bytes: float) -> tuple[dict[st
     return mde_allocation(fb.vocab(), n_bytes, cfg.d_max, MDE_ALPHA, lookups), fb
 
 
+def allocate(
+    method: str, data: Any, cfg: BlocksBenchConfig, seed: int, env: Any, block_bytes: float | None
+) -> dict[str, Any]:
+    """One method's dims (per field or per block) and what they cost, before any retrain."""
+    if method == "mde":
+        if block_bytes is None:
+            raise ValueError("method 'mde' needs the block search of the same seed (list 'blocks' first)")
+        dims, fb = mde_dims(data, cfg, block_bytes)
+        wall = 0.0
+    else:
+        dims, fb, wall = search(method, data, cfg, seed, env)
+    vocab = fb.vocab() if fb is not None else data.vocab()
+    alloc: dict[str, Any] = {
+        "tables": len(vocab),
+        "search_wall_s": round(wall, 2),
+        "embedding_bytes": 4 * sum(vocab[t] * d for t, d in dims.items()),
+        "dims": dims,
+    }
+    if fb is not None:
+        alloc["blocks"] = fb.to_dict()
+    return alloc
+
+
+def retrain_alloc(alloc: dict[str, Any], data: Any, cfg: BlocksBenchConfig, seed: int) -> dict[str, float]:
+    """Test AUC / log loss of a fresh plain model at ``alloc``'s dims (retrain seed ``seed``)."""
+    from torchrec_dimgrow.data.blocks import FieldBlocks
+    from torchrec_dimgrow.recipes.retrain import retrain
+
+    if not any(alloc["dims"].values()):
+        return {"test_auc": float("nan"), "test_logloss": float("nan")}
+    fb = None
+    if "blocks" in alloc:
+        fb = FieldBlocks(list(data.fields), list(data.vocab_sizes), [alloc["blocks"][f] for f in data.fields])
+    metrics = retrain(alloc["dims"], data, _train_cfg(cfg, seed, cfg.retrain_epochs), blocks=fb)
+    return {"test_auc": metrics["test_auc"], "test_logloss": metrics["test_logloss"]}
+
+
 def run_one(
     method: str,
     data: Any,
@@ -160,31 +200,23 @@ def run_one(
     env: Any,
     block_bytes: float | None = None,
 ) -> dict[str, Any]:
-    from torchrec_dimgrow.recipes.retrain import retrain
-
-    if method == "mde":
-        if block_bytes is None:
-            raise ValueError("method 'mde' needs the block search of the same seed (list 'blocks' first)")
-        dims, fb = mde_dims(data, cfg, block_bytes)
-        wall = 0.0
-    else:
-        dims, fb, wall = search(method, data, cfg, seed, env)
-    vocab = fb.vocab() if fb is not None else data.vocab()
-    row: dict[str, Any] = {
+    """One search seed of one method: its dims, retrained once per retrain seed (cached under
+    ``cfg.work``); ``test_auc`` is the mean over the retrain seeds."""
+    tag = run_tag(dataset, method, seed, cfg)
+    alloc = cached_in(cfg, tag, lambda: allocate(method, data, cfg, seed, env, block_bytes))
+    seeds = cfg.retrain_seeds or [seed]
+    scores = [cached_in(cfg, f"{tag}-r{r}", lambda r=r: retrain_alloc(alloc, data, cfg, r)) for r in seeds]
+    keep = ("tables", "search_wall_s", "embedding_bytes", "dims", "blocks")
+    return {
         "dataset": dataset,
         "method": method,
         "seed": seed,
-        "tables": len(vocab),
-        "search_wall_s": round(wall, 2),
-        "embedding_bytes": 4 * sum(vocab[t] * d for t, d in dims.items()),
-        "dims": dims,
+        **{k: alloc[k] for k in keep if k in alloc},
+        "retrain_seeds": seeds,
+        "test_aucs": [x["test_auc"] for x in scores],
+        "test_auc": float(np.mean([x["test_auc"] for x in scores])),
+        "test_logloss": float(np.mean([x["test_logloss"] for x in scores])),
     }
-    if fb is not None:
-        row["blocks"] = fb.to_dict()
-    if not any(dims.values()):
-        return {**row, "test_auc": float("nan"), "test_logloss": float("nan"), "note": "every table dropped"}
-    metrics = retrain(dims, data, _train_cfg(cfg, seed, cfg.retrain_epochs), blocks=fb)
-    return {**row, "test_auc": metrics["test_auc"], "test_logloss": metrics["test_logloss"]}
 
 
 def uniform_curve(runs: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
@@ -219,7 +251,7 @@ def summarise(runs: Sequence[dict[str, Any]], budgets: dict[str, int]) -> list[d
                 {
                     "dataset": ds,
                     "method": m,
-                    "seeds": len(rs),
+                    "runs": f"{len(rs)}x{len(rs[0]['retrain_seeds'])}",
                     "tables": rs[0]["tables"],
                     "budget_KiB": round(budgets[ds] / 1024, 1),
                     "found_KiB": round(b / 1024, 1),
@@ -232,30 +264,17 @@ def summarise(runs: Sequence[dict[str, Any]], budgets: dict[str, int]) -> list[d
     return out
 
 
-def cached_run(
-    method: str,
-    data: Any,
-    dataset: str,
-    cfg: BlocksBenchConfig,
-    seed: int,
-    env: Any,
-    block_bytes: float | None,
-) -> dict[str, Any]:
-    """:func:`run_one`, cached under ``cfg.work`` (keyed by everything the run depends on)."""
-    if not cfg.work:
-        return run_one(method, data, dataset, cfg, seed, env, block_bytes)
-    key = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k not in ("datasets", "methods", "seeds", "data_root", "cache_dir", "work")
-    }
-    tag = (
-        f"{dataset}-{method}-s{seed}-"
-        + hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    )
-    return cached(
-        Path(cfg.work) / f"{tag}.json", lambda: run_one(method, data, dataset, cfg, seed, env, block_bytes)
-    )
+def run_tag(dataset: str, method: str, seed: int, cfg: BlocksBenchConfig) -> str:
+    """A run's cache name: what it is, and a hash of every setting its result depends on."""
+    skip = ("datasets", "methods", "seeds", "retrain_seeds", "data_root", "cache_dir", "work")
+    key = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{dataset}-{method}-s{seed}-{digest}"
+
+
+def cached_in(cfg: BlocksBenchConfig, tag: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()``, cached as ``cfg.work/tag.json`` when ``cfg.work`` is set."""
+    return cached(Path(cfg.work) / f"{tag}.json", compute) if cfg.work else compute()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--zipf-rows", type=int, default=60_000)
     p.add_argument("--shaped-rows", type=int, default=1_000_000, help="rows of the Criteo-shaped data")
+    p.add_argument(
+        "--retrain-seeds", default="", help="retrain every allocation with each (default: its search seed)"
+    )
     p.add_argument("--work", default="", help="cache every run here (a rerun or a second process reuses it)")
     p.add_argument("--data-root", default=str(DATA_ROOT))
     p.add_argument("--cache-dir", default="")
@@ -296,6 +318,7 @@ def config_from_args(args: argparse.Namespace) -> BlocksBenchConfig:
         zipf_rows=args.zipf_rows,
         shaped_rows=args.shaped_rows,
         work=args.work,
+        retrain_seeds=[int(s) for s in args.retrain_seeds.split(",") if s],
         data_root=args.data_root,
         cache_dir=args.cache_dir,
     )
@@ -326,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for m in cfg.methods:
                 for seed in cfg.seeds:
                     t = time.perf_counter()
-                    r = cached_run(m, data, ds, cfg, seed, env, block_bytes.get(seed))
+                    if m.startswith("uniform") and cfg.retrain_seeds and seed != cfg.seeds[0]:
+                        continue  # its dims do not depend on the search seed: once per retrain seed
+                    r = run_one(m, data, ds, cfg, seed, env, block_bytes.get(seed))
                     runs.append(r)
                     if m == "blocks":
                         block_bytes[seed] = r["embedding_bytes"]
