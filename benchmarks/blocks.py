@@ -8,8 +8,9 @@ then a fresh plain model is retrained at the found dims with the shared ``retrai
 (per block: the same id remap in front of one stock table per kept block). Other methods:
 
 * ``mde``: Mixed-Dimension Embeddings' own block rule (Ginart et al.; ``md_solver``): the same
-  frequency blocks, ``d = c * rows_block^-alpha`` (alpha 0.3) at the bytes the block search of
-  the same seed found, so the two are compared at equal bytes;
+  frequency blocks, ``d = c * (rows_block / lookups_block)^-alpha`` (alpha 0.3) at the bytes the
+  block search of the same seed found, so the two are compared at equal bytes;
+* ``mde_field``: the same rule per field (``d = c * rows^-alpha``) at the field search's bytes;
 * ``uniform``: every field at ``budget * d_max`` dims; ``uniformK``: every field at K dims.
   With two or more uniform points the summary adds each method's margin over the uniform curve
   (linear in log bytes) and its iso-AUC bytes ratio.
@@ -32,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ from _common import (
 
 METHODS = ["field", "blocks", "uniform"]
 MDE_ALPHA = 0.3  # md_solver's usual exponent (Ginart et al. report 0.1-0.4)
+MDE_OF = {"mde": "blocks", "mde_field": "field"}  # an MDE method -> the search whose bytes it gets
 DATA_ROOT = REPO.parent / "shared" / "data"
 
 
@@ -139,11 +142,15 @@ def search(
     return res["dims"], fb, time.perf_counter() - start
 
 
-def mde_dims(data: Any, cfg: BlocksBenchConfig, n_bytes: float) -> tuple[dict[str, int], Any]:
+def mde_dims(
+    data: Any, cfg: BlocksBenchConfig, n_bytes: float, per_block: bool = True
+) -> tuple[dict[str, int], Any]:
     """MDE's block rule at ``n_bytes``: the search's frequency blocks, each block's dims by how
     often its rows are read in training (``md_solver`` with ``k`` = the block's lookups)."""
     from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks, train_counts
 
+    if not per_block:
+        return mde_allocation(data.vocab(), n_bytes, cfg.d_max, MDE_ALPHA), None
     fb = field_blocks(data, BlockConfig(enabled=True))
     counts = train_counts(data.train.ids, data.vocab_sizes)
     lookups = {}
@@ -155,13 +162,16 @@ def mde_dims(data: Any, cfg: BlocksBenchConfig, n_bytes: float) -> tuple[dict[st
 
 
 def allocate(
-    method: str, data: Any, cfg: BlocksBenchConfig, seed: int, env: Any, block_bytes: float | None
+    method: str, data: Any, cfg: BlocksBenchConfig, seed: int, env: Any, ref_bytes: float | None
 ) -> dict[str, Any]:
-    """One method's dims (per field or per block) and what they cost, before any retrain."""
-    if method == "mde":
-        if block_bytes is None:
-            raise ValueError("method 'mde' needs the block search of the same seed (list 'blocks' first)")
-        dims, fb = mde_dims(data, cfg, block_bytes)
+    """One method's dims (per field or per block) and what they cost, before any retrain.
+    ``ref_bytes``: for an MDE method, the bytes of the search it is compared with."""
+    if method in MDE_OF:
+        if ref_bytes is None:
+            raise ValueError(
+                f"method {method!r} needs the {MDE_OF[method]!r} search of the same seed listed first"
+            )
+        dims, fb = mde_dims(data, cfg, ref_bytes, per_block=method == "mde")
         wall = 0.0
     else:
         dims, fb, wall = search(method, data, cfg, seed, env)
@@ -198,14 +208,14 @@ def run_one(
     cfg: BlocksBenchConfig,
     seed: int,
     env: Any,
-    block_bytes: float | None = None,
+    ref_bytes: float | None = None,
 ) -> dict[str, Any]:
     """One search seed of one method: its dims, retrained once per retrain seed (cached under
     ``cfg.work``); ``test_auc`` is the mean over the retrain seeds."""
     tag = run_tag(dataset, method, seed, cfg)
-    alloc = cached_in(cfg, tag, lambda: allocate(method, data, cfg, seed, env, block_bytes))
+    alloc = cached_in(cfg, tag, lambda: allocate(method, data, cfg, seed, env, ref_bytes))
     seeds = cfg.retrain_seeds or [seed]
-    scores = [cached_in(cfg, f"{tag}-r{r}", lambda r=r: retrain_alloc(alloc, data, cfg, r)) for r in seeds]
+    scores = [cached_in(cfg, f"{tag}-r{r}", partial(retrain_alloc, alloc, data, cfg, r)) for r in seeds]
     keep = ("tables", "search_wall_s", "embedding_bytes", "dims", "blocks")
     return {
         "dataset": dataset,
@@ -345,16 +355,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for ds in cfg.datasets:
             data = load_dataset(ds, cfg)
             budgets[ds] = round((cfg.budget or 0.25) * 4 * cfg.d_max * sum(data.vocab_sizes))
-            block_bytes: dict[int, float] = {}
+            found: dict[tuple[str, int], float] = {}  # (method, seed) -> bytes, for the MDE rows
             for m in cfg.methods:
                 for seed in cfg.seeds:
                     t = time.perf_counter()
                     if m.startswith("uniform") and cfg.retrain_seeds and seed != cfg.seeds[0]:
                         continue  # its dims do not depend on the search seed: once per retrain seed
-                    r = run_one(m, data, ds, cfg, seed, env, block_bytes.get(seed))
+                    r = run_one(m, data, ds, cfg, seed, env, found.get((MDE_OF.get(m, ""), seed)))
                     runs.append(r)
-                    if m == "blocks":
-                        block_bytes[seed] = r["embedding_bytes"]
+                    found[m, seed] = r["embedding_bytes"]
                     print(
                         f"  {ds:9s} {m:7s} seed {seed}: {r['embedding_bytes'] / 1024:8.1f} KiB  "
                         f"test AUC {r['test_auc']:.4f}  ({time.perf_counter() - t:.0f}s)",

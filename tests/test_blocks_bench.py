@@ -35,7 +35,7 @@ def test_main_compares_methods_on_one_uniform_curve_and_reuses_its_cache(tmp_pat
         "--zipf-rows",
         "6000",
         "--methods",
-        "blocks,mde,uniform1,uniform2",
+        "field,blocks,mde,mde_field,uniform1,uniform2",
         "--seeds",
         "0",
         "--retrain-seeds",
@@ -55,12 +55,14 @@ def test_main_compares_methods_on_one_uniform_curve_and_reuses_its_cache(tmp_pat
     runs = json.loads((tmp_path / "out" / "blocks_runs.json").read_text())["rows"]
     by = {r["method"]: r for r in runs}
     assert by["mde"]["embedding_bytes"] <= by["blocks"]["embedding_bytes"]
+    assert by["mde_field"]["embedding_bytes"] <= by["field"]["embedding_bytes"]
+    assert by["mde"]["tables"] == by["blocks"]["tables"] and by["mde_field"]["tables"] == by["field"]["tables"]
     assert by["uniform2"]["embedding_bytes"] == 2 * by["uniform1"]["embedding_bytes"]
     assert all(len(r["test_aucs"]) == 2 and r["test_auc"] == sum(r["test_aucs"]) / 2 for r in runs)
     table = json.loads((tmp_path / "out" / "blocks.json").read_text())["rows"]
     assert all("margin" in row and "iso_ratio" in row for row in table)
     cache = sorted((tmp_path / "work").glob("*.json"))
-    assert len(cache) == 4 + 4 * 2  # one allocation per method, one retrain per retrain seed
+    assert len(cache) == 6 + 6 * 2  # one allocation per method, one retrain per retrain seed
     stamps = [p.stat().st_mtime_ns for p in cache]
     assert blocks_bench.main(argv) == 0  # everything from the cache: no file rewritten
     assert [p.stat().st_mtime_ns for p in cache] == stamps
