@@ -24,7 +24,9 @@ Two learners see the stream once, in order, each batch scored before it is train
   Adam on the dense layers): the dims stay, the weights keep learning.
 
 Reports, per window: the phase, both progressive AUCs, the online run's logical dims per
-field and the faded field's active gates; writes ``<out>/drift.{csv,json}``.
+field (its storage), the dims a version published at that window would keep (``found_*``:
+gates over ``final_threshold``) and the faded field's active gates; writes
+``<out>/drift.{csv,json}``.
 """
 
 from __future__ import annotations
@@ -162,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
         frozen_dims["bias"] = 1
     frozen = frozen_run(data, frozen_dims, tc, window_batches)
     rows: list[dict[str, Any]] = []
+    from torchrec_dimgrow.policy import final_dims
+
     for line, fz in zip(log_lines, frozen):
         assert line["step"] == fz["step"]
+        # what a version published at this window would keep (gates over final_threshold)
+        found = final_dims(line["gates"], dg)
         rows.append(
             {
                 "end_row": line["rows"],
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
                 "frozen_auc": fz["auc"],
                 "online_total_dim": sum(line["dims"]),
                 **{f"dim_{f}": d for f, d in zip(FIELDS, line["dims"])},
+                "online_found_total": sum(found),
+                "frozen_total_dim": sum(frozen_dims.values()),
+                **{f"found_{f}": d for f, d in zip(FIELDS, found)},
                 # the faded field's active gates (slot order) at the window's end
                 "fading_gates": "/".join(f"{g:.3f}" for g in line["gates"][FIELDS.index("fading")]),
                 "fading_min_gate": min(line["gates"][FIELDS.index("fading")], default=float("nan")),
