@@ -14,16 +14,19 @@ effect plus interactions with the hub whose weights change at the phase edges:
   random ids and a rank-2 interaction with the hub;
 * ``noise``: ids independent of the label throughout.
 
-Two learners see the stream once, in order, each batch scored before it is trained on
+Three learners see the stream once, in order, each batch scored before it is trained on
 (progressive validation, windows of ``--window`` rows):
 
 * **online**: ``recipes/stream.py`` (DimGrow keeps growing/shrinking, versions published);
 * **frozen**: the retrain model (stock tables, concat, adapter, WideDeep) at the dims the
   online run had found at the end of phase 1 (a 1-phase stream, ``max_steps``), trained
   continually over the whole stream with the search's optimizers (Adagrad on the tables,
-  Adam on the dense layers): the dims stay, the weights keep learning.
+  Adam on the dense layers): the dims stay, the weights keep learning;
+* **uniform**: the same continual training with every field at one dim, the smallest whose
+  bytes are at least the online run's mean published bytes over phase 3 (so online is
+  compared at no more bytes).
 
-Reports, per window: the phase, both progressive AUCs, the online run's logical dims per
+Reports, per window: the phase, the three progressive AUCs, the online run's logical dims per
 field (its storage), the dims a version published at that window would keep (``found_*``:
 gates over ``final_threshold``) and the faded field's active gates; writes
 ``<out>/drift.{csv,json}``.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from dataclasses import replace
@@ -163,23 +167,29 @@ def main(argv: list[str] | None = None) -> None:
     if not any(frozen_dims.values()):
         frozen_dims["bias"] = 1
     frozen = frozen_run(data, frozen_dims, tc, window_batches)
-    rows: list[dict[str, Any]] = []
     from torchrec_dimgrow.policy import final_dims
 
-    for line, fz in zip(log_lines, frozen):
-        assert line["step"] == fz["step"]
-        # what a version published at this window would keep (gates over final_threshold)
-        found = final_dims(line["gates"], dg)
+    # what a version published at each window would keep (gates over final_threshold)
+    found_at = [final_dims(line["gates"], dg) for line in log_lines]
+    last = [sum(f) for line, f in zip(log_lines, found_at) if line["step"] > 2 * phase_steps]
+    # uniform: every field at the dim that gives at least the online run's mean phase-3 bytes
+    uniform_dim = max(1, math.ceil(float(np.mean(last)) / len(FIELDS))) if last else 1
+    uniform = frozen_run(data, dict.fromkeys(FIELDS, uniform_dim), tc, window_batches)
+    rows: list[dict[str, Any]] = []
+    for line, fz, un, found in zip(log_lines, frozen, uniform, found_at):
+        assert line["step"] == fz["step"] == un["step"]
         rows.append(
             {
                 "end_row": line["rows"],
                 "phase": min(3, 1 + (line["step"] - 1) // phase_steps),
                 "online_auc": line["window"]["auc"],
                 "frozen_auc": fz["auc"],
+                "uniform_auc": un["auc"],
                 "online_total_dim": sum(line["dims"]),
                 **{f"dim_{f}": d for f, d in zip(FIELDS, line["dims"])},
                 "online_found_total": sum(found),
                 "frozen_total_dim": sum(frozen_dims.values()),
+                "uniform_total_dim": uniform_dim * len(FIELDS),
                 **{f"found_{f}": d for f, d in zip(FIELDS, found)},
                 # the faded field's active gates (slot order) at the window's end
                 "fading_gates": "/".join(f"{g:.3f}" for g in line["gates"][FIELDS.index("fading")]),
@@ -193,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             phases[ph] = {
                 "online_auc": float(np.mean([r["online_auc"] for r in sel])),
                 "frozen_auc": float(np.mean([r["frozen_auc"] for r in sel])),
+                "uniform_auc": float(np.mean([r["uniform_auc"] for r in sel])),
+                "online_found_total": float(np.mean([r["online_found_total"] for r in sel])),
             }
     meta = {
         "rows": args.rows,
@@ -203,15 +215,23 @@ def main(argv: list[str] | None = None) -> None:
         "d_max": args.d_max,
         "gate_lr": args.gate_lr,
         "frozen_dims": frozen_dims,
+        "uniform_dim": uniform_dim,
         "online_final_found_dims": online["dims"],
         "online_replans": online["metrics"]["replans"],
         "phase_means": phases,
     }
     write_rows(rows, args.out, "drift", meta)
-    cols = ["end_row", "phase", "online_auc", "frozen_auc", *[f"dim_{f}" for f in FIELDS], "fading_gates"]
+    cols = ["end_row", "phase", "online_auc", "frozen_auc", "uniform_auc", *[f"found_{f}" for f in FIELDS]]
     print(markdown_table(rows, cols))
     print(
-        json.dumps({"frozen_dims": frozen_dims, "online_final_found_dims": online["dims"], "phases": phases})
+        json.dumps(
+            {
+                "frozen_dims": frozen_dims,
+                "uniform_dim": uniform_dim,
+                "online_final_found_dims": online["dims"],
+                "phases": phases,
+            }
+        )
     )
 
 
