@@ -263,9 +263,10 @@ def summarise(runs: Sequence[dict[str, Any]], budgets: dict[str, int]) -> list[d
                     "method": m,
                     "runs": f"{len(rs)}x{len(rs[0]['retrain_seeds'])}",
                     "tables": rs[0]["tables"],
-                    "budget_KiB": round(budgets[ds] / 1024, 1),
+                    "budget_KiB": round(budgets[ds] / 1024, 1) if budgets[ds] else "none",
                     "found_KiB": round(b / 1024, 1),
-                    "test_auc": pm(r["test_auc"] for r in rs),
+                    # mean +- std over every (search seed, retrain seed) run
+                    "test_auc": pm(a for r in rs for a in r["test_aucs"]),
                     "test_logloss": pm(r["test_logloss"] for r in rs),
                     "search_s": round(mean_std(r["search_wall_s"] for r in rs)[0], 1),
                     **versus,
@@ -354,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for ds in cfg.datasets:
             data = load_dataset(ds, cfg)
-            budgets[ds] = round((cfg.budget or 0.25) * 4 * cfg.d_max * sum(data.vocab_sizes))
+            budgets[ds] = round(cfg.budget * 4 * cfg.d_max * sum(data.vocab_sizes))
             found: dict[tuple[str, int], float] = {}  # (method, seed) -> bytes, for the MDE rows
             for m in cfg.methods:
                 for seed in cfg.seeds:
