@@ -223,6 +223,20 @@ def mde_allocation(
     return dims_at(fit_scale(dims_at, vocab, n_bytes, hi))
 
 
+def block_lookups(data: Any, blocks: Any) -> dict[str, float]:
+    """Training lookups of every table of ``blocks`` (a ``FieldBlocks`` over ``data``): what
+    :func:`mde_allocation` needs to size frequency blocks by how often their rows are read."""
+    from torchrec_dimgrow.data.blocks import train_counts
+
+    counts = train_counts(data.train.ids, data.vocab_sizes)
+    names = iter(blocks.names())
+    out = {}
+    for c, starts, rows in zip(counts, blocks.starts, blocks.vocab_sizes):
+        for lo, hi in zip(starts, [*starts[1:], rows]):
+            out[next(names)] = float(c[lo:hi].sum())
+    return out
+
+
 def prune_allocation(
     norms: Mapping[str, Sequence[float]], vocab: Mapping[str, int], n_bytes: float
 ) -> dict[str, int]:

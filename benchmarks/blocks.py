@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REPO,
+    block_lookups,
     cached,
     iso_auc_bytes,
     markdown_table,
@@ -147,18 +148,12 @@ def mde_dims(
 ) -> tuple[dict[str, int], Any]:
     """MDE's block rule at ``n_bytes``: the search's frequency blocks, each block's dims by how
     often its rows are read in training (``md_solver`` with ``k`` = the block's lookups)."""
-    from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks, train_counts
+    from torchrec_dimgrow.data.blocks import BlockConfig, field_blocks
 
     if not per_block:
         return mde_allocation(data.vocab(), n_bytes, cfg.d_max, MDE_ALPHA), None
     fb = field_blocks(data, BlockConfig(enabled=True))
-    counts = train_counts(data.train.ids, data.vocab_sizes)
-    lookups = {}
-    names = iter(fb.names())
-    for c, starts, rows in zip(counts, fb.starts, fb.vocab_sizes):
-        for lo, hi in zip(starts, [*starts[1:], rows]):
-            lookups[next(names)] = float(c[lo:hi].sum())
-    return mde_allocation(fb.vocab(), n_bytes, cfg.d_max, MDE_ALPHA, lookups), fb
+    return mde_allocation(fb.vocab(), n_bytes, cfg.d_max, MDE_ALPHA, block_lookups(data, fb)), fb
 
 
 def allocate(

@@ -61,11 +61,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     REFERENCES,
     alloc_key,
+    block_lookups,
     cached,
     dims_spread,
     embedding_bytes,
     iso_auc_bytes,
     markdown_table,
+    mde_allocation,
     mean_std,
     quiet_logs,
     reference_dims,
@@ -268,7 +270,10 @@ def search_points(inst: Instance, env: Any) -> list[dict[str, Any]]:
 def reference_points(
     inst: Instance, runs: Sequence[Mapping[str, Any]], norms: Mapping[str, Sequence[float]]
 ) -> dict[str, list[dict[str, Any]]]:
-    """Per reference and search seed: its allocation at that seed's bytes, retrained."""
+    """Per reference and search seed: its allocation at that seed's bytes, retrained.
+
+    The references are per field; a block search (``--blocks``) also gets ``mde_blocks``, MDE's
+    rule on the same frequency blocks (each sized by its rows per training lookup)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for ref in REFERENCES:
         out[ref] = []
@@ -276,6 +281,13 @@ def reference_points(
             n_bytes = embedding_bytes(inst.vocab_of(r["dims"]), r["dims"])
             dims = reference_dims(ref, inst.vocab, n_bytes, inst.args.d_max, norms)
             out[ref].append(inst.retrained(f"alloc-{alloc_key(dims)}", dims))
+    if inst.blocks is not None:
+        vocab, lookups = dict(inst.blocks.vocab()), block_lookups(inst.data, inst.blocks)
+        out["mde_blocks"] = []
+        for r in runs:
+            n_bytes = embedding_bytes(inst.vocab_of(r["dims"]), r["dims"])
+            dims = mde_allocation(vocab, n_bytes, inst.args.d_max, lookups=lookups)
+            out["mde_blocks"].append(inst.retrained(f"alloc-{alloc_key(dims)}", dims, blocks=inst.blocks))
     return out
 
 
@@ -292,7 +304,7 @@ def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, An
         args,
         field_blocks(data, BlockConfig(enabled=True)) if args.blocks else None,
     )
-    vocab, need = inst.vocab, data.source["need"]
+    need = data.source["need"]
     curve, uniform = uniform_points(inst)
     runs = search_points(inst, env)
     norms = uniform[args.d_max]["norms"] if args.d_max in uniform else full_norms(inst)
@@ -330,7 +342,7 @@ def instance_row(index: int, args: argparse.Namespace, env: Any) -> dict[str, An
         "source": {k: v for k, v in data.source.items() if k not in ("need", "zipf", "importance")},
     }
     for ref, ref_runs in refs.items():
-        ref_auc, ref_bytes, ref_margin = margin_of(ref_runs, vocab, curve)  # field-level allocations
+        ref_auc, ref_bytes, ref_margin = margin_of(ref_runs, inst.vocab_of(ref_runs[0]["dims"]), curve)
         row[f"{ref}_auc"] = round(ref_auc, 4)
         row[f"{ref}_bytes"] = round(ref_bytes)
         row[f"{ref}_margin"] = round(ref_margin, 4)
@@ -363,6 +375,9 @@ def means_row(all_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out["learnable"] = f"{len(rows)}/{len(all_rows)}"
     for key in ("fields", "noise", "ctr", "auc", "margin", "mde_margin", "prune_margin", "dims_spread"):
         out[key] = mean(key)
+    refs = [*REFERENCES, *(["mde_blocks"] if rows and "beats_mde_blocks" in rows[0] else [])]
+    if "mde_blocks" in refs:
+        out["mde_blocks_margin"] = mean("mde_blocks_margin")
     out["spearman"] = mean("spearman", 3)
     out["bytes"] = round(mean_std(float(r["bytes"]) for r in rows)[0]) if rows else ""
     out["bytes_spread"] = round(mean_std(float(r["bytes_spread"]) for r in rows)[0]) if rows else ""
@@ -371,7 +386,7 @@ def means_row(all_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         f"{sum(r['iso'] == 'above' for r in rows)} above, {sum(r['iso'] == 'below' for r in rows)} below"
     )
     out["stalled"] = f"{sum(a for a, _ in seeds)}/{sum(b for _, b in seeds)}"
-    for ref in REFERENCES:
+    for ref in refs:
         out[f"beats_{ref}"] = f"{sum(r[f'beats_{ref}'] == 'yes' for r in rows)}/{len(rows)}"
     return out
 
@@ -495,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - start, 1),
         "compute_s": round(sum(r["compute_s"] for r in rows), 1),  # as if nothing were cached
     }
-    text = markdown_table(table, COLUMNS)
+    extra = ["mde_blocks_margin", "beats_mde_blocks"] if args.blocks else []
+    text = markdown_table(table, [*COLUMNS, *extra])
     print(text)
     write_rows(table, args.out, stem, meta)
     (args.out / f"{stem}.md").write_text(f"`{command}` ({meta['wall_s']} s)\n\n{text}\n")

@@ -180,6 +180,11 @@ def test_bench_suite_blocks_searches_per_block_and_counts_block_bytes(tmp_path: 
     found = dict(zip(blocks.names(), row["search_dims"][0]))
     assert row["bytes"] == _common.embedding_bytes(blocks.vocab(), found)
     assert len(row["mde_dims"][0]) == len(row["prune_dims"][0]) == row["fields"]  # references per field
+    # and MDE's rule on the same blocks, at no more bytes than the block search
+    mde_blocks = dict(zip(blocks.names(), row["mde_blocks_dims"][0]))
+    assert len(mde_blocks) == len(blocks.names())
+    assert 0 < _common.embedding_bytes(blocks.vocab(), mde_blocks) <= row["bytes"]
+    assert row["beats_mde_blocks"] in ("yes", "no")
 
 
 def test_bench_frontier_adds_mde_and_pruning_at_each_dimgrow_point(tmp_path: Path) -> None:
