@@ -56,7 +56,9 @@ def test_main_compares_methods_on_one_uniform_curve_and_reuses_its_cache(tmp_pat
     by = {r["method"]: r for r in runs}
     assert by["mde"]["embedding_bytes"] <= by["blocks"]["embedding_bytes"]
     assert by["mde_field"]["embedding_bytes"] <= by["field"]["embedding_bytes"]
-    assert by["mde"]["tables"] == by["blocks"]["tables"] and by["mde_field"]["tables"] == by["field"]["tables"]
+    assert (
+        by["mde"]["tables"] == by["blocks"]["tables"] and by["mde_field"]["tables"] == by["field"]["tables"]
+    )
     assert by["uniform2"]["embedding_bytes"] == 2 * by["uniform1"]["embedding_bytes"]
     assert all(len(r["test_aucs"]) == 2 and r["test_auc"] == sum(r["test_aucs"]) / 2 for r in runs)
     table = json.loads((tmp_path / "out" / "blocks.json").read_text())["rows"]
