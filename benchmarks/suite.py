@@ -274,18 +274,17 @@ def reference_points(
 
     The references are per field; a block search (``--blocks``) also gets ``mde_blocks``, MDE's
     rule on the same frequency blocks (each sized by its rows per training lookup)."""
+    sizes = [embedding_bytes(inst.vocab_of(r["dims"]), r["dims"]) for r in runs]
     out: dict[str, list[dict[str, Any]]] = {}
     for ref in REFERENCES:
         out[ref] = []
-        for r in runs:
-            n_bytes = embedding_bytes(inst.vocab_of(r["dims"]), r["dims"])
+        for n_bytes in sizes:
             dims = reference_dims(ref, inst.vocab, n_bytes, inst.args.d_max, norms)
             out[ref].append(inst.retrained(f"alloc-{alloc_key(dims)}", dims))
     if inst.blocks is not None:
         vocab, lookups = dict(inst.blocks.vocab()), block_lookups(inst.data, inst.blocks)
         out["mde_blocks"] = []
-        for r in runs:
-            n_bytes = embedding_bytes(inst.vocab_of(r["dims"]), r["dims"])
+        for n_bytes in sizes:
             dims = mde_allocation(vocab, n_bytes, inst.args.d_max, lookups=lookups)
             out["mde_blocks"].append(inst.retrained(f"alloc-{alloc_key(dims)}", dims, blocks=inst.blocks))
     return out
